@@ -1,1 +1,504 @@
-// placeholder: being written
+#include "evmesh/envelope.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <exception>
+#include <limits>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <boost/json.hpp>
+
+#include "evmesh/error.hpp"
+
+namespace evmesh {
+
+namespace {
+
+namespace json = boost::json;
+
+// Payloads nest deeper than Boost.JSON's default limit of 32 in practice; the
+// parser keeps its own stack, so a larger limit costs no native recursion.
+constexpr size_t max_json_depth = 128;
+
+// Values quoted in error messages are cut to this many characters.
+constexpr size_t max_quoted = 48;
+
+caf::error fail(std::string message) {
+  return make_error(errc::decode_error, std::move(message));
+}
+
+const char* kind_name(json::kind k) noexcept {
+  switch (k) {
+    case json::kind::null:
+      return "null";
+    case json::kind::bool_:
+      return "a boolean";
+    case json::kind::int64:
+    case json::kind::uint64:
+    case json::kind::double_:
+      return "a number";
+    case json::kind::string:
+      return "a string";
+    case json::kind::array:
+      return "an array";
+    case json::kind::object:
+      return "an object";
+  }
+  return "an unknown JSON kind";
+}
+
+std::string quote(const json::value& v) {
+  auto text = json::serialize(v);
+  if (text.size() > max_quoted) {
+    text.resize(max_quoted);
+    text += "...";
+  }
+  return text;
+}
+
+std::string field_error(std::string_view field, std::string_view expected,
+                        const json::value& got) {
+  std::string msg = "field '";
+  msg += field;
+  msg += "' must be ";
+  msg += expected;
+  msg += ", got ";
+  msg += kind_name(got.kind());
+  if (!got.is_null() && !got.is_object() && !got.is_array()) {
+    msg += ' ';
+    msg += quote(got);
+  }
+  return msg;
+}
+
+// Optional string fields: JSON null counts as absent.
+caf::error read_string(std::string_view field, const json::value& v,
+                       std::string& out) {
+  if (v.is_null())
+    return {};
+  if (auto* str = v.if_string()) {
+    out.assign(str->data(), str->size());
+    return {};
+  }
+  return fail(field_error(field, "a string", v));
+}
+
+// Outbox rows often use integer primary keys as the event id.
+caf::error read_id(std::string_view field, const json::value& v,
+                   std::string& out) {
+  if (auto* i = v.if_int64()) {
+    out = std::to_string(*i);
+    return {};
+  }
+  if (auto* u = v.if_uint64()) {
+    out = std::to_string(*u);
+    return {};
+  }
+  return read_string(field, v, out);
+}
+
+caf::error read_attempt(const json::value& v, uint32_t& out) {
+  constexpr auto max = std::numeric_limits<uint32_t>::max();
+  auto bad = [&] {
+    return fail(field_error("attempt", "a non-negative integer", v));
+  };
+  switch (v.kind()) {
+    case json::kind::null:
+      return {};
+    case json::kind::int64: {
+      auto x = v.get_int64();
+      if (x < 0)
+        return bad();
+      if (static_cast<uint64_t>(x) > max)
+        return fail("field 'attempt' is too large: " + std::to_string(x));
+      out = static_cast<uint32_t>(x);
+      return {};
+    }
+    case json::kind::uint64: {
+      auto x = v.get_uint64();
+      if (x > max)
+        return fail("field 'attempt' is too large: " + std::to_string(x));
+      out = static_cast<uint32_t>(x);
+      return {};
+    }
+    case json::kind::double_: {
+      // JavaScript producers may write 2.0; accept integral values only.
+      auto x = v.get_double();
+      if (!std::isfinite(x) || x < 0 || std::floor(x) != x)
+        return bad();
+      if (x > static_cast<double>(max))
+        return fail("field 'attempt' is too large: " + quote(v));
+      out = static_cast<uint32_t>(x);
+      return {};
+    }
+    default:
+      return bad();
+  }
+}
+
+caf::error read_headers(const json::value& v,
+                        std::map<std::string, std::string>& out) {
+  if (v.is_null())
+    return {};
+  auto* obj = v.if_object();
+  if (obj == nullptr)
+    return fail(field_error("headers", "an object of strings", v));
+  for (const auto& kv : *obj) {
+    auto* str = kv.value().if_string();
+    if (str == nullptr) {
+      std::string msg
+        = "field 'headers' must be an object of strings; header '";
+      msg += kv.key();
+      msg += "' is ";
+      msg += kind_name(kv.value().kind());
+      return fail(std::move(msg));
+    }
+    out.insert_or_assign(std::string{kv.key()},
+                         std::string{str->data(), str->size()});
+  }
+  return {};
+}
+
+enum class native_field {
+  unknown,
+  id,
+  topic,
+  payload,
+  idempotency_key,
+  tenant,
+  traceparent,
+  tracestate,
+  key,
+  headers,
+  produced_at,
+  attempt,
+  content_type,
+};
+
+native_field classify(std::string_view name) noexcept {
+  struct entry {
+    std::string_view name;
+    native_field field;
+  };
+  static constexpr entry table[] = {
+    {"id", native_field::id},
+    {"topic", native_field::topic},
+    {"payload", native_field::payload},
+    {"idempotency_key", native_field::idempotency_key},
+    {"tenant", native_field::tenant},
+    {"traceparent", native_field::traceparent},
+    {"tracestate", native_field::tracestate},
+    {"key", native_field::key},
+    {"headers", native_field::headers},
+    {"produced_at", native_field::produced_at},
+    {"attempt", native_field::attempt},
+    {"content_type", native_field::content_type},
+  };
+  for (const auto& e : table)
+    if (e.name == name)
+      return e.field;
+  return native_field::unknown;
+}
+
+// Applies one known native field; `v` may be moved from.
+caf::error apply_native(native_field f, std::string_view name, json::value& v,
+                        envelope& env) {
+  switch (f) {
+    case native_field::id:
+      return read_id(name, v, env.id);
+    case native_field::topic:
+      return read_string(name, v, env.topic);
+    case native_field::payload:
+      env.payload = std::move(v);
+      return {};
+    case native_field::idempotency_key:
+      return read_string(name, v, env.idempotency_key);
+    case native_field::tenant:
+      return read_string(name, v, env.tenant);
+    case native_field::traceparent:
+      return read_string(name, v, env.traceparent);
+    case native_field::tracestate:
+      return read_string(name, v, env.tracestate);
+    case native_field::key:
+      return read_string(name, v, env.key);
+    case native_field::headers:
+      return read_headers(v, env.headers);
+    case native_field::produced_at:
+      return read_string(name, v, env.produced_at);
+    case native_field::attempt:
+      return read_attempt(v, env.attempt);
+    case native_field::content_type:
+      return read_string(name, v, env.content_type);
+    case native_field::unknown:
+      break;
+  }
+  return {};
+}
+
+caf::error decode_native(json::object& obj, envelope& env) {
+  env.format = wire_format::native;
+  for (auto& kv : obj) {
+    auto f = classify(kv.key());
+    if (f == native_field::unknown) {
+      env.extra.emplace(kv.key(), std::move(kv.value()));
+      continue;
+    }
+    if (auto err = apply_native(f, kv.key(), kv.value(), env))
+      return err;
+  }
+  return {};
+}
+
+// NestJS routes object patterns by their JSON with keys sorted, so equal
+// patterns written in different key orders name the same topic.
+json::value sorted_keys(const json::value& v) {
+  if (auto* obj = v.if_object()) {
+    std::vector<const json::key_value_pair*> items;
+    items.reserve(obj->size());
+    for (const auto& kv : *obj)
+      items.push_back(&kv);
+    std::sort(items.begin(), items.end(),
+              [](auto* x, auto* y) { return x->key() < y->key(); });
+    json::object result;
+    result.reserve(items.size());
+    for (auto* kv : items)
+      result.emplace(kv->key(), sorted_keys(kv->value()));
+    return result;
+  }
+  if (auto* arr = v.if_array()) {
+    json::array result;
+    result.reserve(arr->size());
+    for (const auto& x : *arr)
+      result.push_back(sorted_keys(x));
+    return result;
+  }
+  return v;
+}
+
+caf::error read_pattern(const json::value& v, std::string& topic) {
+  switch (v.kind()) {
+    case json::kind::string:
+      topic.assign(v.get_string().data(), v.get_string().size());
+      return {};
+    case json::kind::int64:
+    case json::kind::uint64:
+    case json::kind::double_:
+      topic = json::serialize(v);
+      return {};
+    case json::kind::object:
+      topic = json::serialize(sorted_keys(v));
+      return {};
+    default:
+      return fail(field_error("pattern", "a string or an object", v));
+  }
+}
+
+caf::error decode_nestjs(json::object& obj, envelope& env) {
+  env.format = wire_format::nestjs;
+  for (auto& kv : obj) {
+    auto name = kv.key();
+    if (name == "pattern") {
+      if (auto err = read_pattern(kv.value(), env.topic))
+        return err;
+      continue;
+    }
+    if (name == "data") {
+      env.payload = std::move(kv.value());
+      continue;
+    }
+    // Everything else reads as in the native envelope, except the fields
+    // `pattern` and `data` stand for.
+    auto f = classify(name);
+    if (f == native_field::unknown || f == native_field::topic
+        || f == native_field::payload) {
+      env.extra.emplace(name, std::move(kv.value()));
+      continue;
+    }
+    if (auto err = apply_native(f, name, kv.value(), env))
+      return err;
+  }
+  return {};
+}
+
+caf::error decode_cloudevent(json::object& obj, envelope& env) {
+  env.format = wire_format::cloudevents;
+  auto* version = obj.at("specversion").if_string();
+  if (version == nullptr || *version != "1.0") {
+    auto msg = field_error("specversion", "\"1.0\" (CloudEvents 1.0)",
+                           obj.at("specversion"));
+    return fail(std::move(msg));
+  }
+  if (obj.contains("data") && obj.contains("data_base64"))
+    return fail("CloudEvent has both 'data' and 'data_base64'; "
+                "at most one is allowed");
+  for (auto& kv : obj) {
+    auto name = kv.key();
+    auto& v = kv.value();
+    caf::error err;
+    if (name == "specversion") {
+      // Consumed by the detection; writing it back would turn the native
+      // encoding into a CloudEvent again.
+    } else if (name == "id") {
+      err = read_id(name, v, env.id);
+    } else if (name == "type") {
+      err = read_string(name, v, env.topic);
+    } else if (name == "data") {
+      env.payload = std::move(v);
+    } else if (name == "data_base64") {
+      if (!v.is_string())
+        err = fail(field_error(name, "a base64 string", v));
+      else
+        env.payload = std::move(v);
+    } else if (name == "datacontenttype") {
+      err = read_string(name, v, env.content_type);
+    } else if (name == "traceparent") {
+      err = read_string(name, v, env.traceparent);
+    } else if (name == "tracestate") {
+      err = read_string(name, v, env.tracestate);
+    } else if (name == "partitionkey") {
+      err = read_string(name, v, env.key);
+    } else if (name == "time") {
+      err = read_string(name, v, env.produced_at);
+      if (!err)
+        env.extra.emplace(name, v);
+    } else {
+      env.extra.emplace(name, std::move(v));
+    }
+    if (err)
+      return err;
+  }
+  return {};
+}
+
+void fill_gaps(envelope& env, const transport_metadata& meta) {
+  if (env.topic.empty())
+    env.topic = meta.subject;
+  if (env.key.empty())
+    env.key = meta.key;
+  const bool had_traceparent = !env.traceparent.empty();
+  if (!had_traceparent)
+    env.traceparent = meta.traceparent;
+  // A tracestate belongs to its traceparent: take the broker's only when it
+  // travels with the traceparent the envelope ends up with.
+  if (env.tracestate.empty()
+      && (!had_traceparent || meta.traceparent.empty()
+          || env.traceparent == meta.traceparent))
+    env.tracestate = meta.tracestate;
+}
+
+caf::expected<envelope> decode_impl(std::string_view bytes,
+                                    const transport_metadata& meta) {
+  if (bytes.empty())
+    return fail("empty input: expected a JSON object");
+  json::parse_options opts;
+  opts.max_depth = max_json_depth;
+  json::parser parser{json::storage_ptr{}, opts};
+  json::error_code ec;
+  auto consumed = parser.write_some(bytes.data(), bytes.size(), ec);
+  if (ec)
+    return fail("malformed JSON at byte " + std::to_string(consumed) + ": "
+                + ec.message());
+  if (consumed != bytes.size())
+    return fail("malformed JSON at byte " + std::to_string(consumed)
+                + ": unexpected data after the JSON value");
+  auto root = parser.release();
+  auto* obj = root.if_object();
+  if (obj == nullptr)
+    return fail(std::string{"envelope must be a JSON object, got "}
+                + kind_name(root.kind()));
+  envelope env;
+  caf::error err;
+  if (obj->contains("specversion"))
+    err = decode_cloudevent(*obj, env);
+  else if (obj->contains("pattern") && obj->contains("data")
+           && !obj->contains("topic"))
+    err = decode_nestjs(*obj, env);
+  else
+    err = decode_native(*obj, env);
+  if (err)
+    return err;
+  fill_gaps(env, meta);
+  if (env.topic.empty())
+    return fail("envelope has no topic and the transport gave no subject");
+  return env;
+}
+
+} // namespace
+
+caf::expected<envelope> decode_envelope(std::string_view bytes,
+                                        const transport_metadata& meta) {
+  try {
+    return decode_impl(bytes, meta);
+  } catch (const std::exception& ex) {
+    return fail(std::string{"cannot decode envelope: "} + ex.what());
+  } catch (...) {
+    return fail("cannot decode envelope: unknown exception");
+  }
+}
+
+std::string encode_envelope(const envelope& env) {
+  json::object obj;
+  obj.reserve(12 + env.extra.size());
+  auto put = [&](std::string_view name, const std::string& value) {
+    if (!value.empty())
+      obj.emplace(name, value);
+  };
+  put("id", env.id);
+  obj.emplace("topic", env.topic);
+  obj.emplace("payload", env.payload);
+  put("idempotency_key", env.idempotency_key);
+  put("tenant", env.tenant);
+  put("traceparent", env.traceparent);
+  put("tracestate", env.tracestate);
+  put("key", env.key);
+  if (!env.headers.empty()) {
+    json::object headers;
+    headers.reserve(env.headers.size());
+    for (const auto& [name, value] : env.headers)
+      headers.emplace(name, value);
+    obj.emplace("headers", std::move(headers));
+  }
+  put("produced_at", env.produced_at);
+  if (env.attempt != 0)
+    obj.emplace("attempt", env.attempt);
+  put("content_type", env.content_type);
+  for (const auto& kv : env.extra) {
+    // Known fields are authoritative; `specversion` would make the decoder
+    // read this native envelope as a CloudEvent.
+    if (classify(kv.key()) != native_field::unknown
+        || kv.key() == "specversion")
+      continue;
+    obj.emplace(kv.key(), kv.value());
+  }
+  return json::serialize(obj);
+}
+
+std::string dedupe_key(const envelope& env) {
+  if (!env.idempotency_key.empty())
+    return env.idempotency_key;
+  if (!env.id.empty())
+    return env.id;
+  constexpr uint64_t fnv_offset = 14695981039346656037ull;
+  constexpr uint64_t fnv_prime = 1099511628211ull;
+  uint64_t hash = fnv_offset;
+  auto feed = [&hash](std::string_view bytes) {
+    for (auto c : bytes) {
+      hash ^= static_cast<uint8_t>(c);
+      hash *= fnv_prime;
+    }
+  };
+  feed(env.topic);
+  feed(std::string_view{"\0", 1});
+  feed(json::serialize(env.payload));
+  static constexpr char digits[] = "0123456789abcdef";
+  std::string result = "h:";
+  result.resize(2 + 16);
+  for (size_t i = 0; i < 16; ++i)
+    result[2 + i] = digits[(hash >> (60 - 4 * i)) & 0xF];
+  return result;
+}
+
+} // namespace evmesh

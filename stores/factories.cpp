@@ -1,1 +1,145 @@
-// placeholder: being written
+#include <algorithm>
+#include <cctype>
+#include <charconv>
+#include <string>
+#include <string_view>
+
+#include "evmesh/memory_store.hpp"
+#include "evmesh/sqlite_store.hpp"
+#include "evmesh/stores.hpp"
+
+namespace evmesh {
+
+namespace {
+
+constexpr size_t max_shards = 4096;
+
+/// Splits "scheme://rest" into its lower-cased scheme and rest.
+bool split_url(std::string_view url, std::string& scheme,
+               std::string_view& rest) {
+  auto pos = url.find("://");
+  if (pos == std::string_view::npos || pos == 0)
+    return false;
+  scheme.assign(url.substr(0, pos));
+  std::transform(scheme.begin(), scheme.end(), scheme.begin(),
+                 [](unsigned char c) {
+                   return static_cast<char>(std::tolower(c));
+                 });
+  rest = url.substr(pos + 3);
+  return true;
+}
+
+caf::error bad_url(std::string_view kind, std::string_view url,
+                   std::string_view problem, std::string_view expected) {
+  std::string msg;
+  msg += problem;
+  msg += ' ';
+  msg += kind;
+  msg += " URL '";
+  msg += url;
+  msg += "': expected ";
+  msg += expected;
+  return make_error(errc::invalid_url, std::move(msg));
+}
+
+constexpr std::string_view idempotency_kind = "idempotency store";
+constexpr std::string_view idempotency_expected
+  = "memory://, sqlite://PATH or redis://HOST:PORT/DB";
+constexpr std::string_view dead_letter_kind = "dead-letter store";
+constexpr std::string_view dead_letter_expected = "sqlite://PATH";
+
+/// The file path of "sqlite://PATH": `sqlite:///abs/x.db` is absolute,
+/// `sqlite://state/x.db` relative to the working directory.
+caf::expected<std::string>
+sqlite_path(std::string_view kind, std::string_view url, std::string_view rest,
+            std::string_view expected) {
+  if (rest.empty())
+    return bad_url(kind, url, "missing file path in", expected);
+  if (rest.find('?') != std::string_view::npos)
+    return bad_url(kind, url, "sqlite:// takes no parameters in", expected);
+  return std::string{rest};
+}
+
+caf::expected<idempotency_store_ptr> make_memory_store(std::string_view url,
+                                                       std::string_view rest) {
+  constexpr std::string_view expected = "memory:// or memory://?shards=N "
+                                        "with N from 1 to 4096";
+  size_t shards = 16;
+  if (!rest.empty()) {
+    if (rest.front() != '?')
+      return bad_url(idempotency_kind, url, "unexpected host or path in",
+                     expected);
+    rest.remove_prefix(1);
+    while (!rest.empty()) {
+      auto amp = rest.find('&');
+      auto param = rest.substr(0, amp);
+      rest = amp == std::string_view::npos ? std::string_view{}
+                                           : rest.substr(amp + 1);
+      if (param.empty())
+        continue;
+      auto eq = param.find('=');
+      auto name = param.substr(0, eq);
+      auto value = eq == std::string_view::npos ? std::string_view{}
+                                                : param.substr(eq + 1);
+      if (name != "shards")
+        return bad_url(idempotency_kind, url,
+                       "unknown parameter '" + std::string{name} + "' in",
+                       expected);
+      auto first = value.data();
+      auto last = value.data() + value.size();
+      auto [ptr, ec] = std::from_chars(first, last, shards);
+      if (value.empty() || ec != std::errc{} || ptr != last || shards == 0
+          || shards > max_shards)
+        return bad_url(idempotency_kind, url,
+                       "invalid shards value '" + std::string{value} + "' in",
+                       expected);
+    }
+  }
+  return std::make_shared<memory_idempotency_store>(shards);
+}
+
+} // namespace
+
+caf::expected<idempotency_store_ptr>
+make_idempotency_store(std::string_view url) {
+  std::string scheme;
+  std::string_view rest;
+  if (!split_url(url, scheme, rest))
+    return bad_url(idempotency_kind, url, "malformed", idempotency_expected);
+  if (scheme == "memory")
+    return make_memory_store(url, rest);
+  if (scheme == "sqlite") {
+    auto path = sqlite_path(idempotency_kind, url, rest);
+    if (!path)
+      return std::move(path.error());
+    auto store = sqlite_idempotency_store::open(*path);
+    if (!store)
+      return std::move(store.error());
+    return idempotency_store_ptr{std::move(*store)};
+  }
+  if (scheme == "redis")
+    return make_error(errc::invalid_url,
+                      "idempotency store URL '" + std::string{url}
+                        + "': redis:// is not built into this binary yet"
+                          " — use memory:// or sqlite://PATH");
+  return bad_url(idempotency_kind, url, "unknown", idempotency_expected);
+}
+
+caf::expected<dead_letter_store_ptr>
+make_dead_letter_store(std::string_view url) {
+  std::string scheme;
+  std::string_view rest;
+  if (!split_url(url, scheme, rest))
+    return bad_url(dead_letter_kind, url, "malformed", dead_letter_expected);
+  if (scheme != "sqlite")
+    return bad_url(dead_letter_kind, url, "unknown", dead_letter_expected);
+  auto path = sqlite_path(dead_letter_kind, url, rest);
+  if (!path)
+    return std::move(path.error());
+  auto store = sqlite_dead_letter_store::open(*path);
+  if (!store)
+    return std::move(store.error());
+  return dead_letter_store_ptr{std::move(*store)};
+}
+
+} // namespace evmesh

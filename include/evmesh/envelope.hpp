@@ -33,7 +33,8 @@ struct envelope {
   std::string topic;
   /// The event body: any JSON value.
   boost::json::value payload;
-  /// Consumers dedupe on this; falls back to `id` when empty (see `dedupe_key`).
+  /// Consumers dedupe on this; falls back to `id` when empty (see
+  /// `dedupe_key`).
   std::string idempotency_key;
   /// Tenant id, validated against the tenant registry when one is configured.
   std::string tenant;
@@ -80,11 +81,15 @@ struct transport_metadata {
 caf::expected<envelope> decode_envelope(std::string_view bytes,
                                         const transport_metadata& meta = {});
 
-/// Encodes `env` as native envelope JSON, including `extra` fields.
+/// Encodes `env` as native envelope JSON. `topic` and `payload` are always
+/// written, other fields only when non-empty (`attempt` when non-zero).
+/// `extra` fields follow; one named like a known field (or `specversion`,
+/// which would make it a CloudEvent) is skipped.
 std::string encode_envelope(const envelope& env);
 
-/// Key the idempotency store dedupes on: `idempotency_key`, else `id`, else a
-/// stable 64-bit FNV-1a hash of topic and payload (hex).
+/// Key the idempotency store dedupes on: `idempotency_key`, else `id`, else
+/// `"h:"` + 16 lowercase hex digits of the 64-bit FNV-1a hash of `topic`, a
+/// NUL byte and the serialized `payload` (payload key order matters).
 std::string dedupe_key(const envelope& env);
 
 } // namespace evmesh

@@ -4,10 +4,12 @@
 #include <string>
 
 #include <caf/error.hpp>
+#include <caf/make_message.hpp> // used by CAF_ERROR_CODE_ENUM
 
 namespace evmesh {
 
-/// Error codes of evmesh's infrastructure contracts (transports, stores, config).
+/// Error codes of evmesh's infrastructure contracts (transports, stores,
+/// config).
 enum class errc : uint8_t {
   /// No error.
   none = 0,

@@ -52,25 +52,27 @@ caf::timespan next_backoff(uint32_t failed_attempts, const backoff_policy& p,
 /// Per-handler options, given as designated initializers in the variadic tail
 /// of `EVMESH_EVENT_PATTERN` (`.max_attempts = 3, .ordering = ordering::none`).
 /// Unset fields take the runtime's `[retry]`/`[consumer]` configuration.
+/// Every member has a default member initializer so that GCC 12's
+/// -Wmissing-field-initializers stays quiet on partial designated lists.
 struct handler_options {
   /// Handler executions before dead-lettering as `retries_exhausted` (>= 1).
-  std::optional<uint32_t> max_attempts;
+  std::optional<uint32_t> max_attempts{};
   /// Backoff between attempts.
-  std::optional<backoff_policy> backoff;
+  std::optional<backoff_policy> backoff{};
   /// Ordering of this subscription's messages.
-  std::optional<evmesh::ordering> ordering;
+  std::optional<evmesh::ordering> ordering{};
   /// Handler lanes (messages running at once) of this subscription (>= 1).
-  std::optional<uint32_t> concurrency;
+  std::optional<uint32_t> concurrency{};
   /// A handler running longer is abandoned (lane killed, attempt counted).
-  std::optional<caf::timespan> timeout;
+  std::optional<caf::timespan> timeout{};
   /// Cooperative (default) or blocking lanes.
-  std::optional<evmesh::execution> execution;
+  std::optional<evmesh::execution> execution{};
 };
 
 /// Fully resolved options of one subscription (config defaults + overrides).
 struct subscription_options {
   uint32_t max_attempts = 5;
-  backoff_policy backoff;
+  backoff_policy backoff{};
   evmesh::ordering ordering = evmesh::ordering::per_key;
   uint32_t concurrency = 8;
   caf::timespan timeout = std::chrono::seconds{30};

@@ -174,6 +174,7 @@ caf::expected<idempotency_store_ptr>
 make_idempotency_store(std::string_view url);
 
 /// Opens a dead-letter store by URL: `sqlite://path/to/dlq.db`.
-caf::expected<dead_letter_store_ptr> make_dead_letter_store(std::string_view url);
+caf::expected<dead_letter_store_ptr>
+make_dead_letter_store(std::string_view url);
 
 } // namespace evmesh

@@ -67,7 +67,8 @@ trace_context new_root_trace(std::string tracestate = {});
 
 /// Continues the producer's trace: same trace id, the producer's span as the
 /// parent, a fresh span id, flags kept. Invalid or empty `traceparent` yields
-/// a new root with `is_root = true`.
+/// a new root with `is_root = true` whose `tracestate` is empty (W3C: a
+/// tracestate is dropped with the traceparent it belongs to).
 trace_context continue_trace(std::string_view traceparent,
                              std::string_view tracestate = {});
 

@@ -1,0 +1,214 @@
+// Handler lanes: run one attempt at a time (claim -> handler -> commit/abort
+// -> span). Plain functions do the work; the behaviors only route.
+#include <chrono>
+
+#include <boost/json.hpp>
+#include <caf/all.hpp>
+#include <spdlog/spdlog.h>
+
+#include "actors/mesh.hpp"
+
+namespace evmesh::internal {
+
+int64_t wall_ms() noexcept {
+  using namespace std::chrono;
+  return duration_cast<milliseconds>(system_clock::now().time_since_epoch())
+    .count();
+}
+
+int64_t wall_ns() noexcept {
+  using namespace std::chrono;
+  return duration_cast<nanoseconds>(system_clock::now().time_since_epoch())
+    .count();
+}
+
+std::string scoped_dedupe_key(const subscription& sub,
+                              const incoming_message& m) {
+  std::string result;
+  result.reserve(sub.name.size() + m.dedupe_key.size() + 1);
+  result += sub.handler->consumer;
+  result += ':';
+  result += sub.handler->pattern;
+  result += ':';
+  result += m.dedupe_key;
+  return result;
+}
+
+outcome invoke_guarded(handler_fn fn, event_context& ctx) noexcept {
+  try {
+    return fn(ctx);
+  } catch (const permanent_error& ex) {
+    return outcome{outcome_kind::dead_letter, ex.what(), std::nullopt,
+                   ex.category()};
+  } catch (const std::exception& ex) {
+    return retry(ex.what());
+  } catch (...) {
+    return retry("handler threw an exception of unknown type");
+  }
+}
+
+namespace {
+
+const char* status_of(const outcome& out) {
+  switch (out.kind) {
+    case outcome_kind::ok:
+      return "ok";
+    case outcome_kind::retry:
+      return "retry";
+    case outcome_kind::dead_letter:
+      return "dead_letter";
+    default:
+      return "discard";
+  }
+}
+
+/// An attempt between claim and finish.
+struct attempt_scope {
+  const runtime_env* env;
+  const subscription* sub;
+  const attempt_msg* msg;
+  std::string key;
+  bool claimed = false;
+  int64_t start_ns = 0;
+};
+
+void emit_span(const attempt_scope& a, const char* status,
+               const std::string& detail) {
+  if (!a.env->spans)
+    return;
+  span_record span;
+  span.context = a.msg->trace;
+  span.link = a.msg->link;
+  span.name = "consume " + a.msg->msg->env.topic;
+  span.consumer = a.sub->handler->consumer;
+  span.pattern = a.sub->handler->pattern;
+  span.topic = a.msg->msg->env.topic;
+  span.attempt = a.msg->attempt;
+  span.start_ns = a.start_ns;
+  span.end_ns = wall_ns();
+  span.status = status;
+  span.detail = detail;
+  a.env->spans->record(span);
+}
+
+/// Claims the idempotency key. Returns a result when the handler must not run.
+std::optional<attempt_result> begin_attempt(attempt_scope& a) {
+  a.start_ns = wall_ns();
+  auto& env = *a.env;
+  if (!env.dedupe)
+    return std::nullopt;
+  a.key = scoped_dedupe_key(*a.sub, *a.msg->msg);
+  switch (env.dedupe->try_begin(a.key, env.config.dedupe_lease)) {
+    case claim_result::fresh:
+      a.claimed = true;
+      return std::nullopt;
+    case claim_result::duplicate:
+      emit_span(a, "duplicate", {});
+      return attempt_result{attempt_result::duplicate, ok()};
+    case claim_result::in_flight:
+      return attempt_result{attempt_result::in_flight,
+                            retry("idempotency key is claimed by another "
+                                  "worker")};
+    default: // unavailable
+      if (env.config.dedupe_policy == store_failure_policy::fail_closed)
+        return attempt_result{attempt_result::store_unavailable,
+                              retry("idempotency store unavailable "
+                                    "(dedupe.on_unavailable = fail_closed)")};
+      spdlog::warn("idempotency store unavailable; running {} without dedupe "
+                   "(dedupe.on_unavailable = fail_open)",
+                   a.sub->name);
+      return std::nullopt;
+  }
+}
+
+/// Commits or aborts the claim and records the span.
+attempt_result finish_attempt(attempt_scope& a, outcome out) {
+  auto& env = *a.env;
+  if (a.claimed) {
+    caf::error err;
+    if (out.kind == outcome_kind::ok || out.kind == outcome_kind::discard)
+      err = env.dedupe->commit(a.key, env.config.dedupe_keep);
+    else
+      err = env.dedupe->abort(a.key);
+    if (err)
+      spdlog::warn("idempotency store: {} of key '{}' failed: {}",
+                   out.is_ok() ? "commit" : "abort", a.key, render(err));
+  }
+  emit_span(a, status_of(out), out.reason);
+  return attempt_result{attempt_result::handled, std::move(out)};
+}
+
+template <class F>
+auto with_context(const attempt_scope& a, F&& f) {
+  auto& env = *a.env;
+  auto& m = *a.msg;
+  return f(m.msg->env, env.services, m.trace, m.attempt, m.msg->tenant,
+           env.out.get(), m.deadline,
+           std::string_view{a.sub->handler->consumer},
+           std::string_view{a.sub->handler->pattern});
+}
+
+} // namespace
+
+caf::behavior function_lane(caf::event_based_actor*, runtime_env_ptr env,
+                            uint32_t sub) {
+  return {
+    [env, sub](run_atom, const attempt_msg& msg) -> attempt_result {
+      attempt_scope a{env.get(), &env->table.subscriptions[sub], &msg, {}};
+      if (auto early = begin_attempt(a))
+        return std::move(*early);
+      return with_context(a, [&a](auto&&... xs) {
+        event_context ctx{xs...};
+        return finish_attempt(a, invoke_guarded(a.sub->handler->fn, ctx));
+      });
+    },
+  };
+}
+
+namespace {
+
+struct actor_lane_state {
+  caf::actor handler;
+};
+
+} // namespace
+
+caf::behavior actor_lane(caf::event_based_actor* self, runtime_env_ptr env,
+                         uint32_t sub) {
+  auto& s = env->table.subscriptions[sub];
+  auto handler = self->spawn<caf::linked>(s.handler->factory);
+  // Any exit of the handler actor (even a normal one) ends this lane, so the
+  // supervisor sees the crash, counts the attempt and spawns a fresh lane.
+  self->set_exit_handler([self](caf::exit_msg& msg) {
+    self->quit(msg.reason ? msg.reason
+                          : caf::make_error(caf::exit_reason::unknown));
+  });
+  return {
+    [self, env, sub, handler](run_atom,
+                              attempt_msg& msg) -> caf::result<attempt_result> {
+      auto a = std::make_shared<attempt_scope>(
+        attempt_scope{env.get(), &env->table.subscriptions[sub], nullptr, {}});
+      auto held = std::make_shared<attempt_msg>(std::move(msg));
+      a->msg = held.get();
+      if (auto early = begin_attempt(*a))
+        return std::move(*early);
+      auto ctx = with_context(*a, [](auto&&... xs) {
+        return std::make_shared<event_context>(xs...);
+      });
+      auto rp = self->make_response_promise<attempt_result>();
+      self->request(handler, caf::infinite, delivery{ctx.get()})
+        .await(
+          [a, held, ctx, rp](outcome& out) mutable {
+            rp.deliver(finish_attempt(*a, std::move(out)));
+          },
+          [a, held, ctx, rp](caf::error& err) mutable {
+            rp.deliver(finish_attempt(
+              *a, retry("handler actor answered with an error: "
+                        + caf::to_string(err))));
+          });
+      return rp;
+    },
+  };
+}
+
+} // namespace evmesh::internal

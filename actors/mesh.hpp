@@ -1,0 +1,249 @@
+// Internal to the runtime: the actor messages, the shared environment and the
+// actor implementations of DESIGN.md §3. Not installed, not part of the API.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <caf/actor.hpp>
+#include <caf/allowed_unsafe_message_type.hpp>
+#include <caf/atom.hpp>
+#include <caf/behavior.hpp>
+#include <caf/event_based_actor.hpp>
+#include <caf/stateful_actor.hpp>
+#include <caf/type_id.hpp>
+
+#include "evmesh/config.hpp"
+#include "evmesh/container.hpp"
+#include "evmesh/envelope.hpp"
+#include "evmesh/messages.hpp"
+#include "evmesh/registry.hpp"
+#include "evmesh/runtime.hpp"
+#include "evmesh/stores.hpp"
+#include "evmesh/trace.hpp"
+#include "evmesh/tracing.hpp"
+#include "evmesh/transport.hpp"
+
+namespace evmesh::internal {
+
+/// Counters shared by all actors of one runtime and read by `stats()`.
+struct stats_block {
+  std::atomic<uint64_t> received{0};
+  std::atomic<uint64_t> handled{0};
+  std::atomic<uint64_t> duplicates{0};
+  std::atomic<uint64_t> retried{0};
+  std::atomic<uint64_t> dead_lettered{0};
+  std::atomic<uint64_t> discarded{0};
+  std::atomic<uint64_t> acked{0};
+  std::atomic<uint64_t> nacked{0};
+  std::atomic<uint64_t> timeouts{0};
+  std::atomic<uint64_t> lane_restarts{0};
+  std::atomic<uint64_t> new_root_traces{0};
+  std::atomic<uint64_t> deferred{0};
+  std::atomic<uint64_t> in_flight{0};
+  std::atomic<uint64_t> max_concurrent{0};
+  std::atomic<uint64_t> paused{0};
+  std::atomic<uint8_t> health{static_cast<uint8_t>(health_status::starting)};
+  std::atomic<bool> stopped{false};
+
+  static void inc(std::atomic<uint64_t>& x, uint64_t n = 1) noexcept {
+    x.fetch_add(n, std::memory_order_relaxed);
+  }
+};
+
+/// Publishes through the transport (the runtime's `publisher`).
+class transport_publisher : public publisher {
+public:
+  explicit transport_publisher(transport_ptr t) : transport_(std::move(t)) {
+  }
+
+  caf::error publish(envelope env) override {
+    return transport_->publish(env);
+  }
+
+private:
+  transport_ptr transport_;
+};
+
+/// Everything the actors share; immutable after start.
+struct runtime_env {
+  runtime_config config;
+  dispatch_table table;
+  container services;
+  idempotency_store_ptr dedupe;
+  dead_letter_store_ptr dead_letters;
+  span_sink_ptr spans;
+  std::shared_ptr<tenant_registry> tenants;
+  transport_ptr transport;
+  std::shared_ptr<publisher> out;
+  std::shared_ptr<stats_block> stats;
+  std::string node;
+  bool detach_io = true;
+};
+
+using runtime_env_ptr = std::shared_ptr<const runtime_env>;
+
+/// One delivery after decoding, shared by every subscription it matched.
+struct incoming_message {
+  /// Source-local id of the delivery.
+  uint64_t delivery_id = 0;
+  raw_message raw;
+  envelope env;
+  /// Handler executions made in earlier deliveries:
+  /// max(broker delivery count - 1, envelope attempt).
+  uint32_t prior_attempts = 0;
+  /// The producer's span (parent of every attempt), or a new root.
+  trace_context producer;
+  /// The tenant after resolution (fallback applied).
+  std::string tenant;
+  /// `dedupe_key(env)`.
+  std::string dedupe_key;
+};
+
+using incoming_ptr = std::shared_ptr<const incoming_message>;
+
+/// Source -> topic supervisor: new deliveries for one subscription.
+struct dispatch_batch {
+  std::vector<incoming_ptr> items;
+};
+
+/// Topic supervisor -> lane: run one attempt.
+struct attempt_msg {
+  incoming_ptr msg;
+  /// 1-based attempt number (executions so far + 1).
+  uint32_t attempt = 1;
+  /// This attempt's span.
+  trace_context trace;
+  /// The previous attempt's span (all zero on the first).
+  span_id link{};
+  /// When the supervisor abandons the attempt.
+  caf::timestamp deadline;
+};
+
+/// Lane -> topic supervisor: what happened.
+struct attempt_result {
+  enum kind_t : uint8_t {
+    /// The handler ran; see `out`.
+    handled,
+    /// The idempotency key was already handled: ack without running.
+    duplicate,
+    /// Another worker holds the claim: try later, not counted.
+    in_flight,
+    /// The store is unavailable and the policy is fail_closed.
+    store_unavailable,
+  };
+  kind_t kind = handled;
+  outcome out;
+};
+
+/// How a subscription finished with a delivery.
+enum class settle_kind : uint8_t { ack, dead_lettered, nack };
+
+/// Topic supervisor -> source.
+struct settlement {
+  uint64_t delivery_id = 0;
+  settle_kind kind = settle_kind::ack;
+  std::shared_ptr<const dead_letter_record> record;
+};
+
+/// Anyone -> dead-letter actor; answered with the record id (int64_t).
+struct dead_letter_job {
+  std::shared_ptr<const dead_letter_record> record;
+};
+
+} // namespace evmesh::internal
+
+CAF_BEGIN_TYPE_ID_BLOCK(evmesh_internal, caf::first_custom_type_id + 50)
+
+  CAF_ADD_TYPE_ID(evmesh_internal, (evmesh::internal::dispatch_batch))
+  CAF_ADD_TYPE_ID(evmesh_internal, (evmesh::internal::attempt_msg))
+  CAF_ADD_TYPE_ID(evmesh_internal, (evmesh::internal::attempt_result))
+  CAF_ADD_TYPE_ID(evmesh_internal, (evmesh::internal::settlement))
+  CAF_ADD_TYPE_ID(evmesh_internal, (evmesh::internal::dead_letter_job))
+
+CAF_END_TYPE_ID_BLOCK(evmesh_internal)
+
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(evmesh::internal::dispatch_batch)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(evmesh::internal::attempt_msg)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(evmesh::internal::attempt_result)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(evmesh::internal::settlement)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(evmesh::internal::dead_letter_job)
+
+namespace evmesh::internal {
+
+using poll_atom = caf::atom_constant<caf::atom("poll")>;
+using run_atom = caf::atom_constant<caf::atom("run")>;
+using settle_atom = caf::atom_constant<caf::atom("settle")>;
+using retry_atom = caf::atom_constant<caf::atom("retry")>;
+using tick_atom = caf::atom_constant<caf::atom("tick")>;
+using drain_atom = caf::atom_constant<caf::atom("drain")>;
+using abandon_atom = caf::atom_constant<caf::atom("abandon")>;
+using drained_atom = caf::atom_constant<caf::atom("drained")>;
+using stop_atom = caf::atom_constant<caf::atom("stop")>;
+using write_atom = caf::atom_constant<caf::atom("write")>;
+using resume_atom = caf::atom_constant<caf::atom("resume")>;
+using stopped_atom = caf::atom_constant<caf::atom("stopped")>;
+
+// -- plain functions (unit-tested) ---------------------------------------------
+
+/// Scoped idempotency key of one subscription: "consumer:pattern:key".
+std::string scoped_dedupe_key(const subscription& sub, const incoming_message& m);
+
+/// Runs a function handler, converting exceptions once: permanent_error ->
+/// dead letter (with its category), other std::exception -> retry with
+/// what(), anything else -> retry "unknown exception".
+outcome invoke_guarded(handler_fn fn, event_context& ctx) noexcept;
+
+/// Milliseconds / nanoseconds since the Unix epoch (wall clock).
+int64_t wall_ms() noexcept;
+int64_t wall_ns() noexcept;
+
+/// Builds a record for a message that never reached a subscription
+/// (decode_error, no_handler, tenant_rejected, too_large).
+dead_letter_record make_intake_dead_letter(const runtime_env& env,
+                                           const raw_message& raw,
+                                           const envelope* decoded,
+                                           std::string category,
+                                           std::string reason);
+
+/// Masks `fields` (by name, at any depth) in the payload of `original` JSON.
+std::string mask_fields(std::string_view original,
+                        const std::vector<std::string>& fields);
+
+// -- actors --------------------------------------------------------------------
+
+/// The dead-letter writer: `(write_atom, dead_letter_job) -> int64_t`. Writes
+/// to the dead-letter store (masked), retrying failures with backoff; answers
+/// only after the record is durable. With no store it answers 0 at once.
+caf::behavior dead_letter_writer(caf::event_based_actor* self,
+                                 runtime_env_ptr env);
+
+/// Runs attempts of a function handler: `(run_atom, attempt_msg) ->
+/// attempt_result`.
+caf::behavior function_lane(caf::event_based_actor* self, runtime_env_ptr env,
+                            uint32_t sub);
+
+/// Runs attempts on a user actor spawned from the subscription's factory;
+/// dies with the user actor (the supervisor then counts a crash).
+caf::behavior actor_lane(caf::event_based_actor* self, runtime_env_ptr env,
+                         uint32_t sub);
+
+/// One per subscription: owns in-flight records, key lanes, retry timers,
+/// handler lanes; settles each delivery with the source exactly once.
+caf::behavior topic_supervisor(caf::event_based_actor* self,
+                               runtime_env_ptr env, uint32_t sub,
+                               caf::actor source, caf::actor dead_letter);
+
+/// Owns the transport: polls, decodes, matches, routes, settles, acks.
+caf::behavior source_actor(caf::event_based_actor* self, runtime_env_ptr env,
+                           caf::actor dead_letter);
+
+/// Root of the tree: spawns and supervises the others, runs shutdown.
+caf::behavior mesh_supervisor(caf::event_based_actor* self,
+                              runtime_env_ptr env);
+
+} // namespace evmesh::internal

@@ -1,0 +1,246 @@
+#include "evmesh/runtime.hpp"
+
+#include <thread>
+#include <unistd.h>
+
+#include <caf/all.hpp>
+#include <caf/scheduler/test_coordinator.hpp>
+#include <spdlog/spdlog.h>
+
+#include "actors/mesh.hpp"
+#include "evmesh/inproc.hpp"
+
+namespace evmesh {
+
+const char* to_string(health_status x) noexcept {
+  switch (x) {
+    case health_status::starting:
+      return "starting";
+    case health_status::healthy:
+      return "healthy";
+    case health_status::degraded:
+      return "degraded";
+    case health_status::stopping:
+      return "stopping";
+    default:
+      return "stopped";
+  }
+}
+
+struct consumer_runtime::impl {
+  runtime_config config;
+  container services;
+  std::unique_ptr<caf::actor_system_config> own_cfg;
+  std::unique_ptr<caf::actor_system> own_sys;
+  caf::actor_system* sys = nullptr;
+  std::optional<std::vector<const handler_descriptor*>> handlers;
+  bool detach_io = true;
+  std::shared_ptr<internal::runtime_env> env;
+  std::shared_ptr<internal::stats_block> stats
+    = std::make_shared<internal::stats_block>();
+  caf::actor mesh;
+  bool started = false;
+  bool stop_requested = false;
+};
+
+consumer_runtime::consumer_runtime(runtime_config cfg, container services)
+  : impl_(std::make_unique<impl>()) {
+  impl_->config = std::move(cfg);
+  impl_->services = std::move(services);
+}
+
+consumer_runtime::consumer_runtime(caf::actor_system& sys, runtime_config cfg,
+                                   container services)
+  : consumer_runtime(std::move(cfg), std::move(services)) {
+  impl_->sys = &sys;
+}
+
+consumer_runtime::~consumer_runtime() {
+  if (impl_->started && !stopped()) {
+    if (impl_->own_sys)
+      stop(impl_->config.stop_timeout);
+    else
+      request_stop(impl_->config.stop_timeout);
+  }
+  impl_->mesh = nullptr;
+  impl_->own_sys.reset();
+}
+
+void consumer_runtime::set_handlers(
+  std::vector<const handler_descriptor*> handlers) {
+  impl_->handlers = std::move(handlers);
+}
+
+void consumer_runtime::set_detach_io(bool value) {
+  impl_->detach_io = value;
+}
+
+namespace {
+
+std::string host_name() {
+  char buf[256] = {0};
+  if (gethostname(buf, sizeof(buf) - 1) != 0)
+    return "localhost";
+  return buf;
+}
+
+} // namespace
+
+caf::error consumer_runtime::start() {
+  auto& d = *impl_;
+  if (d.started)
+    return make_error(errc::invalid_state, "consumer_runtime already started");
+  auto env = std::make_shared<internal::runtime_env>();
+  env->config = d.config;
+  env->services = d.services;
+  env->stats = d.stats;
+  env->detach_io = d.detach_io;
+  env->node = d.config.node_name.empty() ? host_name() : d.config.node_name;
+  // 1. Freeze the dispatch table.
+  auto handlers = d.handlers ? *d.handlers : registered_handlers();
+  auto table = freeze_handlers(handlers, d.config.defaults);
+  if (!table)
+    return table.error();
+  if (table->subscriptions.empty())
+    spdlog::warn("no handlers registered: every message will be "
+                 "dead-lettered as no_handler");
+  env->table = std::move(*table);
+  // 2. Stores and sinks: instances in the container win over URLs.
+  if (auto ptr = d.services.find_shared<idempotency_store>())
+    env->dedupe = ptr;
+  else if (!d.config.dedupe_url.empty() && d.config.dedupe_url != "none") {
+    auto store = make_idempotency_store(d.config.dedupe_url);
+    if (!store)
+      return store.error();
+    env->dedupe = std::move(*store);
+  }
+  if (auto ptr = d.services.find_shared<dead_letter_store>())
+    env->dead_letters = ptr;
+  else if (!d.config.dead_letter_url.empty()
+           && d.config.dead_letter_url != "none") {
+    auto store = make_dead_letter_store(d.config.dead_letter_url);
+    if (!store)
+      return store.error();
+    env->dead_letters = std::move(*store);
+  }
+  if (auto ptr = d.services.find_shared<span_sink>()) {
+    env->spans = ptr;
+  } else {
+    auto sink = make_span_sink(d.config.trace_sink);
+    if (!sink)
+      return sink.error();
+    env->spans = std::move(*sink);
+  }
+  if (auto ptr = d.services.find_shared<tenant_registry>())
+    env->tenants = ptr;
+  else if (d.config.tenants_enabled)
+    env->tenants = make_static_tenant_registry(d.config.tenants_known,
+                                               d.config.tenants_suspended,
+                                               d.config.tenant_fallback);
+  // 3. The actor system (own one unless given) and the transport.
+  if (d.sys == nullptr) {
+    d.own_cfg = std::make_unique<caf::actor_system_config>();
+    d.own_cfg->set("logger.verbosity", caf::atom("quiet"));
+    d.own_sys = std::make_unique<caf::actor_system>(*d.own_cfg);
+    d.sys = d.own_sys.get();
+  }
+  register_inproc_transport();
+  transport_environment tenv;
+  auto* sys = d.sys;
+  tenv.now = [sys] { return sys->clock().now(); };
+  tenv.node = env->node;
+  auto tr = make_transport(d.config.transport_url, tenv);
+  if (!tr)
+    return tr.error();
+  env->transport = std::move(*tr);
+  std::vector<std::string> patterns;
+  for (auto& sub : env->table.subscriptions)
+    patterns.emplace_back(sub.handler->pattern);
+  if (auto err = env->transport->subscribe(patterns))
+    return err;
+  env->out = std::make_shared<internal::transport_publisher>(env->transport);
+  d.env = env;
+  // 4. The actor tree.
+  d.mesh = d.sys->spawn(internal::mesh_supervisor, internal::runtime_env_ptr{env});
+  d.started = true;
+  spdlog::info("evmesh runtime started on {} with {} subscription(s), node {}",
+               d.config.transport_url, env->table.subscriptions.size(),
+               env->node);
+  return {};
+}
+
+void consumer_runtime::request_stop(caf::timespan deadline) {
+  auto& d = *impl_;
+  if (!d.started || d.stop_requested)
+    return;
+  d.stop_requested = true;
+  caf::anon_send(d.mesh, internal::stop_atom::value, deadline);
+}
+
+bool consumer_runtime::stopped() const noexcept {
+  return impl_->stats->stopped.load();
+}
+
+void consumer_runtime::stop(caf::timespan deadline) {
+  request_stop(deadline);
+  if (!impl_->started)
+    return;
+  // The mesh nacks everything at the deadline; allow it time to settle.
+  auto limit = std::chrono::steady_clock::now() + deadline
+               + std::chrono::seconds{5};
+  while (!stopped() && std::chrono::steady_clock::now() < limit)
+    std::this_thread::sleep_for(std::chrono::milliseconds{2});
+  if (!stopped())
+    spdlog::error("runtime did not stop within its deadline + 5 s");
+}
+
+runtime_stats consumer_runtime::stats() const {
+  auto& s = *impl_->stats;
+  auto get = [](const std::atomic<uint64_t>& x) {
+    return x.load(std::memory_order_relaxed);
+  };
+  runtime_stats r;
+  r.received = get(s.received);
+  r.handled = get(s.handled);
+  r.duplicates = get(s.duplicates);
+  r.retried = get(s.retried);
+  r.dead_lettered = get(s.dead_lettered);
+  r.discarded = get(s.discarded);
+  r.acked = get(s.acked);
+  r.nacked = get(s.nacked);
+  r.timeouts = get(s.timeouts);
+  r.lane_restarts = get(s.lane_restarts);
+  r.new_root_traces = get(s.new_root_traces);
+  r.deferred = get(s.deferred);
+  r.in_flight = get(s.in_flight);
+  r.max_concurrent = get(s.max_concurrent);
+  r.paused = get(s.paused);
+  return r;
+}
+
+health_status consumer_runtime::health() const noexcept {
+  return static_cast<health_status>(impl_->stats->health.load());
+}
+
+caf::error consumer_runtime::publish(envelope env) {
+  if (!impl_->env)
+    return make_error(errc::invalid_state,
+                      "consumer_runtime::publish before start()");
+  if (env.produced_at.empty() || env.id.empty()) {
+    // Reuse the context stamping rules without a span.
+    if (env.id.empty())
+      env.id = to_hex(new_trace_id().data(), 16);
+  }
+  return impl_->env->out->publish(std::move(env));
+}
+
+const dispatch_table& consumer_runtime::table() const {
+  static const dispatch_table empty;
+  return impl_->env ? impl_->env->table : empty;
+}
+
+const runtime_config& consumer_runtime::config() const noexcept {
+  return impl_->config;
+}
+
+} // namespace evmesh

@@ -1,0 +1,308 @@
+// The source: owns the transport (every transport call happens here), polls
+// within the in-flight bound, decodes, matches, checks tenants, routes to the
+// topic supervisors and settles each delivery with exactly one terminal
+// action once every subscription it matched is done with it.
+#include <unordered_map>
+
+#include <caf/all.hpp>
+#include <spdlog/spdlog.h>
+
+#include "actors/mesh.hpp"
+
+namespace evmesh::internal {
+
+namespace {
+
+struct pending_delivery {
+  uint64_t tag = 0;
+  uint32_t remaining = 0;
+  bool nack = false;
+  /// Dead-lettered by the source itself (decode, tenant, no handler).
+  bool intake = false;
+  std::vector<std::shared_ptr<const dead_letter_record>> records;
+};
+
+struct source_state {
+  runtime_env_ptr env;
+  caf::actor dead_letter;
+  caf::actor mesh;
+  std::vector<caf::actor> supervisors;
+  std::unordered_map<uint64_t, pending_delivery> deliveries;
+  uint64_t next_id = 1;
+  bool poll_scheduled = false;
+  bool draining = false;
+  bool closed = false;
+  size_t drained = 0;
+  uint32_t poll_failures = 0;
+  std::vector<raw_message> buf;
+  std::vector<uint32_t> matches;
+  std::vector<dispatch_batch> batches;
+  std::mt19937_64 rng{std::random_device{}()};
+};
+
+class source_impl {
+public:
+  source_impl(caf::event_based_actor* self, std::shared_ptr<source_state> st)
+    : self_(self), st_(std::move(st)) {
+  }
+
+  stats_block& stats() {
+    return *st_->env->stats;
+  }
+
+  void schedule_poll(caf::timespan delay) {
+    if (st_->poll_scheduled || st_->draining)
+      return;
+    st_->poll_scheduled = true;
+    if (delay.count() == 0)
+      self_->send(self_, poll_atom::value);
+    else
+      self_->delayed_send(self_, delay, poll_atom::value);
+  }
+
+  void on_poll() {
+    st_->poll_scheduled = false;
+    if (st_->draining || st_->supervisors.empty())
+      return;
+    auto& cfg = st_->env->config;
+    auto used = st_->deliveries.size();
+    if (used >= cfg.max_in_flight)
+      return; // settlements re-trigger polling (backpressure)
+    auto want = std::min(cfg.poll_batch, cfg.max_in_flight - used);
+    st_->buf.clear();
+    if (auto err = st_->env->transport->poll(want, st_->buf)) {
+      ++st_->poll_failures;
+      auto delay = next_backoff(st_->poll_failures,
+                                {cfg.poll_idle, 2.0, std::chrono::seconds{5},
+                                 jitter::full},
+                                st_->rng);
+      spdlog::error("transport poll failed ({} in a row): {}",
+                    st_->poll_failures, render(err));
+      schedule_poll(std::max(delay, caf::timespan{std::chrono::milliseconds{1}}));
+      return;
+    }
+    st_->poll_failures = 0;
+    auto got = st_->buf.size();
+    for (auto& b : st_->batches)
+      b.items.clear();
+    for (auto& raw : st_->buf)
+      intake(std::move(raw));
+    for (size_t i = 0; i < st_->batches.size(); ++i)
+      if (!st_->batches[i].items.empty())
+        self_->send(st_->supervisors[i], std::move(st_->batches[i]));
+    st_->batches.assign(st_->supervisors.size(), dispatch_batch{});
+    stats().in_flight.store(st_->deliveries.size(), std::memory_order_relaxed);
+    if (got == want)
+      schedule_poll(caf::timespan{0});
+    else
+      schedule_poll(cfg.poll_idle);
+  }
+
+  void intake(raw_message raw) {
+    auto& env = *st_->env;
+    stats_block::inc(stats().received);
+    auto id = st_->next_id++;
+    auto& d = st_->deliveries[id];
+    d.tag = raw.tag;
+    if (raw.bytes.size() > env.config.max_message_bytes) {
+      auto reason = "message of " + std::to_string(raw.bytes.size())
+                    + " bytes exceeds transport.max_message_bytes = "
+                    + std::to_string(env.config.max_message_bytes);
+      raw.bytes.resize(std::min<size_t>(raw.bytes.size(), 64 * 1024));
+      intake_dead_letter(id, raw, nullptr, "too_large", reason);
+      return;
+    }
+    transport_metadata meta{raw.subject, raw.traceparent, raw.tracestate,
+                            raw.key};
+    auto decoded = decode_envelope(raw.bytes, meta);
+    if (!decoded) {
+      intake_dead_letter(id, raw, nullptr, "decode_error",
+                         render(decoded.error()));
+      return;
+    }
+    auto& e = *decoded;
+    std::string tenant = e.tenant;
+    if (env.tenants) {
+      auto res = env.tenants->resolve(e.tenant);
+      if (!res.accepted) {
+        intake_dead_letter(id, raw, &e, "tenant_rejected", res.reason);
+        return;
+      }
+      tenant = std::move(res.tenant);
+    }
+    st_->matches.clear();
+    env.table.match(e.topic, st_->matches);
+    if (st_->matches.empty()) {
+      intake_dead_letter(id, raw, &e, "no_handler",
+                         "no handler matches topic '" + e.topic + "'");
+      return;
+    }
+    auto msg = std::make_shared<incoming_message>();
+    msg->delivery_id = id;
+    msg->prior_attempts = std::max(
+      raw.delivery_count > 0 ? raw.delivery_count - 1 : 0u, e.attempt);
+    msg->producer = continue_trace(e.traceparent, e.tracestate);
+    if (msg->producer.is_root) {
+      stats_block::inc(stats().new_root_traces);
+      if (!e.traceparent.empty())
+        spdlog::debug("invalid traceparent '{}' on topic {}: starting a new "
+                      "root trace",
+                      e.traceparent, e.topic);
+    }
+    // The producer's span is the parent of every attempt.
+    msg->producer.parent = msg->producer.span;
+    if (msg->producer.is_root)
+      msg->producer.span = span_id{};
+    msg->tenant = std::move(tenant);
+    msg->dedupe_key = dedupe_key(e);
+    msg->env = std::move(e);
+    msg->raw = std::move(raw);
+    msg->raw.bytes.shrink_to_fit();
+    d.remaining = static_cast<uint32_t>(st_->matches.size());
+    incoming_ptr shared = std::move(msg);
+    for (auto idx : st_->matches)
+      st_->batches[idx].items.push_back(shared);
+  }
+
+  void intake_dead_letter(uint64_t id, const raw_message& raw,
+                          const envelope* decoded, std::string category,
+                          std::string reason) {
+    spdlog::warn("dead-lettering {} message on '{}': {}", category,
+                 raw.subject, reason);
+    auto rec = std::make_shared<const dead_letter_record>(
+      make_intake_dead_letter(*st_->env, raw, decoded, std::move(category),
+                              std::move(reason)));
+    auto& d = st_->deliveries[id];
+    d.remaining = 1;
+    d.intake = true;
+    self_->request(st_->dead_letter, caf::infinite, write_atom::value,
+                   dead_letter_job{rec})
+      .then(
+        [this, id, rec](int64_t) {
+          stats_block::inc(stats().dead_lettered);
+          settle(settlement{id, settle_kind::dead_lettered, rec});
+        },
+        [this, id](caf::error&) {
+          settle(settlement{id, settle_kind::nack, nullptr});
+        });
+  }
+
+  /// One subscription is done with a delivery; the last one decides.
+  void settle(const settlement& s) {
+    auto i = st_->deliveries.find(s.delivery_id);
+    if (i == st_->deliveries.end())
+      return;
+    auto& d = i->second;
+    if (s.kind == settle_kind::nack)
+      d.nack = true;
+    else if (s.kind == settle_kind::dead_lettered && s.record)
+      d.records.push_back(s.record);
+    if (--d.remaining > 0)
+      return;
+    auto& t = *st_->env->transport;
+    caf::error err;
+    if (!d.nack) {
+      for (auto& rec : d.records)
+        if ((err = t.dead_letter(d.tag, *rec)))
+          break;
+    }
+    if (d.nack || err) {
+      if (err)
+        spdlog::error("broker dead-letter publish failed, message will be "
+                      "redelivered: {}",
+                      render(err));
+      if (auto e2 = t.nack(d.tag, caf::timespan{0}))
+        spdlog::error("nack failed: {}", render(e2));
+      stats_block::inc(stats().nacked);
+    } else {
+      if (auto e2 = t.ack(d.tag))
+        spdlog::error("ack failed (the broker will redeliver): {}", render(e2));
+      stats_block::inc(stats().acked);
+    }
+    st_->deliveries.erase(i);
+    stats().in_flight.store(st_->deliveries.size(), std::memory_order_relaxed);
+    if (!st_->draining)
+      schedule_poll(caf::timespan{0});
+    else
+      check_stopped();
+  }
+
+  void drain() {
+    st_->draining = true;
+    for (auto& sup : st_->supervisors)
+      self_->send(sup, drain_atom::value);
+    check_stopped();
+  }
+
+  void abandon() {
+    for (auto& sup : st_->supervisors)
+      self_->send(sup, abandon_atom::value);
+    // Intake dead letters still being written go back to the broker; a late
+    // confirmation finds no delivery and is ignored.
+    std::vector<uint64_t> ids;
+    for (auto& [id, d] : st_->deliveries)
+      if (d.intake)
+        ids.push_back(id);
+    for (auto id : ids)
+      settle(settlement{id, settle_kind::nack, nullptr});
+  }
+
+  void on_drained() {
+    ++st_->drained;
+    check_stopped();
+  }
+
+  void check_stopped() {
+    if (!st_->draining || st_->closed)
+      return;
+    if (st_->drained < st_->supervisors.size() || !st_->deliveries.empty())
+      return;
+    st_->closed = true;
+    auto& env = *st_->env;
+    if (auto err = env.transport->close())
+      spdlog::error("closing the transport failed: {}", render(err));
+    if (env.dedupe)
+      if (auto err = env.dedupe->flush())
+        spdlog::error("flushing the idempotency store failed: {}",
+                      render(err));
+    if (env.spans)
+      env.spans->flush();
+    self_->send(st_->mesh, stopped_atom::value);
+  }
+
+private:
+  caf::event_based_actor* self_;
+  std::shared_ptr<source_state> st_;
+};
+
+} // namespace
+
+caf::behavior source_actor(caf::event_based_actor* self, runtime_env_ptr env,
+                           caf::actor dead_letter) {
+  auto st = std::make_shared<source_state>();
+  st->env = env;
+  st->dead_letter = std::move(dead_letter);
+  st->supervisors.resize(env->table.subscriptions.size());
+  st->batches.resize(env->table.subscriptions.size());
+  auto impl = std::make_shared<source_impl>(self, st);
+  // Wake up on new messages; a weak handle so the transport never keeps the
+  // actor alive.
+  auto weak = caf::actor_cast<caf::weak_actor_ptr>(self);
+  env->transport->set_wakeup([weak] {
+    if (auto hdl = caf::actor_cast<caf::actor>(weak.lock()))
+      caf::anon_send(hdl, poll_atom::value);
+  });
+  return {
+    [st](uint32_t index, caf::actor& sup) {
+      st->supervisors[index] = std::move(sup);
+    },
+    [st, impl](caf::actor& mesh, stop_atom) { st->mesh = mesh; },
+    [impl](poll_atom) { impl->on_poll(); },
+    [impl](settle_atom, const settlement& s) { impl->settle(s); },
+    [impl](drain_atom) { impl->drain(); },
+    [impl](abandon_atom) { impl->abandon(); },
+    [impl](drained_atom, uint32_t) { impl->on_drained(); },
+  };
+}
+
+} // namespace evmesh::internal

@@ -1,0 +1,615 @@
+// One topic supervisor per subscription: owns in-flight records (envelope,
+// attempts, errors, trace), per-key lanes, retry timers and handler lanes, and
+// settles every delivery with the source exactly once.
+#include <deque>
+#include <unordered_map>
+
+#include <caf/all.hpp>
+#include <spdlog/spdlog.h>
+
+#include "actors/mesh.hpp"
+
+namespace evmesh::internal {
+
+namespace {
+
+using clock_type = caf::actor_clock;
+using time_point = clock_type::time_point;
+
+enum class record_state : uint8_t { queued, running, waiting, dead_lettering };
+
+struct record {
+  incoming_ptr msg;
+  /// Handler executions in this process.
+  uint32_t executions = 0;
+  record_state state = record_state::queued;
+  /// Lane running it (valid while running) and the dispatch sequence number
+  /// that identifies the current attempt (stale answers are ignored).
+  size_t lane = 0;
+  uint64_t seq = 0;
+  /// The running attempt's span and the previous one (for links).
+  trace_context span;
+  span_id last_span{};
+  std::string last_traceparent;
+  /// Bounded error history for the dead-letter record.
+  dead_letter_record errors;
+};
+
+struct lane_slot {
+  caf::actor handle;
+  uint64_t running = 0; // delivery id, 0 = idle
+  time_point started;
+};
+
+struct key_queue {
+  std::deque<uint64_t> waiting;
+};
+
+struct supervisor_state {
+  runtime_env_ptr env;
+  uint32_t index = 0;
+  const subscription* sub = nullptr;
+  caf::actor source;
+  caf::actor dead_letter;
+  std::unordered_map<uint64_t, record> records;
+  /// Keys with a message in flight; successors wait here (per_key only).
+  std::unordered_map<std::string, key_queue> keys;
+  std::deque<uint64_t> ready;
+  std::vector<lane_slot> lanes;
+  std::vector<size_t> idle;
+  uint64_t next_seq = 1;
+  std::mt19937_64 rng{std::random_device{}()};
+  std::deque<time_point> restarts;
+  bool paused = false;
+  bool draining = false;
+  bool tick_scheduled = false;
+  size_t running = 0;
+};
+
+using state_ptr = std::shared_ptr<supervisor_state>;
+
+class supervisor_impl {
+public:
+  supervisor_impl(caf::event_based_actor* self, state_ptr st)
+    : self_(self), st_(std::move(st)) {
+  }
+
+  const subscription_options& opts() const {
+    return st_->sub->options;
+  }
+
+  stats_block& stats() {
+    return *st_->env->stats;
+  }
+
+  // -- lanes -------------------------------------------------------------------
+
+  caf::actor spawn_lane() {
+    auto& env = st_->env;
+    bool actor_handler = st_->sub->handler->factory != nullptr;
+    bool detach = opts().execution == execution::blocking && env->detach_io;
+    if (actor_handler) {
+      return detach ? self_->spawn<caf::linked + caf::detached>(
+               actor_lane, env, st_->index)
+                    : self_->spawn<caf::linked>(actor_lane, env, st_->index);
+    }
+    return detach ? self_->spawn<caf::linked + caf::detached>(
+             function_lane, env, st_->index)
+                  : self_->spawn<caf::linked>(function_lane, env, st_->index);
+  }
+
+  void start_lanes() {
+    st_->lanes.resize(opts().concurrency);
+    for (size_t i = 0; i < st_->lanes.size(); ++i) {
+      st_->lanes[i].handle = spawn_lane();
+      st_->idle.push_back(i);
+    }
+  }
+
+  /// Replaces lane `i` (crashed or timed out); counts towards the restart
+  /// intensity limit.
+  void replace_lane(size_t i, bool kill_old) {
+    auto& slot = st_->lanes[i];
+    if (kill_old && slot.handle)
+      self_->send_exit(slot.handle, caf::exit_reason::kill);
+    slot.handle = spawn_lane();
+    slot.running = 0;
+    st_->idle.push_back(i);
+    stats_block::inc(stats().lane_restarts);
+    auto now = self_->clock().now();
+    st_->restarts.push_back(now);
+    while (!st_->restarts.empty()
+           && now - st_->restarts.front() > st_->env->config.restart_window)
+      st_->restarts.pop_front();
+    if (!st_->paused
+        && st_->restarts.size() > st_->env->config.restart_limit) {
+      st_->paused = true;
+      stats_block::inc(stats().paused);
+      stats().health.store(static_cast<uint8_t>(health_status::degraded));
+      spdlog::error("subscription {} paused for {} ms: {} handler restarts "
+                    "within {} ms exceed supervision.restart_limit = {}",
+                    st_->sub->name,
+                    std::chrono::duration_cast<std::chrono::milliseconds>(
+                      st_->env->config.pause_for)
+                      .count(),
+                    st_->restarts.size(),
+                    std::chrono::duration_cast<std::chrono::milliseconds>(
+                      st_->env->config.restart_window)
+                      .count(),
+                    st_->env->config.restart_limit);
+      self_->delayed_send(self_, st_->env->config.pause_for,
+                          resume_atom::value);
+    }
+  }
+
+  void resume() {
+    if (!st_->paused)
+      return;
+    st_->paused = false;
+    st_->restarts.clear();
+    auto left = stats().paused.fetch_sub(1) - 1;
+    if (left == 0
+        && stats().health.load() == static_cast<uint8_t>(health_status::degraded))
+      stats().health.store(static_cast<uint8_t>(health_status::healthy));
+    spdlog::info("subscription {} resumed", st_->sub->name);
+    dispatch();
+  }
+
+  /// Lane `addr` exited (crash, or the kill after a timeout).
+  void on_lane_exit(const caf::actor_addr& addr, const caf::error& reason) {
+    for (size_t i = 0; i < st_->lanes.size(); ++i) {
+      auto& slot = st_->lanes[i];
+      if (slot.handle && slot.handle.address() == addr) {
+        if (slot.running != 0) {
+          auto id = slot.running;
+          slot.running = 0;
+          if (auto r = find(id); r && r->state == record_state::running)
+            failed_attempt(id, *r,
+                           "handler actor crashed: " + caf::to_string(reason),
+                           std::nullopt, true);
+        } else {
+          // The lane was idle (not in `idle` only while running).
+          for (auto j = st_->idle.begin(); j != st_->idle.end(); ++j)
+            if (*j == i) {
+              st_->idle.erase(j);
+              break;
+            }
+        }
+        replace_lane(i, false);
+        dispatch();
+        return;
+      }
+    }
+  }
+
+  // -- intake ------------------------------------------------------------------
+
+  record* find(uint64_t id) {
+    auto i = st_->records.find(id);
+    return i == st_->records.end() ? nullptr : &i->second;
+  }
+
+  void accept(dispatch_batch& batch) {
+    for (auto& msg : batch.items) {
+      if (st_->draining) {
+        settle(msg->delivery_id, settle_kind::nack, nullptr);
+        continue;
+      }
+      auto id = msg->delivery_id;
+      auto& r = st_->records[id];
+      r.msg = msg;
+      if (hold_key(id, r))
+        st_->ready.push_back(id);
+    }
+    dispatch();
+  }
+
+  /// Makes `id` the key's running message, or parks it behind the current one.
+  /// Returns whether it may run now.
+  bool hold_key(uint64_t id, record& r) {
+    auto& key = r.msg->env.key;
+    if (opts().ordering != ordering::per_key || key.empty())
+      return true;
+    auto [i, added] = st_->keys.try_emplace(key);
+    if (added)
+      return true;
+    i->second.waiting.push_back(id);
+    return false;
+  }
+
+  /// Releases the key of a finished record: its next message becomes ready.
+  void release_key(const record& r) {
+    auto& key = r.msg->env.key;
+    if (opts().ordering != ordering::per_key || key.empty())
+      return;
+    auto i = st_->keys.find(key);
+    if (i == st_->keys.end())
+      return;
+    if (i->second.waiting.empty()) {
+      st_->keys.erase(i);
+      return;
+    }
+    auto next = i->second.waiting.front();
+    i->second.waiting.pop_front();
+    st_->ready.push_back(next);
+  }
+
+  // -- dispatch ----------------------------------------------------------------
+
+  void dispatch() {
+    while (!st_->paused && !st_->draining && !st_->ready.empty()
+           && !st_->idle.empty()) {
+      auto id = st_->ready.front();
+      st_->ready.pop_front();
+      auto r = find(id);
+      if (!r || r->state == record_state::running)
+        continue;
+      if (r->executions == 0 && r->msg->prior_attempts >= opts().max_attempts) {
+        crash_loop(id, *r);
+        continue;
+      }
+      auto lane = st_->idle.back();
+      st_->idle.pop_back();
+      run(id, *r, lane);
+    }
+  }
+
+  /// A message delivered more often than it may run: an earlier consumer most
+  /// likely died while handling it. Never run it again. It waits for its key
+  /// like any other message, so its dead letter keeps the key's order.
+  void crash_loop(uint64_t id, record& r) {
+    auto prior = r.msg->prior_attempts;
+    r.errors.add_error(prior, wall_ms(),
+                       "delivered " + std::to_string(prior + 1)
+                         + " times, more than max_attempts = "
+                         + std::to_string(opts().max_attempts)
+                         + "; a consumer likely crashed while handling it");
+    dead_letter(id, r, "crash_loop");
+  }
+
+  void run(uint64_t id, record& r, size_t lane) {
+    auto& m = *r.msg;
+    r.state = record_state::running;
+    r.lane = lane;
+    r.seq = st_->next_seq++;
+    r.span = trace_context{m.producer.trace, new_span_id(), m.producer.span,
+                           m.producer.flags, m.producer.tracestate,
+                           m.producer.is_root};
+    attempt_msg am;
+    am.msg = r.msg;
+    am.attempt = m.prior_attempts + r.executions + 1;
+    am.trace = r.span;
+    am.link = r.last_span;
+    am.deadline = caf::make_timestamp() + opts().timeout;
+    auto& slot = st_->lanes[lane];
+    slot.running = id;
+    slot.started = self_->clock().now();
+    ++st_->running;
+    auto cur = static_cast<uint64_t>(st_->running);
+    auto prev = stats().max_concurrent.load(std::memory_order_relaxed);
+    while (cur > prev
+           && !stats().max_concurrent.compare_exchange_weak(prev, cur)) {
+    }
+    auto seq = r.seq;
+    self_->request(slot.handle, caf::infinite, run_atom::value, std::move(am))
+      .then([this, id, seq](attempt_result& res) { on_result(id, seq, res); },
+            [this, id, seq](caf::error&) {
+              // The lane died; its exit message carries the reason and
+              // accounts for the attempt (see on_lane_exit).
+              (void) id;
+              (void) seq;
+            });
+    schedule_tick();
+  }
+
+  void free_lane(record& r) {
+    auto& slot = st_->lanes[r.lane];
+    if (slot.running != 0) {
+      slot.running = 0;
+      st_->idle.push_back(r.lane);
+    }
+    --st_->running;
+  }
+
+  void on_result(uint64_t id, uint64_t seq, attempt_result& res) {
+    auto r = find(id);
+    if (!r || r->seq != seq || r->state != record_state::running)
+      return; // stale: the attempt timed out or the record was abandoned
+    free_lane(*r);
+    r->last_span = r->span.span;
+    r->last_traceparent = r->span.traceparent();
+    switch (res.kind) {
+      case attempt_result::duplicate:
+        stats_block::inc(stats().duplicates);
+        finish(id, settle_kind::ack);
+        break;
+      case attempt_result::in_flight:
+      case attempt_result::store_unavailable:
+        stats_block::inc(stats().deferred);
+        if (st_->draining) {
+          finish(id, settle_kind::nack);
+        } else {
+          r->state = record_state::waiting;
+          auto delay = next_backoff(1, opts().backoff, st_->rng);
+          self_->delayed_send(self_, delay, retry_atom::value, id, r->seq);
+        }
+        break;
+      default:
+        handled(id, *r, std::move(res.out));
+    }
+    dispatch();
+  }
+
+  void handled(uint64_t id, record& r, outcome out) {
+    ++r.executions;
+    switch (out.kind) {
+      case outcome_kind::ok:
+        stats_block::inc(stats().handled);
+        finish(id, settle_kind::ack);
+        break;
+      case outcome_kind::discard:
+        stats_block::inc(stats().discarded);
+        finish(id, settle_kind::ack);
+        break;
+      case outcome_kind::dead_letter: {
+        r.errors.add_error(attempt_of(r), wall_ms(), out.reason);
+        dead_letter(id, r, out.category.empty() ? "permanent" : out.category);
+        break;
+      }
+      default:
+        failed_attempt(id, r, std::move(out.reason), out.after, false);
+    }
+  }
+
+  uint32_t attempt_of(const record& r) const {
+    return r.msg->prior_attempts + r.executions;
+  }
+
+  /// A counted attempt failed (retry outcome, crash, timeout): retry with
+  /// backoff or dead-letter when the attempts are exhausted.
+  void failed_attempt(uint64_t id, record& r, std::string reason,
+                      std::optional<caf::timespan> after, bool count) {
+    if (count) {
+      free_lane(r);
+      r.last_span = r.span.span;
+      r.last_traceparent = r.span.traceparent();
+      ++r.executions;
+    }
+    auto n = attempt_of(r);
+    r.errors.add_error(n, wall_ms(), reason);
+    if (n >= opts().max_attempts) {
+      dead_letter(id, r, "retries_exhausted");
+      return;
+    }
+    if (st_->draining) {
+      finish(id, settle_kind::nack);
+      return;
+    }
+    stats_block::inc(stats().retried);
+    r.state = record_state::waiting;
+    auto delay = after ? *after : next_backoff(r.executions, opts().backoff,
+                                               st_->rng);
+    self_->delayed_send(self_, delay, retry_atom::value, id, r.seq);
+  }
+
+  void on_retry_timer(uint64_t id, uint64_t seq) {
+    auto r = find(id);
+    if (!r || r->seq != seq || r->state != record_state::waiting)
+      return;
+    r->state = record_state::queued;
+    // The key stays held by this record: it goes first again.
+    st_->ready.push_front(id);
+    dispatch();
+  }
+
+  // -- terminal actions --------------------------------------------------------
+
+  void dead_letter(uint64_t id, record& r, std::string category) {
+    r.state = record_state::dead_lettering;
+    r.seq = st_->next_seq++;
+    auto rec = std::make_shared<dead_letter_record>(std::move(r.errors));
+    r.errors = dead_letter_record{};
+    auto& m = *r.msg;
+    auto& env = *st_->env;
+    rec->category = std::move(category);
+    rec->reason = rec->errors.empty() ? "" : rec->errors.back().message;
+    rec->attempts = attempt_of(r);
+    if (!rec->errors.empty()) {
+      rec->first_failure_ms = rec->errors.front().at_ms;
+      rec->last_failure_ms = rec->errors.back().at_ms;
+    }
+    rec->consumer = st_->sub->handler->consumer;
+    rec->pattern = st_->sub->handler->pattern;
+    rec->topic = m.env.topic;
+    rec->key = m.env.key;
+    rec->idempotency_key = m.env.idempotency_key;
+    rec->transport = std::string{env.transport->scheme()};
+    rec->position = m.raw.position;
+    rec->node = env.node;
+    rec->traceparent = r.last_traceparent.empty() ? m.env.traceparent
+                                                  : r.last_traceparent;
+    rec->original = m.raw.bytes;
+    rec->original_decoded = true;
+    std::shared_ptr<const dead_letter_record> shared = rec;
+    auto seq = r.seq;
+    self_->request(st_->dead_letter, caf::infinite, write_atom::value,
+                   dead_letter_job{shared})
+      .then(
+        [this, id, seq, shared](int64_t) {
+          auto cur = find(id);
+          if (!cur || cur->seq != seq)
+            return; // abandoned at the shutdown deadline
+          stats_block::inc(stats().dead_lettered);
+          finish(id, settle_kind::dead_lettered, shared);
+          dispatch();
+        },
+        [this, id, seq](caf::error& err) {
+          // The dead-letter actor is gone (shutdown): never ack.
+          auto cur = find(id);
+          if (!cur || cur->seq != seq)
+            return;
+          spdlog::error("dead-letter write for {} failed: {}", st_->sub->name,
+                        caf::to_string(err));
+          finish(id, settle_kind::nack);
+        });
+  }
+
+  void settle(uint64_t id, settle_kind kind,
+              std::shared_ptr<const dead_letter_record> rec) {
+    self_->send(st_->source, settle_atom::value,
+                settlement{id, kind, std::move(rec)});
+  }
+
+  void finish(uint64_t id, settle_kind kind,
+              std::shared_ptr<const dead_letter_record> rec = nullptr) {
+    auto i = st_->records.find(id);
+    if (i == st_->records.end())
+      return;
+    release_key(i->second);
+    st_->records.erase(i);
+    settle(id, kind, std::move(rec));
+    check_drained();
+  }
+
+  // -- timeouts ----------------------------------------------------------------
+
+  void schedule_tick() {
+    if (st_->tick_scheduled)
+      return;
+    st_->tick_scheduled = true;
+    auto interval = opts().timeout / 4;
+    interval = std::clamp<caf::timespan>(interval, std::chrono::milliseconds{5},
+                                         std::chrono::seconds{1});
+    self_->delayed_send(self_, interval, tick_atom::value);
+  }
+
+  void on_tick() {
+    st_->tick_scheduled = false;
+    auto now = self_->clock().now();
+    for (size_t i = 0; i < st_->lanes.size(); ++i) {
+      auto& slot = st_->lanes[i];
+      if (slot.running == 0 || now - slot.started < opts().timeout)
+        continue;
+      auto id = slot.running;
+      slot.running = 0;
+      if (auto r = find(id); r && r->state == record_state::running) {
+        stats_block::inc(stats().timeouts);
+        spdlog::warn("{}: attempt {} of {} exceeded its timeout of {} ms; "
+                     "abandoning the handler lane",
+                     st_->sub->name, attempt_of(*r) + 1, r->msg->env.topic,
+                     std::chrono::duration_cast<std::chrono::milliseconds>(
+                       opts().timeout)
+                       .count());
+        // The old lane is killed; its exit is ignored (handle replaced).
+        --st_->running;
+        r->last_span = r->span.span;
+        r->last_traceparent = r->span.traceparent();
+        ++r->executions;
+        replace_lane(i, true);
+        // replace_lane put the fresh lane into `idle`.
+        failed_attempt(id, *r,
+                       "handler exceeded its timeout of "
+                         + std::to_string(
+                           std::chrono::duration_cast<std::chrono::milliseconds>(
+                             opts().timeout)
+                             .count())
+                         + " ms",
+                       std::nullopt, false);
+      } else {
+        st_->idle.push_back(i);
+      }
+    }
+    if (st_->running > 0)
+      schedule_tick();
+    dispatch();
+  }
+
+  // -- shutdown ----------------------------------------------------------------
+
+  void drain() {
+    st_->draining = true;
+    // Everything that is not running is handed back to the broker now.
+    std::vector<uint64_t> ids;
+    for (auto& [id, r] : st_->records)
+      if (r.state == record_state::queued || r.state == record_state::waiting)
+        ids.push_back(id);
+    std::sort(ids.begin(), ids.end());
+    st_->ready.clear();
+    for (auto id : ids) {
+      auto i = st_->records.find(id);
+      st_->records.erase(i);
+      settle(id, settle_kind::nack, nullptr);
+    }
+    // Parked successors were among the queued records.
+    st_->keys.clear();
+    check_drained();
+  }
+
+  void abandon() {
+    std::vector<uint64_t> ids;
+    for (auto& [id, r] : st_->records)
+      ids.push_back(id);
+    std::sort(ids.begin(), ids.end());
+    st_->records.clear();
+    st_->keys.clear();
+    st_->ready.clear();
+    for (auto id : ids)
+      settle(id, settle_kind::nack, nullptr);
+    check_drained();
+  }
+
+  void check_drained() {
+    if (st_->draining && st_->records.empty()) {
+      st_->draining = false; // report once
+      st_->paused = true;    // never dispatch again
+      self_->send(st_->source, drained_atom::value, st_->index);
+    }
+  }
+
+private:
+  caf::event_based_actor* self_;
+  state_ptr st_;
+};
+
+} // namespace
+
+caf::behavior topic_supervisor(caf::event_based_actor* self,
+                               runtime_env_ptr env, uint32_t sub,
+                               caf::actor source, caf::actor dead_letter) {
+  auto st = std::make_shared<supervisor_state>();
+  st->env = env;
+  st->index = sub;
+  st->sub = &env->table.subscriptions[sub];
+  st->source = std::move(source);
+  st->dead_letter = std::move(dead_letter);
+  auto impl = std::make_shared<supervisor_impl>(self, st);
+  impl->start_lanes();
+  self->set_exit_handler([self, impl, st](caf::exit_msg& msg) {
+    for (auto& slot : st->lanes)
+      if (slot.handle && slot.handle.address() == msg.source) {
+        impl->on_lane_exit(msg.source, msg.reason);
+        return;
+      }
+    // Not one of our lanes (a killed lane's late exit, or our parent).
+    for (auto& slot : st->lanes)
+      if (slot.handle && slot.handle.address() == msg.source)
+        return;
+    if (msg.reason && msg.source != self->address()) {
+      bool from_old_lane = msg.reason == caf::exit_reason::kill;
+      if (!from_old_lane)
+        self->quit(msg.reason);
+    }
+  });
+  return {
+    [impl](dispatch_batch& batch) { impl->accept(batch); },
+    [impl](retry_atom, uint64_t id, uint64_t seq) {
+      impl->on_retry_timer(id, seq);
+    },
+    [impl](tick_atom) { impl->on_tick(); },
+    [impl](resume_atom) { impl->resume(); },
+    [impl](drain_atom) { impl->drain(); },
+    [impl](abandon_atom) { impl->abandon(); },
+  };
+}
+
+} // namespace evmesh::internal

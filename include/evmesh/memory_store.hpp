@@ -1,0 +1,87 @@
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <functional>
+#include <memory>
+#include <string_view>
+
+#include "evmesh/stores.hpp"
+
+namespace evmesh {
+
+/// In-process idempotency store (`memory://`): forgets everything on restart,
+/// so it dedupes only within one process. Thread-safe and sharded: keys are
+/// spread over `shards` independent maps, each behind its own mutex.
+///
+/// Entries are `in_flight` (until their lease ends) or `committed` (until the
+/// keep TTL ends). An expired entry counts as absent. Expired entries are
+/// removed when touched and by a bounded incremental sweep that every shard
+/// runs as part of its regular operations, so memory follows the number of
+/// live keys rather than the number of keys ever seen.
+///
+/// Leases carry no owner: a late `abort` from a worker whose lease expired
+/// (and whose key another worker re-claimed) releases the newer claim, so a
+/// third worker may run the handler concurrently. That costs at most a
+/// duplicate execution (at-least-once holds); it never loses a commit,
+/// because `abort` never removes a committed key.
+class memory_idempotency_store : public idempotency_store {
+public:
+  /// Monotonic clock the TTLs are measured with.
+  using clock_type = std::chrono::steady_clock;
+
+  /// Source of the current time; tests pass a virtual clock.
+  using clock_function = std::function<clock_type::time_point()>;
+
+  /// Operations on one shard between two incremental sweeps of it.
+  static constexpr size_t sweep_interval = 256;
+
+  /// Hash buckets one incremental sweep inspects (2 per operation, so a full
+  /// pass over a shard completes before its size can double).
+  static constexpr size_t sweep_buckets = 2 * sweep_interval;
+
+  /// Creates a store with `shards` shards (at least 1). An empty `clock`
+  /// means `std::chrono::steady_clock::now`. The clock may be called from
+  /// several threads at once.
+  explicit memory_idempotency_store(size_t shards = 16,
+                                    clock_function clock = {});
+
+  ~memory_idempotency_store() override;
+
+  memory_idempotency_store(const memory_idempotency_store&) = delete;
+  memory_idempotency_store& operator=(const memory_idempotency_store&) = delete;
+
+  /// Absent or expired: claims `key` for `lease` and answers `fresh`.
+  /// Committed: `duplicate`. Claimed by an unexpired lease: `in_flight`.
+  /// Never answers `unavailable`.
+  claim_result try_begin(std::string_view key, caf::timespan lease) override;
+
+  /// Marks `key` committed for `keep`, whether it was claimed or not (a
+  /// non-positive `keep` just forgets the key). Never fails.
+  caf::error commit(std::string_view key, caf::timespan keep) override;
+
+  /// Forgets an in-flight claim of `key`; committed keys stay. Never fails.
+  caf::error abort(std::string_view key) override;
+
+  /// Number of entries held, including expired ones not yet swept.
+  size_t size() const;
+
+  /// Number of shards.
+  size_t shard_count() const noexcept;
+
+  /// Removes every expired entry now and returns how many were removed.
+  size_t evict_expired();
+
+private:
+  struct shard;
+
+  shard& shard_for(std::string_view key) const noexcept;
+
+  clock_type::time_point now() const;
+
+  std::unique_ptr<shard[]> shards_;
+  size_t shard_count_;
+  clock_function clock_;
+};
+
+} // namespace evmesh

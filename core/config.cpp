@@ -116,8 +116,8 @@ std::optional<caf::timespan> parse_duration_impl(std::string_view text,
                                                  std::string& why) {
   auto input = trim(text);
   auto bad = [&](std::string reason) {
-    why = "invalid duration " + in_quotes(text) + ": " + std::move(reason) + " — "
-          + std::string{duration_hint};
+    why = "invalid duration " + in_quotes(text) + ": " + std::move(reason)
+          + " — " + std::string{duration_hint};
     return std::nullopt;
   };
   if (input.empty())
@@ -463,10 +463,10 @@ const key_entry entries[] = {
    [](const rc& c) { return get_enum(c.dedupe_policy, policy_names); }},
   // -- [dead_letter]
   {{"dead_letter.url", config_type::string, "sqlite://state/dlq.db",
-    "Dead-letter store (sqlite://PATH). The broker's own DLQ is used as well "
-    "where it has one.",
+    "Dead-letter store: sqlite://PATH, or none to keep dead letters only in "
+    "the broker's own DLQ (where it has one, as the in-process broker does).",
     ""},
-   [](rc& c, const value& x) { return set_url(c.dead_letter_url, x, false); },
+   [](rc& c, const value& x) { return set_url(c.dead_letter_url, x, true); },
    [](const rc& c) -> value { return c.dead_letter_url; }},
   {{"dead_letter.mask_fields", config_type::string_list, "",
     "Payload fields whose values are masked before a dead-letter record is "
@@ -840,10 +840,23 @@ std::optional<value> from_toml(const key_entry& e, const toml::node& node,
   return std::nullopt;
 }
 
+/// The value as the user wrote it, roughly: strings in double quotes.
 std::string describe(const toml::node& node) {
-  std::ostringstream out;
-  out << toml::node_view<const toml::node>{node};
-  auto str = out.str();
+  std::string str;
+  if (auto x = node.as_string()) {
+    str = in_quotes(x->get());
+  } else if (auto arr = node.as_array()) {
+    str = "[";
+    for (size_t i = 0; i < arr->size(); ++i) {
+      str += i == 0 ? "" : ", ";
+      str += describe(*arr->get(i));
+    }
+    str += "]";
+  } else {
+    std::ostringstream out;
+    out << toml::node_view<const toml::node>{node};
+    str = out.str();
+  }
   if (str.size() > 80)
     str = str.substr(0, 77) + "...";
   return str;

@@ -50,9 +50,11 @@ constexpr std::string_view dead_letter_expected = "sqlite://PATH";
 
 /// The file path of "sqlite://PATH": `sqlite:///abs/x.db` is absolute,
 /// `sqlite://state/x.db` relative to the working directory.
-caf::expected<std::string>
-sqlite_path(std::string_view kind, std::string_view url, std::string_view rest,
-            std::string_view expected) {
+caf::expected<std::string> sqlite_path(std::string_view kind,
+                                       std::string_view url,
+                                       std::string_view rest) {
+  constexpr std::string_view expected
+    = "sqlite://PATH (sqlite://relative/to/cwd.db or sqlite:///absolute.db)";
   if (rest.empty())
     return bad_url(kind, url, "missing file path in", expected);
   if (rest.find('?') != std::string_view::npos)

@@ -1,12 +1,15 @@
 #include "evmesh/sqlite_store.hpp"
 
+#include <algorithm>
 #include <array>
 #include <climits>
 #include <filesystem>
 #include <limits>
 #include <mutex>
+#include <string>
 #include <system_error>
 #include <utility>
+#include <vector>
 
 #include <spdlog/spdlog.h>
 #include <sqlite3.h>

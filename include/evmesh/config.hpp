@@ -65,7 +65,8 @@ struct runtime_config {
 
   // -- [dead_letter] ----------------------------------------------------------
 
-  /// `dead_letter.url`: where dead-letter records are written.
+  /// `dead_letter.url`: where dead-letter records are written, or `none`
+  /// (only the broker's own DLQ keeps them).
   std::string dead_letter_url = "sqlite://state/dlq.db";
   /// `dead_letter.mask_fields`: payload field names whose values are masked
   /// before a record is written (PII).

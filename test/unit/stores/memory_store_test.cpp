@@ -1,8 +1,9 @@
 #include "evmesh/memory_store.hpp"
 
+#include <algorithm>
 #include <atomic>
+#include <barrier>
 #include <chrono>
-#include <latch>
 #include <string>
 #include <thread>
 #include <vector>
@@ -174,32 +175,30 @@ TEST(memory_idempotency_store, defaults_to_the_steady_clock) {
 
 TEST(memory_idempotency_store, only_one_of_eight_racing_threads_is_fresh) {
   memory_idempotency_store store;
-  constexpr int threads = 8;
-  constexpr int rounds = 200;
-  for (int round = 0; round < rounds; ++round) {
-    auto key = "race-" + std::to_string(round);
-    std::latch start{threads};
-    std::atomic<int> fresh{0};
-    std::atomic<int> in_flight{0};
-    std::vector<std::thread> workers;
-    for (int i = 0; i < threads; ++i)
-      workers.emplace_back([&] {
-        start.arrive_and_wait();
-        switch (store.try_begin(key, 1h)) {
-          case claim_result::fresh:
-            ++fresh;
-            break;
-          case claim_result::in_flight:
-            ++in_flight;
-            break;
-          default:
-            break;
-        }
-      });
-    for (auto& worker : workers)
-      worker.join();
-    ASSERT_EQ(fresh.load(), 1) << "round " << round;
-    ASSERT_EQ(in_flight.load(), threads - 1) << "round " << round;
+  constexpr size_t threads = 8;
+  constexpr size_t rounds = 500;
+  // results[round][thread]; all threads claim the round's key at once.
+  std::vector<std::vector<claim_result>> results(
+    rounds, std::vector<claim_result>(threads, claim_result::unavailable));
+  std::barrier sync{static_cast<std::ptrdiff_t>(threads)};
+  std::vector<std::thread> workers;
+  for (size_t i = 0; i < threads; ++i)
+    workers.emplace_back([&, i] {
+      for (size_t round = 0; round < rounds; ++round) {
+        sync.arrive_and_wait();
+        results[round][i] = store.try_begin("race-" + std::to_string(round),
+                                            1h);
+      }
+    });
+  for (auto& worker : workers)
+    worker.join();
+  for (size_t round = 0; round < rounds; ++round) {
+    auto& r = results[round];
+    ASSERT_EQ(std::count(r.begin(), r.end(), claim_result::fresh), 1)
+      << "round " << round;
+    ASSERT_EQ(std::count(r.begin(), r.end(), claim_result::in_flight),
+              static_cast<std::ptrdiff_t>(threads - 1))
+      << "round " << round;
   }
 }
 

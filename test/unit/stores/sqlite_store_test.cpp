@@ -2,10 +2,10 @@
 
 #include <algorithm>
 #include <atomic>
+#include <barrier>
 #include <chrono>
 #include <filesystem>
 #include <fstream>
-#include <latch>
 #include <random>
 #include <string>
 #include <thread>
@@ -258,39 +258,36 @@ TEST_F(sqlite_idempotency_store_test, two_instances_on_one_file_share_claims) {
 }
 
 TEST_F(sqlite_idempotency_store_test, only_one_of_racing_instances_is_fresh) {
-  constexpr int instances = 2;
-  constexpr int threads_per_instance = 4;
-  constexpr int rounds = 20;
+  // Two instances (connections) on one file, four threads each.
+  constexpr size_t instances = 2;
+  constexpr size_t threads = 8;
+  constexpr size_t rounds = 50;
   std::vector<std::shared_ptr<sqlite_idempotency_store>> stores;
-  for (int i = 0; i < instances; ++i) {
+  for (size_t i = 0; i < instances; ++i) {
     stores.push_back(open_keys());
     ASSERT_NE(stores.back(), nullptr);
   }
-  for (int round = 0; round < rounds; ++round) {
-    auto key = "race-" + std::to_string(round);
-    std::latch start{instances * threads_per_instance};
-    std::atomic<int> fresh{0};
-    std::atomic<int> in_flight{0};
-    std::vector<std::thread> workers;
-    for (int i = 0; i < instances * threads_per_instance; ++i)
-      workers.emplace_back([&, i] {
-        auto& store = *stores[static_cast<size_t>(i % instances)];
-        start.arrive_and_wait();
-        switch (store.try_begin(key, 1h)) {
-          case claim_result::fresh:
-            ++fresh;
-            break;
-          case claim_result::in_flight:
-            ++in_flight;
-            break;
-          default:
-            break;
-        }
-      });
-    for (auto& worker : workers)
-      worker.join();
-    ASSERT_EQ(fresh.load(), 1) << "round " << round;
-    ASSERT_EQ(in_flight.load(), instances * threads_per_instance - 1)
+  std::vector<std::vector<claim_result>> results(
+    rounds, std::vector<claim_result>(threads, claim_result::unavailable));
+  std::barrier sync{static_cast<std::ptrdiff_t>(threads)};
+  std::vector<std::thread> workers;
+  for (size_t i = 0; i < threads; ++i)
+    workers.emplace_back([&, i] {
+      auto& store = *stores[i % instances];
+      for (size_t round = 0; round < rounds; ++round) {
+        sync.arrive_and_wait();
+        results[round][i] = store.try_begin("race-" + std::to_string(round),
+                                            1h);
+      }
+    });
+  for (auto& worker : workers)
+    worker.join();
+  for (size_t round = 0; round < rounds; ++round) {
+    auto& r = results[round];
+    ASSERT_EQ(std::count(r.begin(), r.end(), claim_result::fresh), 1)
+      << "round " << round;
+    ASSERT_EQ(std::count(r.begin(), r.end(), claim_result::in_flight),
+              static_cast<std::ptrdiff_t>(threads - 1))
       << "round " << round;
   }
 }

@@ -1,0 +1,236 @@
+// Issue tests 1-5, 7, 10: terminal actions, retries, dead letters,
+// exceptions, malformed payloads, tenants, registry errors.
+#include <gtest/gtest.h>
+
+#include <boost/describe.hpp>
+
+#include "probe.hpp"
+
+using namespace evmesh;
+using namespace evmesh::test;
+using namespace std::chrono_literals;
+
+namespace {
+
+struct fixture : ::testing::Test {
+  std::shared_ptr<probe> p = std::make_shared<probe>();
+  std::unique_ptr<evmesh::testing::test_mesh> mesh;
+  handler_descriptor handler = make_handler("orders", "order.*");
+
+  void SetUp() override {
+    auto name = std::string{
+      ::testing::UnitTest::GetInstance()->current_test_info()->name()};
+    mesh = std::make_unique<evmesh::testing::test_mesh>(name);
+  }
+
+  void start() {
+    auto err = mesh->start({&handler}, with_probe(p));
+    ASSERT_FALSE(err) << render(err);
+  }
+
+  std::vector<dead_letter_record> dlq() {
+    return evmesh::testing::dead_letters(mesh->broker());
+  }
+};
+
+} // namespace
+
+TEST_F(fixture, success_acks_exactly_once) {
+  start();
+  mesh->publish(make_env("order.confirmed", "o-1"));
+  ASSERT_TRUE(mesh->run_until_settled());
+  auto s = mesh->broker_stats();
+  EXPECT_EQ(s.acked, 1u);
+  EXPECT_EQ(s.nacked, 0u);
+  EXPECT_EQ(s.dead_lettered, 0u);
+  EXPECT_EQ(s.protocol_violations, 0u);
+  EXPECT_EQ(p->runs("o-1"), 1u);
+  EXPECT_EQ(mesh->runtime().stats().handled, 1u);
+}
+
+TEST_F(fixture, retry_runs_max_attempts_times_then_dead_letters_once) {
+  mesh->config().defaults.backoff.jitter = jitter::none;
+  start();
+  p->behave = [](event_context& ctx) {
+    return retry("downstream 503 on attempt " + std::to_string(ctx.attempt()));
+  };
+  mesh->publish(make_env("order.confirmed", "o-2"));
+  ASSERT_TRUE(mesh->run_until([&] { return p->total() >= 1; }));
+  EXPECT_EQ(p->total(), 1u);
+  // Backoff is 10 ms, then 20 ms (no jitter): nothing runs before it is due.
+  mesh->advance(9ms);
+  EXPECT_EQ(p->total(), 1u);
+  mesh->advance(1ms);
+  EXPECT_EQ(p->total(), 2u);
+  mesh->advance(19ms);
+  EXPECT_EQ(p->total(), 2u);
+  mesh->advance(1ms);
+  EXPECT_EQ(p->total(), 3u);
+  ASSERT_TRUE(mesh->run_until_settled());
+  EXPECT_EQ(p->runs("o-2"), 3u);
+  auto records = dlq();
+  ASSERT_EQ(records.size(), 1u);
+  EXPECT_EQ(records[0].category, "retries_exhausted");
+  EXPECT_EQ(records[0].reason, "downstream 503 on attempt 3");
+  EXPECT_EQ(records[0].attempts, 3u);
+  EXPECT_EQ(records[0].errors.size(), 3u);
+  EXPECT_EQ(records[0].consumer, "orders");
+  EXPECT_EQ(records[0].pattern, "order.*");
+  EXPECT_EQ(records[0].topic, "order.confirmed");
+  EXPECT_TRUE(records[0].original_decoded);
+  auto s = mesh->broker_stats();
+  EXPECT_EQ(s.acked, 1u);
+  EXPECT_EQ(s.nacked, 0u);
+  EXPECT_EQ(s.protocol_violations, 0u);
+}
+
+TEST_F(fixture, dead_letter_outcome_goes_to_dlq_without_retries) {
+  start();
+  p->behave = [](event_context&) { return dead_letter("order does not exist"); };
+  mesh->publish(make_env("order.confirmed", "o-3"));
+  ASSERT_TRUE(mesh->run_until_settled());
+  EXPECT_EQ(p->runs("o-3"), 1u);
+  auto records = dlq();
+  ASSERT_EQ(records.size(), 1u);
+  EXPECT_EQ(records[0].category, "permanent");
+  EXPECT_EQ(records[0].reason, "order does not exist");
+  EXPECT_EQ(records[0].attempts, 1u);
+  EXPECT_EQ(mesh->runtime().stats().retried, 0u);
+}
+
+TEST_F(fixture, exceptions_are_classified) {
+  start();
+  p->behave = [](event_context& ctx) -> outcome {
+    auto& id = ctx.message().id;
+    if (id == "std")
+      throw std::runtime_error("db connection reset");
+    if (id == "perm")
+      throw permanent_error("invariant violated");
+    throw 42;
+  };
+  mesh->publish(make_env("order.a", "std"));
+  mesh->publish(make_env("order.b", "perm"));
+  mesh->publish(make_env("order.c", "int"));
+  ASSERT_TRUE(mesh->run_until_settled());
+  EXPECT_EQ(p->runs("std"), 3u);
+  EXPECT_EQ(p->runs("perm"), 1u);
+  EXPECT_EQ(p->runs("int"), 3u);
+  std::map<std::string, dead_letter_record> by_topic;
+  for (auto& r : dlq())
+    by_topic[r.topic] = r;
+  ASSERT_EQ(by_topic.size(), 3u);
+  EXPECT_EQ(by_topic["order.a"].category, "retries_exhausted");
+  EXPECT_EQ(by_topic["order.a"].reason, "db connection reset");
+  EXPECT_EQ(by_topic["order.b"].category, "permanent");
+  EXPECT_EQ(by_topic["order.b"].reason, "invariant violated");
+  EXPECT_EQ(by_topic["order.c"].category, "retries_exhausted");
+  EXPECT_NE(by_topic["order.c"].reason.find("unknown type"), std::string::npos);
+}
+
+namespace {
+
+struct order_confirmed {
+  std::string order_id;
+  int quantity = 0;
+};
+BOOST_DESCRIBE_STRUCT(order_confirmed, (), (order_id, quantity))
+
+} // namespace
+
+TEST_F(fixture, malformed_payload_is_dead_lettered_never_retried) {
+  start();
+  p->behave = [](event_context& ctx) {
+    auto& evt = ctx.payload<order_confirmed>();
+    auto& again = ctx.payload<order_confirmed>(); // cached, same object
+    EXPECT_EQ(&evt, &again);
+    return evt.quantity > 0 ? ok() : discard("empty order");
+  };
+  auto good = make_env("order.confirmed", "good");
+  good.payload = boost::json::object{{"order_id", "A1"}, {"quantity", 2}};
+  auto bad = make_env("order.confirmed", "bad");
+  bad.payload = boost::json::object{{"order_id", 17}, {"quantity", "many"}};
+  mesh->publish(good);
+  mesh->publish(bad);
+  ASSERT_TRUE(mesh->run_until_settled());
+  EXPECT_EQ(p->runs("good"), 1u);
+  EXPECT_EQ(p->runs("bad"), 1u);
+  auto records = dlq();
+  ASSERT_EQ(records.size(), 1u);
+  EXPECT_EQ(records[0].category, "malformed_payload");
+  EXPECT_EQ(records[0].attempts, 1u);
+  EXPECT_EQ(mesh->runtime().stats().retried, 0u);
+}
+
+TEST_F(fixture, rejected_tenant_is_dead_lettered_without_running) {
+  mesh->config().tenants_enabled = true;
+  mesh->config().tenants_known = {"acme"};
+  mesh->config().tenants_suspended = {"evil"};
+  start();
+  auto a = make_env("order.confirmed", "t-ok");
+  a.tenant = "acme";
+  auto b = make_env("order.confirmed", "t-evil");
+  b.tenant = "evil";
+  auto c = make_env("order.confirmed", "t-unknown");
+  c.tenant = "nobody";
+  mesh->publish(a);
+  mesh->publish(b);
+  mesh->publish(c);
+  ASSERT_TRUE(mesh->run_until_settled());
+  EXPECT_EQ(p->runs("t-ok"), 1u);
+  EXPECT_EQ(p->runs("t-evil"), 0u);
+  EXPECT_EQ(p->runs("t-unknown"), 0u);
+  auto records = dlq();
+  ASSERT_EQ(records.size(), 2u);
+  for (auto& r : records) {
+    EXPECT_EQ(r.category, "tenant_rejected");
+    EXPECT_EQ(r.attempts, 0u);
+  }
+  EXPECT_EQ(mesh->broker_stats().acked, 3u);
+}
+
+TEST_F(fixture, duplicate_subscription_fails_start_clearly) {
+  auto twin = make_handler("orders", "order.*");
+  auto err = mesh->start({&handler, &twin}, with_probe(p));
+  ASSERT_TRUE(err);
+  EXPECT_EQ(err.category(), caf::atom("evmesh"));
+  EXPECT_EQ(err.code(), static_cast<uint8_t>(errc::duplicate_subscription));
+  auto text = render(err);
+  EXPECT_NE(text.find("duplicate_subscription"), std::string::npos) << text;
+  EXPECT_NE(text.find("'orders'"), std::string::npos) << text;
+  EXPECT_NE(text.find("'order.*'"), std::string::npos) << text;
+}
+
+TEST_F(fixture, unmatched_topic_is_dead_lettered_as_no_handler) {
+  start();
+  mesh->publish(make_env("invoice.paid", "i-1"));
+  mesh->broker().publish_raw("order.confirmed", "{not json");
+  ASSERT_TRUE(mesh->run_until_settled());
+  EXPECT_EQ(p->total(), 0u);
+  auto records = dlq();
+  ASSERT_EQ(records.size(), 2u);
+  std::map<std::string, dead_letter_record> by_cat;
+  for (auto& r : records)
+    by_cat[r.category] = r;
+  EXPECT_EQ(by_cat["no_handler"].topic, "invoice.paid");
+  EXPECT_EQ(by_cat["decode_error"].original, "{not json");
+  EXPECT_FALSE(by_cat["decode_error"].original_decoded);
+  EXPECT_EQ(mesh->broker_stats().acked, 2u);
+}
+
+TEST_F(fixture, fan_out_gives_each_subscription_its_own_retries) {
+  auto audit = make_handler("audit", "order.>");
+  p->behave = [](event_context& ctx) {
+    return ctx.consumer() == "audit" ? ok() : retry("inventory down");
+  };
+  auto err = mesh->start({&handler, &audit}, with_probe(p));
+  ASSERT_FALSE(err) << render(err);
+  mesh->publish(make_env("order.confirmed", "f-1"));
+  ASSERT_TRUE(mesh->run_until_settled());
+  EXPECT_EQ(p->runs("f-1"), 4u); // 3 attempts + 1 audit
+  auto records = dlq();
+  ASSERT_EQ(records.size(), 1u);
+  EXPECT_EQ(records[0].consumer, "orders");
+  auto s = mesh->broker_stats();
+  EXPECT_EQ(s.acked, 1u); // one delivery, one terminal action
+  EXPECT_EQ(s.protocol_violations, 0u);
+}

@@ -149,10 +149,11 @@ public:
                       "root trace",
                       e.traceparent, e.topic);
     }
-    // The producer's span is the parent of every attempt.
-    msg->producer.parent = msg->producer.span;
-    if (msg->producer.is_root)
-      msg->producer.span = span_id{};
+    // `producer.span` holds the producer's span: the parent of every attempt
+    // (all zero for a new root).
+    msg->producer.span = msg->producer.is_root ? span_id{}
+                                               : msg->producer.parent;
+    msg->producer.parent = span_id{};
     msg->tenant = std::move(tenant);
     msg->dedupe_key = dedupe_key(e);
     msg->env = std::move(e);

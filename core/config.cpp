@@ -381,7 +381,7 @@ value get_size(size_t x) {
 using rc = runtime_config;
 
 // The one key table. Order: sections as in the reference, keys within.
-const key_entry entries[] = {
+constexpr key_entry entries[] = {
   // -- [runtime]
   {{"runtime.node_name", config_type::string, "(hostname)",
     "Name of this node in dead-letter records, traces and cluster "
@@ -890,6 +890,11 @@ void apply_toml(runtime_config& cfg, std::string_view text,
     errors.push_back(std::move(msg));
     return;
   }
+  // Problems in the order of the file (the table iterates by name).
+  std::vector<std::pair<toml::source_position, std::string>> found;
+  auto report = [&found](const toml::source_region& src, std::string msg) {
+    found.emplace_back(src.begin, std::move(msg));
+  };
   auto sections = section_names();
   for (const auto& [section_key, section_node] : root) {
     auto section = section_key.str();
@@ -899,11 +904,13 @@ void apply_toml(runtime_config& cfg, std::string_view text,
     auto tbl = section_node.as_table();
     if (!tbl) {
       if (known) {
-        errors.push_back("'" + std::string{section} + "' " + section_where
-                         + " must be a section: write [" + std::string{section}
-                         + "] and put its keys below it");
+        report(section_key.source(),
+               "'" + std::string{section} + "' " + section_where
+                 + " must be a section: write [" + std::string{section}
+                 + "] and put its keys below it");
       } else {
-        errors.push_back(unknown_key_message(section, section_where));
+        report(section_key.source(),
+               unknown_key_message(section, section_where));
       }
       continue;
     }
@@ -914,7 +921,7 @@ void apply_toml(runtime_config& cfg, std::string_view text,
         msg += " — did you mean [" + *hint + "]?";
       else
         msg += " — known sections: " + join(sections, ", ");
-      errors.push_back(std::move(msg));
+      report(section_key.source(), std::move(msg));
       continue;
     }
     for (const auto& [key, node] : *tbl) {
@@ -922,20 +929,24 @@ void apply_toml(runtime_config& cfg, std::string_view text,
       auto where = where_in(origin, node.source());
       auto entry = find_entry(name);
       if (!entry) {
-        errors.push_back(
-          unknown_key_message(name, where_in(origin, key.source())));
+        report(key.source(),
+               unknown_key_message(name, where_in(origin, key.source())));
         continue;
       }
       std::string why;
       auto x = from_toml(*entry, node, why);
       if (!x) {
-        errors.push_back(value_message(name, describe(node), where, why));
+        report(node.source(), value_message(name, describe(node), where, why));
         continue;
       }
       if (auto rule = entry->apply(cfg, *x); !rule.empty())
-        errors.push_back(value_message(name, describe(node), where, rule));
+        report(node.source(), value_message(name, describe(node), where, rule));
     }
   }
+  std::stable_sort(found.begin(), found.end(),
+                   [](auto& x, auto& y) { return x.first < y.first; });
+  for (auto& [pos, msg] : found)
+    errors.push_back(std::move(msg));
 }
 
 std::string hostname() {
@@ -1064,9 +1075,13 @@ std::string type_label(const config_key& key) {
   return "<value>";
 }
 
+/// The default as `--help` shows it: "(hostname)" becomes "hostname".
 std::string shown_default(std::string_view default_text) {
-  return default_text.empty() ? std::string{"(empty)"}
-                              : std::string{default_text};
+  if (default_text.empty())
+    return "empty";
+  if (default_text.front() == '(' && default_text.back() == ')')
+    return std::string{default_text.substr(1, default_text.size() - 2)};
+  return std::string{default_text};
 }
 
 void wrap(std::string& out, std::string_view text, size_t indent,
@@ -1119,9 +1134,10 @@ std::string help_text(std::string_view prog, std::string_view program_doc,
          "exists, else the defaults apply. Flags override the file.");
   for (const auto& f : flags)
     option("--" + f.name, f.doc);
-  out += "\nConfiguration keys: `[section] key = value` in the TOML file, or "
-         "--section.key VALUE.\nDurations take units (\"250ms\", \"30s\", "
-         "\"1m30s\"); lists are comma-separated on the command line.\n";
+  out += "\nConfiguration keys: `key = value` under `[section]` in the TOML "
+         "file, or\n--section.key VALUE on the command line. Durations take "
+         "units (\"250ms\",\n\"30s\", \"1m30s\"); lists are "
+         "comma-separated on the command line.\n";
   std::string_view section;
   for (const auto& key : config_keys()) {
     if (section_of(key.name) != section) {
@@ -1194,6 +1210,22 @@ void parse_command_line_impl(command_line& result, int argc, char** argv,
     std::cout << help_text(prog, program_doc, result.flags) << std::flush;
     result.exit_now = true;
     result.exit_code = 0;
+    return;
+  } catch (const CLI::ArgumentMismatch& err) {
+    // "--retry.initial: 1 required TEXT missing": name the expected value.
+    std::string what = err.what();
+    auto name = what.substr(0, what.find(':'));
+    std::string msg = "option '" + name + "' needs a value";
+    for (const auto& key : keys) {
+      if (name != "--" + std::string{key.name})
+        continue;
+      msg += ": " + type_label(key);
+      if (!key.default_text.empty() && key.default_text.front() != '(')
+        msg += ", e.g. " + name + " " + std::string{key.default_text};
+    }
+    if (name == "--config")
+      msg += ": the TOML file to read";
+    fail(result, prog, {msg}, false);
     return;
   } catch (const CLI::ParseError& err) {
     fail(result, prog, {err.what()}, false);

@@ -122,9 +122,9 @@ TEST(cli_text, pretty_prints_json_in_order) {
 TEST(cli_text, cleans_and_truncates_cells) {
   EXPECT_EQ(one_line("a\nb\t\tc  "), "a b c");
   EXPECT_EQ(one_line("bad\xff byte"), "bad? byte");
-  EXPECT_EQ(truncate("hello", 5), "hello");
-  EXPECT_EQ(truncate("hello world", 6), "hello…");
-  EXPECT_EQ(truncate("äöüäöü", 4), "äöü…");
+  EXPECT_EQ(truncate_text("hello", 5), "hello");
+  EXPECT_EQ(truncate_text("hello world", 6), "hello…");
+  EXPECT_EQ(truncate_text("äöüäöü", 4), "äöü…");
   EXPECT_EQ(display_width("äöü"), 3u);
   EXPECT_EQ(printable("a\x01\nb\xff"), "a\\x01\nb\\xff");
 }

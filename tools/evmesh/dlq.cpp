@@ -21,15 +21,23 @@ std::string cell(std::string_view text, size_t max) {
   auto line = one_line(text);
   if (line.empty())
     return "-";
-  return truncate(line, max);
+  return truncate_text(line, max);
 }
 
+std::string indented(std::string_view text, size_t indent);
+
+/// "  name:   value", continuation lines aligned under the value.
 void field(std::string& out, std::string_view name, std::string_view value) {
-  out += "  ";
-  out += name;
-  out += ':';
-  out.append(name.size() < 17 ? 17 - name.size() : 1, ' ');
-  out += value.empty() ? std::string_view{"-"} : value;
+  constexpr size_t value_column = 20;
+  std::string head = "  ";
+  head += name;
+  head += ':';
+  head.append(head.size() < value_column ? value_column - head.size() : 1, ' ');
+  out += head;
+  if (value.empty())
+    out += '-';
+  else
+    out += indented(value, value_column).substr(value_column);
   out += '\n';
 }
 

@@ -228,7 +228,7 @@ std::string one_line(std::string_view text) {
   return out;
 }
 
-std::string truncate(std::string_view text, size_t max_chars) {
+std::string truncate_text(std::string_view text, size_t max_chars) {
   if (display_width(text) <= max_chars)
     return std::string{text};
   std::string out;

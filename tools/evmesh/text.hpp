@@ -35,7 +35,7 @@ std::string one_line(std::string_view text);
 
 /// The first `max_chars` code points of `text`, with "…" as the last one
 /// when it was cut.
-std::string truncate(std::string_view text, size_t max_chars);
+std::string truncate_text(std::string_view text, size_t max_chars);
 
 /// `text` with control characters (but newlines and tabs) and invalid UTF-8
 /// bytes escaped as `\xNN`, safe to print to a terminal.

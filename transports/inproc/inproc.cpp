@@ -212,6 +212,10 @@ public:
   caf::error poll(size_t max, std::vector<raw_message>& out) override {
     if (!subscribed_)
       return make_error(errc::invalid_state, "inproc transport: poll before subscribe");
+    if (closed_)
+      return make_error(errc::invalid_state,
+                        "inproc transport: poll after close (make a new "
+                        "transport to consume again)");
     std::lock_guard guard{broker_->state_->mtx};
     auto& g = broker_->state_->group(group_);
     inproc_broker::state::promote(g);
@@ -245,8 +249,10 @@ public:
   caf::error ack(uint64_t tag) override {
     std::lock_guard guard{broker_->state_->mtx};
     auto& g = broker_->state_->group(group_);
-    if (g.unacked.erase(tag) == 0)
+    auto i = g.unacked.find(tag);
+    if (i == g.unacked.end() || i->second.owner != id_)
       return violation(g, "ack", tag);
+    g.unacked.erase(i);
     ++g.stats.acked;
     return {};
   }
@@ -255,7 +261,7 @@ public:
     std::lock_guard guard{broker_->state_->mtx};
     auto& g = broker_->state_->group(group_);
     auto i = g.unacked.find(tag);
-    if (i == g.unacked.end())
+    if (i == g.unacked.end() || i->second.owner != id_)
       return violation(g, "nack", tag);
     auto e = std::move(i->second);
     g.unacked.erase(i);
@@ -272,7 +278,8 @@ public:
   caf::error dead_letter(uint64_t tag, const dead_letter_record& rec) override {
     std::lock_guard guard{broker_->state_->mtx};
     auto& g = broker_->state_->group(group_);
-    if (g.unacked.count(tag) == 0)
+    auto i = g.unacked.find(tag);
+    if (i == g.unacked.end() || i->second.owner != id_)
       return violation(g, "dead_letter", tag);
     g.dlq.push_back(to_json(rec));
     ++g.stats.dead_lettered;
@@ -332,7 +339,8 @@ private:
     return make_error(errc::invalid_state,
                       std::string{"inproc transport: "} + what + " of tag "
                         + std::to_string(tag)
-                        + " which is not an unacked delivery");
+                        + " which is not an unacked delivery of this "
+                          "consumer");
   }
 
   std::shared_ptr<inproc_broker> broker_;

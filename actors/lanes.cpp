@@ -196,8 +196,10 @@ caf::behavior actor_lane(caf::event_based_actor* self, runtime_env_ptr env,
         return std::make_shared<event_context>(xs...);
       });
       auto rp = self->make_response_promise<attempt_result>();
+      // The supervisor sends one attempt at a time, so `then` keeps this lane
+      // sequential while leaving it responsive to exit messages.
       self->request(handler, caf::infinite, delivery{ctx.get()})
-        .await(
+        .then(
           [a, held, ctx, rp](outcome& out) mutable {
             rp.deliver(finish_attempt(*a, std::move(out)));
           },

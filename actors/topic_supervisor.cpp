@@ -370,6 +370,9 @@ public:
   void failed_attempt(uint64_t id, record& r, std::string reason,
                       std::optional<caf::timespan> after, bool count) {
     if (count) {
+      // Crash or timeout: the lane never finished its claim. Release it so the
+      // retry is not mistaken for another worker's in-flight attempt.
+      release_claim(r);
       free_lane(r);
       r.last_span = r.span.span;
       r.last_traceparent = r.span.traceparent();
@@ -390,6 +393,16 @@ public:
     auto delay = after ? *after : next_backoff(r.executions, opts().backoff,
                                                st_->rng);
     self_->delayed_send(self_, delay, retry_atom::value, id, r.seq);
+  }
+
+  void release_claim(const record& r) {
+    auto& env = *st_->env;
+    if (!env.dedupe)
+      return;
+    if (auto err = env.dedupe->abort(scoped_dedupe_key(*st_->sub, *r.msg)))
+      spdlog::warn("{}: releasing the idempotency claim of a crashed attempt "
+                   "failed: {}",
+                   st_->sub->name, render(err));
   }
 
   void on_retry_timer(uint64_t id, uint64_t seq) {
@@ -502,6 +515,7 @@ public:
                        .count());
         // The old lane is killed; its exit is ignored (handle replaced).
         --st_->running;
+        release_claim(*r);
         r->last_span = r->span.span;
         r->last_traceparent = r->span.traceparent();
         ++r->executions;

@@ -43,8 +43,7 @@ struct order_events {
       spdlog::debug("cancelled order {} had no reservation", evt.order_id);
   }
 
-  static evmesh::outcome on_fraud_check(evmesh::event_context& ctx) {
-    (void) ctx;
+  static evmesh::outcome on_fraud_check(evmesh::event_context&) {
     // The fraud service of this example is never up: every attempt asks for
     // a retry until max_attempts, then the message is dead-lettered as
     // retries_exhausted.
@@ -53,14 +52,14 @@ struct order_events {
 };
 
 EVMESH_EVENT_PATTERN(order_events, "order.confirmed",
-                     &order_events::on_confirmed)
+                     &order_events::on_confirmed);
 EVMESH_EVENT_PATTERN(order_events, "order.cancelled",
-                     &order_events::on_cancelled, .max_attempts = 3)
+                     &order_events::on_cancelled, .max_attempts = 3);
 EVMESH_EVENT_PATTERN(order_events, "order.fraud_check",
                      &order_events::on_fraud_check, .max_attempts = 3,
                      .backoff = evmesh::backoff_policy{
                        std::chrono::milliseconds{20}, 2.0,
-                       std::chrono::milliseconds{200}})
+                       std::chrono::milliseconds{200}});
 
 /// A second, independent consumer of every order event (fan-out): it has its
 /// own subscription, retries and dead letters, and needs no ordering.
@@ -73,4 +72,4 @@ struct order_audit {
 };
 
 EVMESH_EVENT_PATTERN(order_audit, "order.*", &order_audit::on_any,
-                     .ordering = evmesh::ordering::none)
+                     .ordering = evmesh::ordering::none);

@@ -3,10 +3,12 @@
 // into its in-process broker and reports what the runtime did with each
 // message.
 #include <chrono>
+#include <cstdint>
 #include <filesystem>
 #include <iostream>
 #include <map>
 #include <memory>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -278,7 +280,7 @@ void row(const std::string& name, const std::string& meaning, uint64_t actual,
   bool match = actual == expected;
   ok = ok && match;
   std::cout << "  " << pad(name, 15) << lpad(std::to_string(actual), 4) << "   "
-            << pad(meaning, 44)
+            << meaning
             << (match ? "" : "  <- expected " + std::to_string(expected))
             << '\n';
 }
@@ -448,10 +450,14 @@ int run_demo(demo_state& st, evmesh::consumer_runtime& rt) {
     std::cout << "  (grep " << producer_trace_id << ')';
   std::cout << "\n\n";
   // The second consumer saw every order event once.
-  std::cout << "Audit consumer (order_audit on order.*):\n ";
+  std::cout << "Audit consumer (order_audit on order.*, a second subscription "
+               "to the same events):\n  ";
   auto counts = st.audit->counts();
-  for (auto& [topic, n] : counts)
-    std::cout << ' ' << topic << ' ' << n;
+  const char* sep = "";
+  for (auto& [topic, n] : counts) {
+    std::cout << sep << topic << ' ' << n;
+    sep = ", ";
+  }
   std::cout << '\n';
   if (counts != want.audit) {
     ok = false;
@@ -489,8 +495,13 @@ evmesh::app_hooks make_hooks() {
     if (evmesh::has_flag(cl, "demo"))
       return run_demo(*st, rt);
     // Not a demo: consume until Ctrl-C, like EVMESH_MAIN() without hooks.
-    std::cout << "order_service consuming from " << rt.config().transport_url
-              << "; press Ctrl-C to stop" << std::endl;
+    const auto& url = rt.config().transport_url;
+    std::cout << "order_service consuming from " << url
+              << "; press Ctrl-C to stop\n";
+    if (url.starts_with("inproc://"))
+      std::cout << "(an in-process broker: only this process can publish to "
+                   "it. Try --demo, or point --transport.url at a broker.)\n";
+    std::cout << std::flush;
     return evmesh::wait_for_stop(rt);
   };
   return hooks;

@@ -52,9 +52,27 @@
 /// 3. Link the test with GTest::gtest_main and the transport's library.
 ///
 /// The suite never sleeps on its own when `poll_deadline()` is zero: a
-/// harness with a manual clock runs every test deterministically. Tests that
-/// need a capability the transport lacks (`transport_capabilities`,
-/// `contract_traits`) skip with a message instead of failing.
+/// harness with a manual clock runs every test deterministically. For a real
+/// broker, return a `poll_deadline()` of a few seconds, a `quiet_period()`
+/// long enough for a wrong redelivery to show up (but shorter than the ack
+/// wait, or an unacked message comes back legitimately), and let `advance`
+/// sleep. Tests that need a capability the transport lacks
+/// (`transport_capabilities`, `contract_traits`) skip with a message.
+///
+/// What the transport must promise, test by test: a published message arrives
+/// once, as `encode_envelope(env)` on `env.topic`, with delivery count 1; an
+/// ack is final (also for later members of the group); `nack(0)` redelivers
+/// with the count incremented, `nack(delay)` not before the delay; `close()`
+/// stops consuming and hands unacked messages to the group again; groups fan
+/// out, members of a group compete without duplicates; nacked messages of one
+/// subject come back in publish order; traceparent, tracestate and key
+/// survive (as headers or in the bytes); `dead_letter` keeps the record in the
+/// broker's DLQ; settling an unknown, settled or foreign tag is an error that
+/// changes nothing; `poll` never blocks; `publish` is thread-safe (also while
+/// the same transport polls); the wakeup fires after an empty poll; and every
+/// delivery of a mixed ack/nack/dead-letter run accepts exactly one terminal
+/// action. `close()` must be idempotent: the fixture closes every transport
+/// after each test, also those a test closed.
 namespace evmesh::testing {
 
 /// Promises beyond `transport_capabilities` that single tests depend on. A
@@ -93,8 +111,7 @@ public:
   /// subscribed: the suite calls `set_wakeup` and `subscribe` itself, in the
   /// order the runtime does. Members of one group compete for messages; every
   /// group receives every message published after it subscribed.
-  virtual caf::expected<transport_ptr>
-  make_consumer(const std::string& group) = 0;
+  virtual caf::expected<transport_ptr> make_consumer(std::string group) = 0;
 
   /// A transport the suite only publishes through (never subscribed).
   virtual caf::expected<transport_ptr> make_producer() = 0;
@@ -156,12 +173,15 @@ public:
 };
 
 /// Bounds a polling loop. With a zero deadline (manual clock) the loop ends
-/// after `idle_rounds` polls in a row without progress and never sleeps;
-/// otherwise it ends at the deadline and sleeps `interval` after each poll
-/// that brought nothing.
+/// after `idle_rounds` polls in a row without progress, or after `max_rounds`
+/// polls (a transport that redelivers endlessly must fail, not hang), and
+/// never sleeps; otherwise it ends at the deadline and sleeps `interval` after
+/// each poll that brought nothing.
 class poll_budget {
 public:
   static constexpr size_t idle_rounds = 3;
+
+  static constexpr size_t max_rounds = 1'000;
 
   static constexpr auto interval = std::chrono::milliseconds{5};
 
@@ -174,7 +194,7 @@ public:
   bool next(bool progress) {
     if (deadline_.count() <= 0) {
       idle_ = progress ? 0 : idle_ + 1;
-      return idle_ < idle_rounds;
+      return idle_ < idle_rounds && ++rounds_ < max_rounds;
     }
     if (std::chrono::steady_clock::now() >= until_)
       return false;
@@ -187,6 +207,7 @@ private:
   caf::timespan deadline_;
   std::chrono::steady_clock::time_point until_;
   size_t idle_ = 0;
+  size_t rounds_ = 0;
 };
 
 /// Pass as `n` to `poll_until` to collect whatever arrives until the deadline.
@@ -305,8 +326,7 @@ protected:
     if (wakeup)
       (*t)->set_wakeup(std::move(wakeup));
     if (auto err = (*t)->subscribe({pattern()})) {
-      ADD_FAILURE() << "subscribe(" << pattern()
-                    << ") failed: " << render(err);
+      ADD_FAILURE() << "subscribe(" << pattern() << ") failed: " << render(err);
       return nullptr;
     }
     return *t;
@@ -412,7 +432,7 @@ TYPED_TEST_SUITE_P(transport_contract);
 // -- delivery ------------------------------------------------------------------
 
 TYPED_TEST_P(transport_contract,
-             published_message_is_polled_once_with_its_bytes_and_subject) {
+             published_message_arrives_once_with_bytes_subject_and_count_1) {
   auto c = this->consumer("a");
   ASSERT_TRUE(c);
   auto env = this->event("created", 1);
@@ -517,7 +537,8 @@ TYPED_TEST_P(transport_contract,
   EXPECT_TRUE(this->drain(*b).empty());
 }
 
-TYPED_TEST_P(transport_contract, nacked_redeliveries_come_back_in_publish_order) {
+TYPED_TEST_P(transport_contract,
+             nacked_redeliveries_come_back_in_publish_order) {
   if (!this->harness().traits().ordered_redelivery)
     GTEST_SKIP() << "the broker does not promise publish order for "
                     "redeliveries (contract_traits::ordered_redelivery)";
@@ -555,8 +576,7 @@ TYPED_TEST_P(transport_contract, every_group_gets_every_message) {
     auto got = this->poll(*c, count);
     auto got_ids = this->ids(got);
     EXPECT_EQ(got_ids.size(), count);
-    EXPECT_EQ(std::set<std::string>(got_ids.begin(), got_ids.end()),
-              published);
+    EXPECT_EQ(std::set<std::string>(got_ids.begin(), got_ids.end()), published);
     this->ack_all(*c, got);
     EXPECT_TRUE(this->drain(*c).empty());
   }
@@ -579,7 +599,8 @@ TYPED_TEST_P(transport_contract, consumers_of_one_group_split_without_dupes) {
   poll_budget budget{this->harness().poll_deadline()};
   while (seen.size() < count) {
     auto progress = false;
-    for (auto [c, n] : {std::pair{a.get(), &got_a}, std::pair{b.get(), &got_b}}) {
+    for (auto [c, n] :
+         {std::pair{a.get(), &got_a}, std::pair{b.get(), &got_b}}) {
       std::vector<raw_message> out;
       ASSERT_TRUE(succeeded(c->poll(1, out)));
       for (auto& msg : out) {
@@ -636,7 +657,8 @@ TYPED_TEST_P(transport_contract, trace_context_and_key_survive_the_broker) {
   EXPECT_TRUE(succeeded(c->ack(msg.tag)));
 }
 
-TYPED_TEST_P(transport_contract, dead_lettered_message_is_kept_not_redelivered) {
+TYPED_TEST_P(transport_contract,
+             dead_lettered_message_is_kept_not_redelivered) {
   auto c = this->consumer("i");
   ASSERT_TRUE(c);
   auto env = this->event("poison", 1);
@@ -704,7 +726,8 @@ TYPED_TEST_P(transport_contract, settling_unknown_or_settled_tags_is_an_error) {
   EXPECT_TRUE(this->drain(*c).empty());
 }
 
-TYPED_TEST_P(transport_contract, settling_another_members_delivery_is_an_error) {
+TYPED_TEST_P(transport_contract,
+             settling_another_members_delivery_is_an_error) {
   // Tags belong to the consumer that received the delivery. (An AMQP channel
   // closes on a foreign tag, so a transport must refuse it locally.)
   auto a = this->consumer("o");
@@ -716,7 +739,8 @@ TYPED_TEST_P(transport_contract, settling_another_members_delivery_is_an_error) 
   transport* other = nullptr;
   poll_budget budget{this->harness().poll_deadline()};
   while (owner == nullptr) {
-    for (auto [x, y] : {std::pair{a.get(), b.get()}, std::pair{b.get(), a.get()}}) {
+    for (auto [x, y] :
+         {std::pair{a.get(), b.get()}, std::pair{b.get(), a.get()}}) {
       ASSERT_TRUE(succeeded(x->poll(1, got)));
       if (!got.empty()) {
         owner = x;
@@ -833,7 +857,8 @@ TYPED_TEST_P(transport_contract, wakeup_is_called_after_an_empty_poll) {
   }
 }
 
-TYPED_TEST_P(transport_contract, each_delivery_gets_exactly_one_terminal_action) {
+TYPED_TEST_P(transport_contract,
+             each_delivery_gets_exactly_one_terminal_action) {
   // Acts like the runtime on 1000 messages: a quarter is nacked once, a
   // quarter dead-lettered then acked, the rest acked. The broker must accept
   // every action exactly once and redeliver exactly the nacked ones.
@@ -898,7 +923,7 @@ TYPED_TEST_P(transport_contract, each_delivery_gets_exactly_one_terminal_action)
 
 REGISTER_TYPED_TEST_SUITE_P(
   transport_contract,
-  published_message_is_polled_once_with_its_bytes_and_subject,
+  published_message_arrives_once_with_bytes_subject_and_count_1,
   acked_message_is_never_delivered_again,
   nack_without_delay_redelivers_with_count_2,
   nack_with_delay_redelivers_only_after_it,

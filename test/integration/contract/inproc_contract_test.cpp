@@ -37,7 +37,7 @@ public:
   }
 
   caf::expected<evmesh::transport_ptr>
-  make_consumer(const std::string& group) override {
+  make_consumer(std::string group) override {
     return evmesh::make_transport("inproc://" + name_ + "?group=" + group,
                                   env_);
   }

@@ -226,12 +226,12 @@ caf::error consumer_runtime::publish(envelope env) {
   if (!impl_->env)
     return make_error(errc::invalid_state,
                       "consumer_runtime::publish before start()");
-  if (env.produced_at.empty() || env.id.empty()) {
-    // Reuse the context stamping rules without a span.
-    if (env.id.empty())
-      env.id = to_hex(new_trace_id().data(), 16);
-  }
-  return impl_->env->out->publish(std::move(env));
+  // The same stamping rules as a handler's publish, with a fresh root span.
+  static const envelope none;
+  event_context ctx{none,        impl_->env->services, new_root_trace(), 0,
+                    env.tenant,  impl_->env->out.get(), caf::timestamp{}, "",
+                    ""};
+  return ctx.publish(std::move(env));
 }
 
 const dispatch_table& consumer_runtime::table() const {

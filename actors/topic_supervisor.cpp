@@ -443,6 +443,10 @@ public:
                                                   : r.last_traceparent;
     rec->original = m.raw.bytes;
     rec->original_decoded = true;
+    spdlog::warn("{}: dead-lettering {} message on '{}' after {} attempt(s): "
+                 "{}",
+                 st_->sub->name, rec->category, rec->topic, rec->attempts,
+                 rec->reason);
     std::shared_ptr<const dead_letter_record> shared = rec;
     auto seq = r.seq;
     self_->request(st_->dead_letter, caf::infinite, write_atom::value,

@@ -7,6 +7,7 @@
 #include <string_view>
 #include <typeinfo>
 
+#include <boost/core/demangle.hpp>
 #include <boost/json/value_to.hpp>
 #include <caf/error.hpp>
 #include <caf/timestamp.hpp>
@@ -63,13 +64,13 @@ public:
   const T& payload() {
     if (auto ptr = std::any_cast<T>(&payload_cache_))
       return *ptr;
-    try {
-      payload_cache_ = boost::json::value_to<T>(msg_->payload);
-    } catch (const std::exception& ex) {
+    auto res = boost::json::try_value_to<T>(msg_->payload);
+    if (!res)
       throw payload_error(std::string{"payload of topic '"} + msg_->topic
-                          + "' does not match " + typeid(T).name() + ": "
-                          + ex.what());
-    }
+                          + "' does not fit "
+                          + boost::core::demangle(typeid(T).name()) + ": "
+                          + res.error().message());
+    payload_cache_ = std::move(*res);
     return *std::any_cast<T>(&payload_cache_);
   }
 

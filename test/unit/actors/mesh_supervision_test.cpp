@@ -92,52 +92,6 @@ TEST(ordering, none_never_exceeds_the_concurrency_limit) {
   EXPECT_EQ(mesh.runtime().stats().max_concurrent, 3u);
 }
 
-TEST(ordering, none_limits_concurrency_on_real_threads) {
-  // A real multi-threaded actor system: handlers truly overlap.
-  struct gauge {
-    std::atomic<int> running{0};
-    std::atomic<int> peak{0};
-    std::atomic<int> done{0};
-  };
-  static gauge g;
-  g.running = 0;
-  g.peak = 0;
-  g.done = 0;
-  handler_descriptor h;
-  h.consumer = "orders";
-  h.pattern = "order.*";
-  h.fn = [](event_context&) -> outcome {
-    auto now = ++g.running;
-    auto peak = g.peak.load();
-    while (now > peak && !g.peak.compare_exchange_weak(peak, now)) {
-    }
-    auto until = std::chrono::steady_clock::now() + 200us;
-    while (std::chrono::steady_clock::now() < until) {
-    }
-    --g.running;
-    ++g.done;
-    return ok();
-  };
-  h.options.ordering = ordering::none;
-  h.options.concurrency = 3;
-  auto cfg = evmesh::testing::test_config(test_name());
-  inproc_broker::get(test_name())->reset();
-  consumer_runtime rt{cfg};
-  rt.set_handlers({&h});
-  ASSERT_FALSE(rt.start());
-  for (int i = 0; i < 300; ++i)
-    rt.publish(make_env("order.confirmed", "r-" + std::to_string(i)));
-  auto deadline = std::chrono::steady_clock::now() + 30s;
-  while (g.done < 300 && std::chrono::steady_clock::now() < deadline)
-    std::this_thread::sleep_for(1ms);
-  EXPECT_EQ(g.done.load(), 300);
-  EXPECT_LE(g.peak.load(), 3);
-  EXPECT_GE(g.peak.load(), 1);
-  rt.stop(5s);
-  EXPECT_TRUE(rt.stopped());
-  EXPECT_EQ(inproc_broker::get(test_name())->stats().acked, 300u);
-}
-
 TEST(invariant, every_delivery_gets_exactly_one_terminal_action) {
   auto p = std::make_shared<probe>();
   auto cfg = evmesh::testing::test_config(test_name());

@@ -48,11 +48,10 @@ std::string mask_fields(std::string_view original,
   return boost::json::serialize(doc);
 }
 
-dead_letter_record make_intake_dead_letter(const runtime_env& env,
-                                           const raw_message& raw,
-                                           const envelope* decoded,
-                                           std::string category,
-                                           std::string reason) {
+dead_letter_record
+make_intake_dead_letter(const runtime_env& env, const raw_message& raw,
+                        const envelope* decoded, std::string category,
+                        std::string reason) {
   dead_letter_record rec;
   rec.category = std::move(category);
   rec.reason = reason;
@@ -116,17 +115,17 @@ caf::behavior dead_letter_writer(caf::event_based_actor* self,
     backoff_policy policy{std::chrono::milliseconds{50}, 2.0,
                           std::chrono::seconds{10}, jitter::full};
     auto delay = next_backoff(p.failures, policy, state->rng);
-    spdlog::error("dead-letter store write failed (attempt {}), retrying in "
-                  "{} ms; the original message stays unacked: {}",
-                  p.failures,
-                  std::chrono::duration_cast<std::chrono::milliseconds>(delay)
-                    .count(),
-                  render(res.error()));
+    spdlog::error(
+      "dead-letter store write failed (attempt {}), retrying in "
+      "{} ms; the original message stays unacked: {}",
+      p.failures,
+      std::chrono::duration_cast<std::chrono::milliseconds>(delay).count(),
+      render(res.error()));
     self->delayed_send(self, delay, retry_atom::value, id);
   };
   return {
-    [self, env, state, try_write](write_atom,
-                                  dead_letter_job& job) -> caf::result<int64_t> {
+    [self, env, state,
+     try_write](write_atom, dead_letter_job& job) -> caf::result<int64_t> {
       if (!env->dead_letters)
         return int64_t{0};
       auto id = state->next_id++;

@@ -204,9 +204,9 @@ caf::behavior actor_lane(caf::event_based_actor* self, runtime_env_ptr env,
             rp.deliver(finish_attempt(*a, std::move(out)));
           },
           [a, held, ctx, rp](caf::error& err) mutable {
-            rp.deliver(finish_attempt(
-              *a, retry("handler actor answered with an error: "
-                        + caf::to_string(err))));
+            rp.deliver(
+              finish_attempt(*a, retry("handler actor answered with an error: "
+                                       + caf::to_string(err))));
           });
       return rp;
     },

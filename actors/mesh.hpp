@@ -191,7 +191,8 @@ using stopped_atom = caf::atom_constant<caf::atom("stopped")>;
 // -- plain functions (unit-tested) ---------------------------------------------
 
 /// Scoped idempotency key of one subscription: "consumer:pattern:key".
-std::string scoped_dedupe_key(const subscription& sub, const incoming_message& m);
+std::string scoped_dedupe_key(const subscription& sub,
+                              const incoming_message& m);
 
 /// Runs a function handler, converting exceptions once: permanent_error ->
 /// dead letter (with its category), other std::exception -> retry with
@@ -204,11 +205,10 @@ int64_t wall_ns() noexcept;
 
 /// Builds a record for a message that never reached a subscription
 /// (decode_error, no_handler, tenant_rejected, too_large).
-dead_letter_record make_intake_dead_letter(const runtime_env& env,
-                                           const raw_message& raw,
-                                           const envelope* decoded,
-                                           std::string category,
-                                           std::string reason);
+dead_letter_record
+make_intake_dead_letter(const runtime_env& env, const raw_message& raw,
+                        const envelope* decoded, std::string category,
+                        std::string reason);
 
 /// Masks `fields` (by name, at any depth) in the payload of `original` JSON.
 std::string mask_fields(std::string_view original,

@@ -23,10 +23,10 @@ struct mesh_state {
 caf::behavior mesh_supervisor(caf::event_based_actor* self,
                               runtime_env_ptr env) {
   auto st = std::make_shared<mesh_state>();
-  st->dead_letter = env->detach_io
-                      ? self->spawn<caf::linked + caf::detached>(
-                        dead_letter_writer, env)
-                      : self->spawn<caf::linked>(dead_letter_writer, env);
+  st->dead_letter
+    = env->detach_io
+        ? self->spawn<caf::linked + caf::detached>(dead_letter_writer, env)
+        : self->spawn<caf::linked>(dead_letter_writer, env);
   st->source = self->spawn<caf::linked>(source_actor, env, st->dead_letter);
   for (uint32_t i = 0; i < env->table.subscriptions.size(); ++i) {
     auto sup = self->spawn<caf::linked>(topic_supervisor, env, i, st->source,

@@ -1,14 +1,15 @@
 #include "evmesh/runtime.hpp"
 
 #include <thread>
-#include <unistd.h>
 
 #include <caf/all.hpp>
 #include <caf/scheduler/test_coordinator.hpp>
 #include <spdlog/spdlog.h>
+#include <unistd.h>
+
+#include "evmesh/inproc.hpp"
 
 #include "actors/mesh.hpp"
-#include "evmesh/inproc.hpp"
 
 namespace evmesh {
 
@@ -161,7 +162,8 @@ caf::error consumer_runtime::start() {
   env->out = std::make_shared<internal::transport_publisher>(env->transport);
   d.env = env;
   // 4. The actor tree.
-  d.mesh = d.sys->spawn(internal::mesh_supervisor, internal::runtime_env_ptr{env});
+  d.mesh = d.sys->spawn(internal::mesh_supervisor,
+                        internal::runtime_env_ptr{env});
   d.started = true;
   spdlog::info("evmesh runtime started on {} with {} subscription(s), node {}",
                d.config.transport_url, env->table.subscriptions.size(),
@@ -228,8 +230,8 @@ caf::error consumer_runtime::publish(envelope env) {
                       "consumer_runtime::publish before start()");
   // The same stamping rules as a handler's publish, with a fresh root span.
   static const envelope none;
-  event_context ctx{none,        impl_->env->services, new_root_trace(), 0,
-                    env.tenant,  impl_->env->out.get(), caf::timestamp{}, "",
+  event_context ctx{none,       impl_->env->services,  new_root_trace(), 0,
+                    env.tenant, impl_->env->out.get(), caf::timestamp{}, "",
                     ""};
   return ctx.publish(std::move(env));
 }

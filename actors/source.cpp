@@ -72,13 +72,13 @@ public:
     st_->buf.clear();
     if (auto err = st_->env->transport->poll(want, st_->buf)) {
       ++st_->poll_failures;
-      auto delay = next_backoff(st_->poll_failures,
-                                {cfg.poll_idle, 2.0, std::chrono::seconds{5},
-                                 jitter::full},
-                                st_->rng);
+      auto delay = next_backoff(
+        st_->poll_failures,
+        {cfg.poll_idle, 2.0, std::chrono::seconds{5}, jitter::full}, st_->rng);
       spdlog::error("transport poll failed ({} in a row): {}",
                     st_->poll_failures, render(err));
-      schedule_poll(std::max(delay, caf::timespan{std::chrono::milliseconds{1}}));
+      schedule_poll(
+        std::max(delay, caf::timespan{std::chrono::milliseconds{1}}));
       return;
     }
     st_->poll_failures = 0;
@@ -168,16 +168,17 @@ public:
   void intake_dead_letter(uint64_t id, const raw_message& raw,
                           const envelope* decoded, std::string category,
                           std::string reason) {
-    spdlog::warn("dead-lettering {} message on '{}': {}", category,
-                 raw.subject, reason);
+    spdlog::warn("dead-lettering {} message on '{}': {}", category, raw.subject,
+                 reason);
     auto rec = std::make_shared<const dead_letter_record>(
       make_intake_dead_letter(*st_->env, raw, decoded, std::move(category),
                               std::move(reason)));
     auto& d = st_->deliveries[id];
     d.remaining = 1;
     d.intake = true;
-    self_->request(st_->dead_letter, caf::infinite, write_atom::value,
-                   dead_letter_job{rec})
+    self_
+      ->request(st_->dead_letter, caf::infinite, write_atom::value,
+                dead_letter_job{rec})
       .then(
         [this, id, rec](int64_t) {
           stats_block::inc(stats().dead_lettered);
@@ -264,8 +265,7 @@ public:
       spdlog::error("closing the transport failed: {}", render(err));
     if (env.dedupe)
       if (auto err = env.dedupe->flush())
-        spdlog::error("flushing the idempotency store failed: {}",
-                      render(err));
+        spdlog::error("flushing the idempotency store failed: {}", render(err));
     if (env.spans)
       env.spans->flush();
     self_->send(st_->mesh, stopped_atom::value);

@@ -89,12 +89,12 @@ public:
     bool actor_handler = st_->sub->handler->factory != nullptr;
     bool detach = opts().execution == execution::blocking && env->detach_io;
     if (actor_handler) {
-      return detach ? self_->spawn<caf::linked + caf::detached>(
-               actor_lane, env, st_->index)
+      return detach ? self_->spawn<caf::linked + caf::detached>(actor_lane, env,
+                                                                st_->index)
                     : self_->spawn<caf::linked>(actor_lane, env, st_->index);
     }
-    return detach ? self_->spawn<caf::linked + caf::detached>(
-             function_lane, env, st_->index)
+    return detach ? self_->spawn<caf::linked + caf::detached>(function_lane,
+                                                              env, st_->index)
                   : self_->spawn<caf::linked>(function_lane, env, st_->index);
   }
 
@@ -121,8 +121,7 @@ public:
     while (!st_->restarts.empty()
            && now - st_->restarts.front() > st_->env->config.restart_window)
       st_->restarts.pop_front();
-    if (!st_->paused
-        && st_->restarts.size() > st_->env->config.restart_limit) {
+    if (!st_->paused && st_->restarts.size() > st_->env->config.restart_limit) {
       st_->paused = true;
       stats_block::inc(stats().paused);
       stats().health.store(static_cast<uint8_t>(health_status::degraded));
@@ -149,7 +148,8 @@ public:
     st_->restarts.clear();
     auto left = stats().paused.fetch_sub(1) - 1;
     if (left == 0
-        && stats().health.load() == static_cast<uint8_t>(health_status::degraded))
+        && stats().health.load()
+             == static_cast<uint8_t>(health_status::degraded))
       stats().health.store(static_cast<uint8_t>(health_status::healthy));
     spdlog::info("subscription {} resumed", st_->sub->name);
     dispatch();
@@ -272,9 +272,9 @@ public:
     r.state = record_state::running;
     r.lane = lane;
     r.seq = st_->next_seq++;
-    r.span = trace_context{m.producer.trace, new_span_id(), m.producer.span,
-                           m.producer.flags, m.producer.tracestate,
-                           m.producer.is_root};
+    r.span = trace_context{m.producer.trace,      new_span_id(),
+                           m.producer.span,       m.producer.flags,
+                           m.producer.tracestate, m.producer.is_root};
     attempt_msg am;
     am.msg = r.msg;
     am.attempt = m.prior_attempts + r.executions + 1;
@@ -390,8 +390,8 @@ public:
     }
     stats_block::inc(stats().retried);
     r.state = record_state::waiting;
-    auto delay = after ? *after : next_backoff(r.executions, opts().backoff,
-                                               st_->rng);
+    auto delay = after ? *after
+                       : next_backoff(r.executions, opts().backoff, st_->rng);
     self_->delayed_send(self_, delay, retry_atom::value, id, r.seq);
   }
 
@@ -449,8 +449,9 @@ public:
                  rec->reason);
     std::shared_ptr<const dead_letter_record> shared = rec;
     auto seq = r.seq;
-    self_->request(st_->dead_letter, caf::infinite, write_atom::value,
-                   dead_letter_job{shared})
+    self_
+      ->request(st_->dead_letter, caf::infinite, write_atom::value,
+                dead_letter_job{shared})
       .then(
         [this, id, seq, shared](int64_t) {
           auto cur = find(id);
@@ -511,12 +512,12 @@ public:
       slot.running = 0;
       if (auto r = find(id); r && r->state == record_state::running) {
         stats_block::inc(stats().timeouts);
-        spdlog::warn("{}: attempt {} of {} exceeded its timeout of {} ms; "
-                     "abandoning the handler lane",
-                     st_->sub->name, attempt_of(*r) + 1, r->msg->env.topic,
-                     std::chrono::duration_cast<std::chrono::milliseconds>(
-                       opts().timeout)
-                       .count());
+        spdlog::warn(
+          "{}: attempt {} of {} exceeded its timeout of {} ms; "
+          "abandoning the handler lane",
+          st_->sub->name, attempt_of(*r) + 1, r->msg->env.topic,
+          std::chrono::duration_cast<std::chrono::milliseconds>(opts().timeout)
+            .count());
         // The old lane is killed; its exit is ignored (handle replaced).
         --st_->running;
         release_claim(*r);
@@ -525,14 +526,15 @@ public:
         ++r->executions;
         replace_lane(i, true);
         // replace_lane put the fresh lane into `idle`.
-        failed_attempt(id, *r,
-                       "handler exceeded its timeout of "
-                         + std::to_string(
-                           std::chrono::duration_cast<std::chrono::milliseconds>(
-                             opts().timeout)
-                             .count())
-                         + " ms",
-                       std::nullopt, false);
+        failed_attempt(
+          id, *r,
+          "handler exceeded its timeout of "
+            + std::to_string(
+              std::chrono::duration_cast<std::chrono::milliseconds>(
+                opts().timeout)
+                .count())
+            + " ms",
+          std::nullopt, false);
       } else {
         st_->idle.push_back(i);
       }

@@ -49,7 +49,8 @@ caf::error check_options(const handler_descriptor& d,
     return fail("timeout must be > 0");
   if (opts.backoff.multiplier < 1.0)
     return fail("backoff multiplier must be >= 1.0");
-  if (opts.backoff.initial.count() < 0 || opts.backoff.max < opts.backoff.initial)
+  if (opts.backoff.initial.count() < 0
+      || opts.backoff.max < opts.backoff.initial)
     return fail("backoff initial must be >= 0 and <= max");
   return {};
 }
@@ -77,15 +78,13 @@ freeze_handlers(const std::vector<const handler_descriptor*>& handlers,
       return make_error(errc::invalid_pattern,
                         "handler for consumer '" + std::string{d.consumer}
                           + "' (" + where(d) + "): " + render(err));
-    auto [i, added] = seen.emplace(std::make_pair(std::string{d.consumer},
-                                                  std::string{d.pattern}),
-                                   ptr);
+    auto [i, added] = seen.emplace(
+      std::make_pair(std::string{d.consumer}, std::string{d.pattern}), ptr);
     if (!added)
       return make_error(errc::duplicate_subscription,
                         "consumer '" + std::string{d.consumer}
-                          + "' registers pattern '" + d.pattern
-                          + "' twice (" + where(*i->second) + " and "
-                          + where(d)
+                          + "' registers pattern '" + d.pattern + "' twice ("
+                          + where(*i->second) + " and " + where(d)
                           + "); each (consumer, pattern) is one subscription "
                             "— remove one handler or give it another consumer");
     subscription sub;

@@ -97,8 +97,7 @@ public:
     if (tenant.empty())
       return {true, {}, {}};
     auto has = [&](const std::vector<std::string>& xs) {
-      return std::binary_search(xs.begin(), xs.end(), tenant,
-                                std::less<>{});
+      return std::binary_search(xs.begin(), xs.end(), tenant, std::less<>{});
     };
     if (has(suspended_))
       return {false, {}, "tenant '" + std::string{tenant} + "' is suspended"};
@@ -106,7 +105,8 @@ public:
       return {true, std::string{tenant}, {}};
     if (!fallback_.empty() && !has(suspended_))
       return {true, fallback_, {}};
-    return {false, {},
+    return {false,
+            {},
             "tenant '" + std::string{tenant}
               + "' is unknown and no fallback tenant is configured"};
   }
@@ -173,10 +173,9 @@ std::string to_otlp_json(const span_record& s, std::string_view service) {
   scope["spans"] = json::array{std::move(span)};
   json::object resource;
   resource["resource"] = json::object{
-    {"attributes",
-     json::array{json::object{
-       {"key", "service.name"},
-       {"value", json::object{{"stringValue", service}}}}}}};
+    {"attributes", json::array{json::object{
+                     {"key", "service.name"},
+                     {"value", json::object{{"stringValue", service}}}}}}};
   resource["scopeSpans"] = json::array{std::move(scope)};
   json::object doc;
   doc["resourceSpans"] = json::array{std::move(resource)};

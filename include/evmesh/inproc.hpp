@@ -53,7 +53,8 @@ public:
   inproc_group_stats stats(std::string_view group = "default") const;
 
   /// The dead-letter records of `group`, as JSON (`to_json`), oldest first.
-  std::vector<std::string> dead_letters(std::string_view group = "default") const;
+  std::vector<std::string>
+  dead_letters(std::string_view group = "default") const;
 
   /// Makes every unacked message of `group` deliverable again, as if its
   /// consumer had crashed.

@@ -78,7 +78,8 @@ public:
 
   /// Publishes `rec` to the broker's dead-letter queue (where it has one).
   /// Does not ack: the runtime acks after this returned without error.
-  virtual caf::error dead_letter(uint64_t tag, const dead_letter_record& rec) = 0;
+  virtual caf::error dead_letter(uint64_t tag, const dead_letter_record& rec)
+    = 0;
 
   /// Extends the broker's ack deadline of an unacked message (in progress).
   virtual caf::error extend(uint64_t tag) = 0;

@@ -85,7 +85,8 @@ TEST(real_threads, ordering_none_never_exceeds_the_concurrency_limit) {
   rt.set_handlers({&h});
   ASSERT_FALSE(rt.start());
   for (int i = 0; i < 300; ++i)
-    ASSERT_FALSE(rt.publish(make_env("order.confirmed", "r-" + std::to_string(i))));
+    ASSERT_FALSE(
+      rt.publish(make_env("order.confirmed", "r-" + std::to_string(i))));
   ASSERT_TRUE(wait_for([] { return g.done.load() == 300; }));
   EXPECT_LE(g.peak.load(), 3);
   rt.stop(5s);

@@ -30,7 +30,8 @@ struct entry {
 };
 
 struct group_state {
-  std::map<uint64_t, entry> ready; // by publish sequence: redeliveries keep order
+  std::map<uint64_t, entry>
+    ready; // by publish sequence: redeliveries keep order
   std::multimap<time_point, entry> delayed;
   std::unordered_map<uint64_t, entry> unacked; // by delivery tag
   uint64_t next_tag = 1;
@@ -123,9 +124,9 @@ void inproc_broker::publish(const envelope& env) {
 
 void inproc_broker::publish_raw(std::string subject, std::string bytes,
                                 std::string traceparent, std::string key) {
-  auto msg = std::make_shared<const stored_message>(stored_message{
-    std::move(subject), std::move(bytes), std::move(traceparent),
-    std::move(key)});
+  auto msg = std::make_shared<const stored_message>(
+    stored_message{std::move(subject), std::move(bytes), std::move(traceparent),
+                   std::move(key)});
   std::vector<std::function<void()>> wake;
   {
     std::lock_guard guard{state_->mtx};
@@ -180,7 +181,9 @@ class inproc_transport : public transport {
 public:
   inproc_transport(std::shared_ptr<inproc_broker> broker, std::string group,
                    transport_environment env)
-    : broker_(std::move(broker)), group_(std::move(group)), env_(std::move(env)) {
+    : broker_(std::move(broker)),
+      group_(std::move(group)),
+      env_(std::move(env)) {
     std::lock_guard guard{broker_->state_->mtx};
     id_ = broker_->state_->next_consumer++;
   }
@@ -211,7 +214,8 @@ public:
 
   caf::error poll(size_t max, std::vector<raw_message>& out) override {
     if (!subscribed_)
-      return make_error(errc::invalid_state, "inproc transport: poll before subscribe");
+      return make_error(errc::invalid_state,
+                        "inproc transport: poll before subscribe");
     if (closed_)
       return make_error(errc::invalid_state,
                         "inproc transport: poll after close (make a new "
@@ -379,8 +383,8 @@ parse_inproc_url(std::string_view url) {
         group = std::string{v};
       else
         return make_error(errc::invalid_url,
-                          "unknown parameter '" + std::string{k}
-                            + "' in '" + std::string{url}
+                          "unknown parameter '" + std::string{k} + "' in '"
+                            + std::string{url}
                             + "' (inproc URLs take only group=NAME)");
       if (amp == std::string_view::npos)
         break;
@@ -393,17 +397,16 @@ parse_inproc_url(std::string_view url) {
 } // namespace
 
 void register_inproc_transport() {
-  register_transport(
-    "inproc",
-    [](std::string_view url,
-       const transport_environment& env) -> caf::expected<transport_ptr> {
-      auto parsed = parse_inproc_url(url);
-      if (!parsed)
-        return parsed.error();
-      auto& [name, group] = *parsed;
-      return transport_ptr{std::make_shared<inproc_transport>(
-        inproc_broker::get(name), group, env)};
-    });
+  register_transport("inproc",
+                     [](std::string_view url, const transport_environment& env)
+                       -> caf::expected<transport_ptr> {
+                       auto parsed = parse_inproc_url(url);
+                       if (!parsed)
+                         return parsed.error();
+                       auto& [name, group] = *parsed;
+                       return transport_ptr{std::make_shared<inproc_transport>(
+                         inproc_broker::get(name), group, env)};
+                     });
 }
 
 } // namespace evmesh

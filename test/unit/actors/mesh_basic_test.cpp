@@ -1,8 +1,7 @@
 // Issue tests 1-5, 7, 10: terminal actions, retries, dead letters,
 // exceptions, malformed payloads, tenants, registry errors.
-#include <gtest/gtest.h>
-
 #include <boost/describe.hpp>
+#include <gtest/gtest.h>
 
 #include "probe.hpp"
 
@@ -86,7 +85,9 @@ TEST_F(fixture, retry_runs_max_attempts_times_then_dead_letters_once) {
 
 TEST_F(fixture, dead_letter_outcome_goes_to_dlq_without_retries) {
   start();
-  p->behave = [](event_context&) { return dead_letter("order does not exist"); };
+  p->behave = [](event_context&) {
+    return dead_letter("order does not exist");
+  };
   mesh->publish(make_env("order.confirmed", "o-3"));
   ASSERT_TRUE(mesh->run_until_settled());
   EXPECT_EQ(p->runs("o-3"), 1u);

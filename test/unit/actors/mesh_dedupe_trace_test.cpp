@@ -7,6 +7,7 @@
 
 #include "evmesh/memory_store.hpp"
 #include "evmesh/sqlite_store.hpp"
+
 #include "probe.hpp"
 
 using namespace evmesh;
@@ -79,8 +80,8 @@ TEST(dedupe, in_flight_claim_defers_without_counting_an_attempt) {
   // Another worker holds the claim.
   ASSERT_EQ(store->try_begin("orders:order.*:k-2", 1h), claim_result::fresh);
   mesh.publish(make_env("order.confirmed", "k-2"));
-  ASSERT_TRUE(mesh.run_until(
-    [&] { return mesh.runtime().stats().deferred >= 5; }));
+  ASSERT_TRUE(
+    mesh.run_until([&] { return mesh.runtime().stats().deferred >= 5; }));
   EXPECT_EQ(p->total(), 0u);
   // The other worker fails and releases the key: we run it, as attempt 1.
   ASSERT_FALSE(store->abort("orders:order.*:k-2"));
@@ -112,8 +113,8 @@ TEST(dedupe, unavailable_store_fail_closed_retries_later) {
   auto h = make_handler("orders", "order.*");
   ASSERT_FALSE(mesh.start({&h}, services(p, store)));
   mesh.publish(make_env("order.confirmed", "k-4"));
-  ASSERT_TRUE(mesh.run_until(
-    [&] { return mesh.runtime().stats().deferred >= 10; }));
+  ASSERT_TRUE(
+    mesh.run_until([&] { return mesh.runtime().stats().deferred >= 10; }));
   EXPECT_EQ(p->total(), 0u);
   EXPECT_EQ(mesh.broker_stats().dead_lettered, 0u);
   store->available = true;
@@ -169,13 +170,13 @@ TEST(trace_continuity, valid_traceparent_becomes_the_parent_of_each_attempt) {
 
 TEST(trace_continuity, invalid_or_missing_traceparent_starts_a_counted_root) {
   const std::vector<std::string> invalid = {
-    "",                                                         // absent
-    "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-1",   // short
-    "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",  // upper
-    "00-00000000000000000000000000000000-00f067aa0ba902b7-01",  // zero trace
-    "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",  // zero span
-    "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",  // version ff
-    "00_4bf92f3577b34da6a3ce929d0e0e4736_00f067aa0ba902b7_01",  // separators
+    "",                                                        // absent
+    "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-1",  // short
+    "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01", // upper
+    "00-00000000000000000000000000000000-00f067aa0ba902b7-01", // zero trace
+    "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01", // zero span
+    "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", // version ff
+    "00_4bf92f3577b34da6a3ce929d0e0e4736_00f067aa0ba902b7_01", // separators
   };
   auto p = std::make_shared<probe>();
   evmesh::testing::test_mesh mesh{test_name()};

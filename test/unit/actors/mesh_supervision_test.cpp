@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include "evmesh/messages.hpp"
+
 #include "probe.hpp"
 
 using namespace evmesh;
@@ -42,8 +43,8 @@ TEST(ordering, per_key_order_holds_and_a_poison_key_parks_only_itself) {
   for (int i = 0; i < per_key; ++i)
     for (int k = 0; k < keys; ++k) {
       auto key = k == 0 ? std::string{"A"} : "K" + std::to_string(k);
-      mesh.publish(make_env("order.confirmed", key + "-" + std::to_string(i),
-                            key));
+      mesh.publish(
+        make_env("order.confirmed", key + "-" + std::to_string(i), key));
     }
   // Every other key completes while A's poison message is still retrying.
   auto others_done = [&] {
@@ -212,8 +213,12 @@ caf::behavior flaky_actor(caf::event_based_actor* self) {
       }
       auto& p = d.context->inject<probe>();
       std::lock_guard guard{p.mtx};
-      p.calls.push_back({d.context->message().topic, id, {},
-                         d.context->attempt(), d.context->trace(), {}});
+      p.calls.push_back({d.context->message().topic,
+                         id,
+                         {},
+                         d.context->attempt(),
+                         d.context->trace(),
+                         {}});
       return ok();
     },
   };
@@ -321,8 +326,8 @@ TEST(supervision, restart_storm_pauses_the_subscription_and_degrades_health) {
   // Paused: no further attempts until the pause ends.
   mesh.advance(4s);
   EXPECT_EQ(mesh.runtime().stats().lane_restarts, 3u);
-  ASSERT_TRUE(mesh.run_until(
-    [&] { return mesh.runtime().stats().lane_restarts > 3; }));
+  ASSERT_TRUE(
+    mesh.run_until([&] { return mesh.runtime().stats().lane_restarts > 3; }));
   ASSERT_TRUE(mesh.run_until_settled());
   auto records = evmesh::testing::dead_letters(mesh.broker());
   ASSERT_EQ(records.size(), 1u);

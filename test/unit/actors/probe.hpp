@@ -47,9 +47,8 @@ inline outcome probe_handler(event_context& ctx) {
   auto& p = ctx.inject<probe>();
   {
     std::lock_guard guard{p.mtx};
-    p.calls.push_back({ctx.message().topic, ctx.message().id,
-                       ctx.message().key, ctx.attempt(), ctx.trace(),
-                       ctx.tenant()});
+    p.calls.push_back({ctx.message().topic, ctx.message().id, ctx.message().key,
+                       ctx.attempt(), ctx.trace(), ctx.tenant()});
   }
   return p.behave(ctx);
 }

@@ -71,7 +71,10 @@ make_intake_dead_letter(const runtime_env& env, const raw_message& raw,
   rec.transport = std::string{env.transport->scheme()};
   rec.position = raw.position;
   rec.node = env.node;
-  rec.original = raw.bytes;
+  // Masked before any sink sees it: the store and the broker's DLQ alike.
+  rec.original = decoded && !env.config.mask_fields.empty()
+                   ? mask_fields(raw.bytes, env.config.mask_fields)
+                   : raw.bytes;
   rec.original_decoded = decoded != nullptr;
   return rec;
 }
@@ -102,10 +105,7 @@ caf::behavior dead_letter_writer(caf::event_based_actor* self,
     if (i == state->pending.end())
       return;
     auto& p = i->second;
-    auto rec = *p.record;
-    if (!env->config.mask_fields.empty() && rec.original_decoded)
-      rec.original = mask_fields(rec.original, env->config.mask_fields);
-    auto res = env->dead_letters->write(rec);
+    auto res = env->dead_letters->write(*p.record);
     if (res) {
       p.promise.deliver(*res);
       state->pending.erase(i);

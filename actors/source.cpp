@@ -199,6 +199,12 @@ public:
       d.nack = true;
     else if (s.kind == settle_kind::dead_lettered && s.record)
       d.records.push_back(s.record);
+    if (d.remaining == 0) {
+      spdlog::critical("delivery {} settled more often than it was routed; "
+                       "ignoring the extra settlement",
+                       s.delivery_id);
+      return;
+    }
     if (--d.remaining > 0)
       return;
     auto& t = *st_->env->transport;

@@ -427,10 +427,7 @@ public:
     rec->category = std::move(category);
     rec->reason = rec->errors.empty() ? "" : rec->errors.back().message;
     rec->attempts = attempt_of(r);
-    if (!rec->errors.empty()) {
-      rec->first_failure_ms = rec->errors.front().at_ms;
-      rec->last_failure_ms = rec->errors.back().at_ms;
-    }
+    // first/last failure times are kept by add_error (also beyond 5 errors).
     rec->consumer = st_->sub->handler->consumer;
     rec->pattern = st_->sub->handler->pattern;
     rec->topic = m.env.topic;
@@ -441,7 +438,9 @@ public:
     rec->node = env.node;
     rec->traceparent = r.last_traceparent.empty() ? m.env.traceparent
                                                   : r.last_traceparent;
-    rec->original = m.raw.bytes;
+    rec->original = env.config.mask_fields.empty()
+                      ? m.raw.bytes
+                      : mask_fields(m.raw.bytes, env.config.mask_fields);
     rec->original_decoded = true;
     spdlog::warn("{}: dead-lettering {} message on '{}' after {} attempt(s): "
                  "{}",

@@ -81,7 +81,7 @@ public:
     if (auto ptr = services_->find<T>())
       return *ptr;
     throw missing_dependency(std::string{"no service of type "}
-                             + typeid(T).name()
+                             + boost::core::demangle(typeid(T).name())
                              + " in the container: register it with "
                                "container_builder::add before start()");
   }

@@ -60,7 +60,8 @@ struct runtime_stats {
   uint64_t deferred = 0;
   /// Deliveries currently owned by the runtime.
   uint64_t in_flight = 0;
-  /// Highest number of handler attempts running at once, per subscription.
+  /// Highest number of handler attempts one subscription ran at once (the
+  /// maximum over all subscriptions).
   uint64_t max_concurrent = 0;
   /// Subscriptions currently paused by the restart-intensity limit.
   uint64_t paused = 0;

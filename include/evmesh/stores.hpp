@@ -80,7 +80,7 @@ struct dead_letter_limits {
 struct dead_letter_record {
   /// Store-assigned id (0 before it is written).
   int64_t id = 0;
-  /// Why: decode_error, no_handler, tenant_rejected, permanent,
+  /// Why: decode_error, too_large, no_handler, tenant_rejected, permanent,
   /// malformed_payload, retries_exhausted, crash_loop.
   std::string category;
   /// The final reason (the last error's message).

@@ -235,3 +235,23 @@ TEST_F(fixture, fan_out_gives_each_subscription_its_own_retries) {
   EXPECT_EQ(s.acked, 1u); // one delivery, one terminal action
   EXPECT_EQ(s.protocol_violations, 0u);
 }
+
+TEST_F(fixture, masked_fields_never_reach_a_dead_letter_sink) {
+  mesh->config().mask_fields = {"card_number", "email"};
+  start();
+  p->behave = [](event_context&) { return dead_letter("declined"); };
+  auto e = make_env("order.confirmed", "pii-1");
+  e.payload = boost::json::object{
+    {"order_id", "A1"},
+    {"customer", boost::json::object{{"email", "x@example.com"}}},
+    {"card_number", "4111111111111111"}};
+  mesh->publish(e);
+  ASSERT_TRUE(mesh->run_until_settled());
+  auto records = dlq(); // the broker's DLQ sink
+  ASSERT_EQ(records.size(), 1u);
+  auto& original = records[0].original;
+  EXPECT_EQ(original.find("4111111111111111"), std::string::npos) << original;
+  EXPECT_EQ(original.find("x@example.com"), std::string::npos) << original;
+  EXPECT_NE(original.find("\"A1\""), std::string::npos) << original;
+  EXPECT_NE(original.find("***"), std::string::npos) << original;
+}

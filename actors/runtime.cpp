@@ -132,6 +132,13 @@ caf::error consumer_runtime::start() {
       return sink.error();
     env->spans = std::move(*sink);
   }
+  if (env->dedupe)
+    for (auto& sub : env->table.subscriptions)
+      if (sub.options.timeout > d.config.dedupe_lease)
+        spdlog::warn("{}: handler timeout exceeds dedupe.lease; a claim can "
+                     "expire while the handler still runs and another worker "
+                     "may run the same message — raise dedupe.lease",
+                     sub.name);
   if (auto ptr = d.services.find_shared<tenant_registry>())
     env->tenants = ptr;
   else if (d.config.tenants_enabled)

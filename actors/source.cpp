@@ -121,6 +121,13 @@ public:
       return;
     }
     auto& e = *decoded;
+    st_->matches.clear();
+    env.table.match(e.topic, st_->matches);
+    if (st_->matches.empty()) {
+      intake_dead_letter(id, raw, &e, "no_handler",
+                         "no handler matches topic '" + e.topic + "'");
+      return;
+    }
     std::string tenant = e.tenant;
     if (env.tenants) {
       auto res = env.tenants->resolve(e.tenant);
@@ -129,13 +136,6 @@ public:
         return;
       }
       tenant = std::move(res.tenant);
-    }
-    st_->matches.clear();
-    env.table.match(e.topic, st_->matches);
-    if (st_->matches.empty()) {
-      intake_dead_letter(id, raw, &e, "no_handler",
-                         "no handler matches topic '" + e.topic + "'");
-      return;
     }
     auto msg = std::make_shared<incoming_message>();
     msg->delivery_id = id;

@@ -1,8 +1,11 @@
 #include <algorithm>
 #include <cctype>
 #include <charconv>
+#include <map>
+#include <mutex>
 #include <string>
 #include <string_view>
+#include <utility>
 
 #include "evmesh/memory_store.hpp"
 #include "evmesh/sqlite_store.hpp"
@@ -100,7 +103,36 @@ caf::expected<idempotency_store_ptr> make_memory_store(std::string_view url,
   return std::make_shared<memory_idempotency_store>(shards);
 }
 
+/// Factories of optional idempotency stores, by lower-case scheme.
+struct idempotency_registry {
+  std::mutex mtx;
+  std::map<std::string, idempotency_store_factory, std::less<>> factories;
+
+  static idempotency_registry& instance() {
+    static idempotency_registry registry;
+    return registry;
+  }
+
+  idempotency_store_factory find(std::string_view scheme) {
+    std::lock_guard<std::mutex> guard{mtx};
+    if (auto it = factories.find(scheme); it != factories.end())
+      return it->second;
+    return {};
+  }
+};
+
 } // namespace
+
+void register_idempotency_store(std::string scheme,
+                                idempotency_store_factory factory) {
+  std::transform(scheme.begin(), scheme.end(), scheme.begin(),
+                 [](unsigned char c) {
+                   return static_cast<char>(std::tolower(c));
+                 });
+  auto& registry = idempotency_registry::instance();
+  std::lock_guard<std::mutex> guard{registry.mtx};
+  registry.factories.insert_or_assign(std::move(scheme), std::move(factory));
+}
 
 caf::expected<idempotency_store_ptr>
 make_idempotency_store(std::string_view url) {
@@ -119,11 +151,17 @@ make_idempotency_store(std::string_view url) {
       return std::move(store.error());
     return idempotency_store_ptr{std::move(*store)};
   }
+  // Outside the registry's lock: a factory may connect to a server.
+  if (auto factory = idempotency_registry::instance().find(scheme))
+    return factory(url);
   if (scheme == "redis")
     return make_error(errc::invalid_url,
                       "idempotency store URL '" + std::string{url}
-                        + "': redis:// is not built into this binary yet"
-                          " — use memory:// or sqlite://PATH");
+                        + "': redis:// is not built into this binary — build"
+                          " with libhiredis-dev installed (target"
+                          " evmesh_redis) and call"
+                          " evmesh::register_redis_store(), or use memory://"
+                          " or sqlite://PATH");
   return bad_url(idempotency_kind, url, "unknown", idempotency_expected);
 }
 

@@ -228,10 +228,9 @@ caf::expected<store_ptr> store::open(const std::string& path) {
     if (!dir.empty() && !fs::is_directory(dir, ec))
       fs::create_directories(dir, ec);
   }
-  auto rc = sqlite3_open_v2(path.c_str(), &p->db,
-                            SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE
-                              | SQLITE_OPEN_NOMUTEX,
-                            nullptr);
+  auto rc = sqlite3_open_v2(
+    path.c_str(), &p->db,
+    SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX, nullptr);
   if (rc != SQLITE_OK)
     return make_error(errc::unavailable,
                       "cannot open the outbox database '" + path
@@ -241,9 +240,8 @@ caf::expected<store_ptr> store::open(const std::string& path) {
   if (auto err = exec(p->db,
                       "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
                       "configuring the connection"))
-    return make_error(errc::unavailable,
-                      "cannot open the outbox database '" + path
-                        + "': " + render(err));
+    return make_error(errc::unavailable, "cannot open the outbox database '"
+                                           + path + "': " + render(err));
   if (auto err = ensure_schema(p->db))
     return make_error(errc::unavailable,
                       "cannot initialise the outbox database '" + path
@@ -255,9 +253,8 @@ caf::expected<store_ptr> store::open_url(std::string_view url) {
   for (std::string_view prefix : {"outbox:sqlite://", "sqlite://"})
     if (url.starts_with(prefix))
       return open(std::string{url.substr(prefix.size())});
-  return make_error(errc::invalid_url,
-                    "not an outbox URL: '" + std::string{url}
-                      + "' — expected outbox:sqlite://PATH");
+  return make_error(errc::invalid_url, "not an outbox URL: '" + std::string{url}
+                                         + "' — expected outbox:sqlite://PATH");
 }
 
 sqlite3* store::handle() const noexcept {
@@ -268,9 +265,8 @@ const std::string& store::path() const noexcept {
   return impl_->path;
 }
 
-caf::expected<int64_t> store::enqueue(envelope env,
-                                      const trace_context* current,
-                                      envelope* stamped) {
+caf::expected<int64_t>
+store::enqueue(envelope env, const trace_context* current, envelope* stamped) {
   std::lock_guard guard{impl_->mtx};
   return outbox::enqueue(impl_->db, std::move(env), current, stamped);
 }
@@ -309,8 +305,8 @@ caf::error store::mark_published(int64_t seq, int64_t at_ms) {
   st.bind(1, seq);
   st.bind(2, at_ms);
   if (!st.ok() || st.step() != SQLITE_DONE)
-    return sql_error(impl_->db, "marking row " + std::to_string(seq)
-                                  + " published");
+    return sql_error(impl_->db,
+                     "marking row " + std::to_string(seq) + " published");
   return {};
 }
 
@@ -325,8 +321,8 @@ caf::error store::mark_failed(int64_t seq, uint32_t attempts,
   st.bind(3, error);
   st.bind(4, next_attempt_ms);
   if (!st.ok() || st.step() != SQLITE_DONE)
-    return sql_error(impl_->db, "recording the failure of row "
-                                  + std::to_string(seq));
+    return sql_error(impl_->db,
+                     "recording the failure of row " + std::to_string(seq));
   return {};
 }
 

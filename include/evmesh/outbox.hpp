@@ -84,10 +84,10 @@ struct counts {
 
 /// An outbox database opened by path, with its own connection (WAL,
 /// `synchronous=NORMAL` — a mark lost to power failure only republishes a
-/// row, which consumers dedupe — `busy_timeout=5000`): what the relay and the CLI use. Thread-safe (calls
-/// are serialised by a mutex). Applications enqueue on their own connection
-/// instead (`enqueue(sqlite3*, ...)`), or through `enqueue` here when the
-/// outbox has no business rows next to it.
+/// row, which consumers dedupe — `busy_timeout=5000`): what the relay and the
+/// CLI use. Thread-safe (calls are serialised by a mutex). Applications enqueue
+/// on their own connection instead (`enqueue(sqlite3*, ...)`), or through
+/// `enqueue` here when the outbox has no business rows next to it.
 class store {
 public:
   /// Opens (creating file, parent directories and schema if needed) the

@@ -2,6 +2,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -172,6 +173,18 @@ using clock_fn = std::chrono::steady_clock::time_point (*)();
 /// actionable `errc::invalid_url` / `errc::unavailable`.
 caf::expected<idempotency_store_ptr>
 make_idempotency_store(std::string_view url);
+
+/// Builds an idempotency store from a full URL of its scheme.
+using idempotency_store_factory
+  = std::function<caf::expected<idempotency_store_ptr>(std::string_view url)>;
+
+/// Makes `make_idempotency_store` open URLs of `scheme` (case-insensitive,
+/// without "://") with `factory`, so optional stores such as `redis://` plug
+/// in without a hard dependency. Registering a scheme again replaces its
+/// factory; `memory` and `sqlite` are built in and cannot be replaced.
+/// Thread-safe.
+void register_idempotency_store(std::string scheme,
+                                idempotency_store_factory factory);
 
 /// Opens a dead-letter store by URL: `sqlite://path/to/dlq.db`.
 caf::expected<dead_letter_store_ptr>

@@ -2,6 +2,11 @@
 //
 //   evmesh dlq list [--db URL | --config FILE] [filters] [--limit N] [--json]
 //   evmesh dlq show ID [--db URL | --config FILE] [--json]
+//   evmesh dlq replay [--db URL | --config FILE] [filters] [--to TOPIC]
+//                     --target URL [--again] [--yes] [--json]
+//   evmesh dlq purge [--db URL | --config FILE] [filters] [--yes]
+//   evmesh publish URL --topic T [--key K] [--idempotency-key I]
+//                  [--data JSON | --file F]   (else the payload is stdin)
 //   evmesh config reference
 //   evmesh config check FILE
 //
@@ -10,8 +15,11 @@
 #include <algorithm>
 #include <charconv>
 #include <exception>
+#include <fstream>
 #include <iostream>
+#include <iterator>
 #include <optional>
+#include <sstream>
 #include <string>
 #include <string_view>
 #include <tuple>
@@ -23,6 +31,7 @@
 #include "evmesh/error.hpp"
 
 #include "dlq.hpp"
+#include "ops.hpp"
 #include "text.hpp"
 
 using namespace evmesh;
@@ -36,7 +45,8 @@ struct command_group {
 };
 
 const std::vector<command_group> command_groups = {
-  {"dlq", {"list", "show"}},
+  {"publish", {}},
+  {"dlq", {"list", "show", "replay", "purge"}},
   {"config", {"reference", "check"}},
 };
 
@@ -76,7 +86,8 @@ std::string usage_line() {
   for (const auto& g : command_groups) {
     out += out.empty() ? "" : ", ";
     out += g.name;
-    out += ' ';
+    if (!g.commands.empty())
+      out += ' ';
     for (size_t i = 0; i < g.commands.size(); ++i) {
       out += i == 0 ? "" : "|";
       out += g.commands[i];
@@ -112,6 +123,8 @@ std::optional<int> check_commands(int argc, char** argv) {
       msg += " — commands: " + usage_line();
     return fail(msg);
   }
+  if (group->commands.empty())
+    return std::nullopt; // a command without subcommands
   auto group_name = std::string{group->name};
   std::string choices;
   for (auto c : group->commands)
@@ -199,6 +212,51 @@ std::string unknown_option_hint(CLI::App& app, int argc, char** argv) {
   return {};
 }
 
+/// The filters `dlq list`, `dlq replay` and `dlq purge` share.
+struct filter_options {
+  std::string since_text;
+  std::string until_text;
+};
+
+void add_filter_options(CLI::App* cmd, dead_letter_query& q,
+                        filter_options& f) {
+  cmd->add_option("--topic", q.topic, "Only this topic");
+  cmd->add_option("--consumer", q.consumer, "Only this consumer");
+  cmd->add_option("--category", q.category,
+                  "Only this category (decode_error, no_handler, "
+                  "tenant_rejected, permanent, malformed_payload, "
+                  "retries_exhausted, crash_loop)");
+  cmd->add_option("--key", q.key, "Only this ordering key");
+  cmd
+    ->add_option("--since", f.since_text,
+                 "Last failure at or after TIME: RFC 3339 "
+                 "(2024-05-01T12:00:00Z), epoch milliseconds, or a "
+                 "duration before now (2h)")
+    ->type_name("TIME");
+  cmd
+    ->add_option("--until", f.until_text,
+                 "Last failure at or before TIME (same forms as --since)")
+    ->type_name("TIME");
+}
+
+/// Converts --since/--until into `q`; an exit code on a bad time.
+std::optional<int> apply_times(const filter_options& f, dead_letter_query& q) {
+  auto now = now_ms();
+  for (auto [text, dst, name] :
+       {std::tuple{&f.since_text, &q.since_ms, "--since"},
+        std::tuple{&f.until_text, &q.until_ms, "--until"}}) {
+    if (text->empty())
+      continue;
+    auto ms = parse_time_ms(*text, now);
+    if (!ms) {
+      std::cerr << "evmesh: " << name << ": " << message_of(ms.error()) << '\n';
+      return exit_usage;
+    }
+    *dst = *ms;
+  }
+  return std::nullopt;
+}
+
 int run(int argc, char** argv) {
   if (auto code = check_commands(argc, argv))
     return *code;
@@ -212,29 +270,11 @@ int run(int argc, char** argv) {
   dlq->require_subcommand(1);
   store_choice list_store;
   dlq_list_options list_opts;
-  std::string since_text;
-  std::string until_text;
+  filter_options list_filters;
   auto list = dlq->add_subcommand(
     "list", "List dead letters, newest (by last failure) first.");
   add_store_options(list, list_store);
-  list->add_option("--topic", list_opts.query.topic, "Only this topic");
-  list->add_option("--consumer", list_opts.query.consumer,
-                   "Only this consumer");
-  list->add_option("--category", list_opts.query.category,
-                   "Only this category (decode_error, no_handler, "
-                   "tenant_rejected, permanent, malformed_payload, "
-                   "retries_exhausted, crash_loop)");
-  list->add_option("--key", list_opts.query.key, "Only this ordering key");
-  list
-    ->add_option("--since", since_text,
-                 "Last failure at or after TIME: RFC 3339 "
-                 "(2024-05-01T12:00:00Z), epoch milliseconds, or a "
-                 "duration before now (2h)")
-    ->type_name("TIME");
-  list
-    ->add_option("--until", until_text,
-                 "Last failure at or before TIME (same forms as --since)")
-    ->type_name("TIME");
+  add_filter_options(list, list_opts.query, list_filters);
   list
     ->add_option("--limit", list_opts.query.limit,
                  "Most records to show; 0 shows all")
@@ -251,6 +291,67 @@ int run(int argc, char** argv) {
   add_store_options(show, show_store);
   show->add_flag("--json", show_opts.json,
                  "The record as one JSON line instead of the readable form");
+  store_choice replay_store;
+  dlq_replay_options replay_opts;
+  filter_options replay_filters;
+  auto replay = dlq->add_subcommand(
+    "replay",
+    "Republish the original envelopes of the selected dead letters (attempt "
+    "0, the dead letter's span as trace parent, idempotency key "
+    "replay:ID:ORIGINAL_KEY) and mark them replayed. Records replayed "
+    "before are skipped unless --again.");
+  add_store_options(replay, replay_store);
+  add_filter_options(replay, replay_opts.query, replay_filters);
+  replay
+    ->add_option("--limit", replay_opts.query.limit,
+                 "Most records to replay (newest first); 0 = all selected")
+    ->capture_default_str();
+  replay->add_option("--to", replay_opts.to,
+                     "Publish to this topic instead of the original one");
+  replay
+    ->add_option("--target", replay_opts.target,
+                 "Where to publish: outbox:sqlite://PATH (the service's "
+                 "outbox; its relay publishes) or a transport URL")
+    ->type_name("URL");
+  replay->add_flag("--again", replay_opts.again,
+                   "Also replay records that were replayed before");
+  replay->add_flag("--yes,-y", replay_opts.yes, "Do not ask for confirmation");
+  replay->add_flag("--json", replay_opts.json,
+                   "One JSON result per record instead of text lines");
+  store_choice purge_store;
+  dlq_purge_options purge_opts;
+  filter_options purge_filters;
+  auto purge = dlq->add_subcommand(
+    "purge", "Delete the dead letters the filters select (all without "
+             "filters), after confirmation.");
+  add_store_options(purge, purge_store);
+  add_filter_options(purge, purge_opts.query, purge_filters);
+  purge
+    ->add_option("--limit", purge_opts.query.limit,
+                 "Most records to delete (newest first); 0 = all selected")
+    ->capture_default_str();
+  purge->add_flag("--yes,-y", purge_opts.yes, "Do not ask for confirmation");
+  // -- publish
+  publish_options pub_opts;
+  std::string pub_file;
+  auto pub = app.add_subcommand(
+    "publish", "Publish one event: into a service's outbox database "
+               "(outbox:sqlite://PATH) or through a transport URL.");
+  pub
+    ->add_option("url", pub_opts.url,
+                 "outbox:sqlite://PATH, or a transport URL (inproc:// reaches "
+                 "only this process; broker URLs need their transports)")
+    ->required()
+    ->type_name("URL");
+  pub->add_option("--topic", pub_opts.topic, "Topic of the event")->required();
+  pub->add_option("--key", pub_opts.key, "Ordering key");
+  pub->add_option("--idempotency-key", pub_opts.idempotency_key,
+                  "Idempotency key (default: the generated event id)");
+  auto data_opt = pub->add_option("--data", pub_opts.data,
+                                  "The payload as JSON text");
+  pub->add_option("--file", pub_file, "Read the payload JSON from FILE")
+    ->type_name("FILE")
+    ->excludes(data_opt);
   // -- config
   auto config = app.add_subcommand("config",
                                    "Configuration reference and checks.");
@@ -299,21 +400,49 @@ int run(int argc, char** argv) {
     if (!db)
       return exit_code;
     list_opts.db = *db;
-    auto now = now_ms();
-    for (auto [text, dst, name] :
-         {std::tuple{&since_text, &list_opts.query.since_ms, "--since"},
-          std::tuple{&until_text, &list_opts.query.until_ms, "--until"}}) {
-      if (text->empty())
-        continue;
-      auto ms = parse_time_ms(*text, now);
-      if (!ms) {
-        std::cerr << "evmesh: " << name << ": " << message_of(ms.error())
-                  << '\n';
-        return exit_usage;
-      }
-      *dst = *ms;
-    }
+    if (auto code = apply_times(list_filters, list_opts.query))
+      return *code;
     return dlq_list(list_opts, std::cout, std::cerr);
+  }
+  if (replay->parsed()) {
+    auto db = resolve_store(replay_store, exit_code);
+    if (!db)
+      return exit_code;
+    replay_opts.db = *db;
+    if (auto code = apply_times(replay_filters, replay_opts.query))
+      return *code;
+    return dlq_replay(replay_opts, terminal::detect(), std::cin, std::cout,
+                      std::cerr);
+  }
+  if (purge->parsed()) {
+    auto db = resolve_store(purge_store, exit_code);
+    if (!db)
+      return exit_code;
+    purge_opts.db = *db;
+    if (auto code = apply_times(purge_filters, purge_opts.query))
+      return *code;
+    return dlq_purge(purge_opts, terminal::detect(), std::cin, std::cout,
+                     std::cerr);
+  }
+  if (pub->parsed()) {
+    if (!pub_file.empty() || pub->count("--data") == 0) {
+      std::ifstream file;
+      if (!pub_file.empty()) {
+        file.open(pub_file, std::ios::binary);
+        if (!file) {
+          std::cerr << "evmesh: cannot read --file " << pub_file
+                    << ": no such file or not readable\n";
+          return exit_usage;
+        }
+        pub_opts.data_source = pub_file;
+      } else {
+        pub_opts.data_source = "stdin";
+      }
+      std::istream& src = pub_file.empty() ? std::cin : file;
+      pub_opts.data.assign(std::istreambuf_iterator<char>{src},
+                           std::istreambuf_iterator<char>{});
+    }
+    return publish(pub_opts, std::cout, std::cerr);
   }
   if (show->parsed()) {
     auto db = resolve_store(show_store, exit_code);

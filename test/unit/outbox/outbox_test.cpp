@@ -1,4 +1,6 @@
 // Issue 7: the transactional outbox and its relay.
+#include "evmesh/outbox.hpp"
+
 #include <atomic>
 #include <filesystem>
 #include <functional>
@@ -7,13 +9,11 @@
 #include <string>
 #include <vector>
 
+#include <caf/all.hpp>
 #include <gtest/gtest.h>
 #include <sqlite3.h>
 #include <unistd.h>
 
-#include <caf/all.hpp>
-
-#include "evmesh/outbox.hpp"
 #include "evmesh/testing.hpp"
 
 #include "../actors/probe.hpp"
@@ -213,15 +213,17 @@ TEST(outbox_enqueue, rollback_publishes_nothing_and_commit_publishes) {
   EXPECT_TRUE(stats->stopped);
 }
 
-TEST(outbox_relay, crash_between_publish_and_mark_publishes_again_and_consumer_dedupes) {
+TEST(outbox_relay,
+     crash_between_publish_and_mark_publishes_again_and_consumer_dedupes) {
   temp_dir dir;
   auto st = outbox::store::open(dir.file("app.db"));
   ASSERT_TRUE(st);
   std::vector<std::string> ids;
   for (int i = 0; i < 3; ++i) {
     envelope stamped;
-    ASSERT_TRUE((*st)->enqueue(make_event("order.created", "o-" + std::to_string(i), i),
-                               nullptr, &stamped));
+    ASSERT_TRUE(
+      (*st)->enqueue(make_event("order.created", "o-" + std::to_string(i), i),
+                     nullptr, &stamped));
     ids.push_back(stamped.id);
   }
   auto p = std::make_shared<probe>();
@@ -334,7 +336,8 @@ TEST(outbox_relay, failing_key_is_parked_while_other_keys_flow) {
     if (r.state == "parked") {
       ++parked;
       EXPECT_EQ(r.attempts, 3u);
-      EXPECT_NE(r.last_error.find("broker rejected key bad"), std::string::npos);
+      EXPECT_NE(r.last_error.find("broker rejected key bad"),
+                std::string::npos);
     } else {
       ++waiting;
       EXPECT_EQ(r.state, "pending");

@@ -255,3 +255,30 @@ TEST_F(fixture, masked_fields_never_reach_a_dead_letter_sink) {
   EXPECT_NE(original.find("\"A1\""), std::string::npos) << original;
   EXPECT_NE(original.find("***"), std::string::npos) << original;
 }
+
+TEST_F(fixture, start_fails_clearly_on_bad_urls_and_unwritable_stores) {
+  struct bad_case {
+    void (*apply)(runtime_config&);
+    const char* expect;
+  };
+  const bad_case cases[] = {
+    {[](runtime_config& c) { c.transport_url = "kafkaa://x"; }, "kafkaa"},
+    {[](runtime_config& c) { c.transport_url = "inproc://x?bogus=1"; },
+     "bogus"},
+    {[](runtime_config& c) { c.dedupe_url = "mongo://db"; }, "mongo://db"},
+    {[](runtime_config& c) {
+       c.dead_letter_url = "sqlite:///proc/forbidden/dlq.db";
+     },
+     "/proc/forbidden"},
+    {[](runtime_config& c) { c.trace_sink = "jaeger"; }, "jaeger"},
+  };
+  for (auto& bc : cases) {
+    auto cfg = evmesh::testing::test_config(test_name());
+    bc.apply(cfg);
+    evmesh::testing::test_mesh m{cfg};
+    auto err = m.start({&handler}, with_probe(p));
+    ASSERT_TRUE(err) << bc.expect;
+    auto text = render(err);
+    EXPECT_NE(text.find(bc.expect), std::string::npos) << text;
+  }
+}

@@ -16,10 +16,6 @@ using namespace std::chrono_literals;
 
 namespace {
 
-std::string test_name() {
-  return ::testing::UnitTest::GetInstance()->current_test_info()->name();
-}
-
 /// An idempotency store whose availability the test switches.
 class switchable_store : public idempotency_store {
 public:

@@ -16,10 +16,6 @@ using namespace std::chrono_literals;
 
 namespace {
 
-std::string test_name() {
-  return ::testing::UnitTest::GetInstance()->current_test_info()->name();
-}
-
 int seq_of(const std::string& id) {
   return std::stoi(id.substr(id.rfind('-') + 1));
 }

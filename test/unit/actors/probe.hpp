@@ -7,6 +7,8 @@
 #include <string>
 #include <vector>
 
+#include <gtest/gtest.h>
+
 #include "evmesh/context.hpp"
 #include "evmesh/registry.hpp"
 #include "evmesh/testing.hpp"
@@ -75,6 +77,11 @@ inline envelope make_env(std::string topic, std::string id,
   e.key = std::move(key);
   e.payload = boost::json::object{{"n", 1}};
   return e;
+}
+
+/// The running test's name (unique broker names per test).
+inline std::string test_name() {
+  return ::testing::UnitTest::GetInstance()->current_test_info()->name();
 }
 
 inline container with_probe(std::shared_ptr<probe> p) {

@@ -111,9 +111,15 @@ struct dispatch_batch {
   std::vector<incoming_ptr> items;
 };
 
-/// Topic supervisor -> lane: run one attempt.
+/// Topic supervisor -> lane: run one attempt. Sent as an ordinary message
+/// (not a request): the lane answers with an `attempt_result` message, which
+/// saves CAF's per-request response bookkeeping on the hot path.
 struct attempt_msg {
   incoming_ptr msg;
+  /// Delivery id and dispatch sequence number, echoed in the result so the
+  /// supervisor can drop answers of abandoned attempts.
+  uint64_t id = 0;
+  uint64_t seq = 0;
   /// 1-based attempt number (executions so far + 1).
   uint32_t attempt = 1;
   /// This attempt's span.
@@ -138,6 +144,9 @@ struct attempt_result {
   };
   kind_t kind = handled;
   outcome out;
+  /// Echo of `attempt_msg::id` and `seq`.
+  uint64_t id = 0;
+  uint64_t seq = 0;
 };
 
 /// How a subscription finished with a delivery.

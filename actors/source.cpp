@@ -229,10 +229,16 @@ public:
     }
     st_->deliveries.erase(i);
     stats().in_flight.store(st_->deliveries.size(), std::memory_order_relaxed);
-    if (!st_->draining)
-      schedule_poll(caf::timespan{0});
-    else
+    if (st_->draining) {
       check_stopped();
+      return;
+    }
+    // Poll in batches: only once a batch worth of room is free (or when little
+    // is in flight, for latency). Wakeups and the idle timer cover the rest.
+    auto& cfg = st_->env->config;
+    auto used = st_->deliveries.size();
+    if (used + cfg.poll_batch <= cfg.max_in_flight || used < cfg.poll_batch)
+      schedule_poll(caf::timespan{0});
   }
 
   void drain() {

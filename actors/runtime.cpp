@@ -8,6 +8,12 @@
 #include <unistd.h>
 
 #include "evmesh/inproc.hpp"
+#ifdef EVMESH_HAS_NATS
+#  include "evmesh/nats.hpp"
+#endif
+#ifdef EVMESH_HAS_REDIS
+#  include "evmesh/redis_store.hpp"
+#endif
 
 #include "actors/mesh.hpp"
 
@@ -78,6 +84,23 @@ void consumer_runtime::set_detach_io(bool value) {
 
 namespace {
 
+/// `scheme://user:secret@host/...` -> `scheme://user:***@host/...`; tokens
+/// (`scheme://secret@host`) become `***@host`.
+std::string redact_url(const std::string& url) {
+  auto start = url.find("://");
+  if (start == std::string::npos)
+    return url;
+  start += 3;
+  auto at = url.find('@', start);
+  auto slash = url.find('/', start);
+  if (at == std::string::npos || (slash != std::string::npos && slash < at))
+    return url;
+  auto colon = url.find(':', start);
+  if (colon != std::string::npos && colon < at)
+    return url.substr(0, colon + 1) + "***" + url.substr(at);
+  return url.substr(0, start) + "***" + url.substr(at);
+}
+
 std::string host_name() {
   char buf[256] = {0};
   if (gethostname(buf, sizeof(buf) - 1) != 0)
@@ -107,6 +130,9 @@ caf::error consumer_runtime::start() {
                  "dead-lettered as no_handler");
   env->table = std::move(*table);
   // 2. Stores and sinks: instances in the container win over URLs.
+#ifdef EVMESH_HAS_REDIS
+  register_redis_store();
+#endif
   if (auto ptr = d.services.find_shared<idempotency_store>())
     env->dedupe = ptr;
   else if (!d.config.dedupe_url.empty() && d.config.dedupe_url != "none") {
@@ -153,6 +179,9 @@ caf::error consumer_runtime::start() {
     d.sys = d.own_sys.get();
   }
   register_inproc_transport();
+#ifdef EVMESH_HAS_NATS
+  register_nats_transport();
+#endif
   transport_environment tenv;
   auto* sys = d.sys;
   tenv.now = [sys] { return sys->clock().now(); };
@@ -173,8 +202,8 @@ caf::error consumer_runtime::start() {
                         internal::runtime_env_ptr{env});
   d.started = true;
   spdlog::info("evmesh runtime started on {} with {} subscription(s), node {}",
-               d.config.transport_url, env->table.subscriptions.size(),
-               env->node);
+               redact_url(d.config.transport_url),
+               env->table.subscriptions.size(), env->node);
   return {};
 }
 

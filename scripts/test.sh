@@ -17,7 +17,7 @@ report_failure() {
 }
 trap report_failure EXIT
 
-bash scripts/install-deps.sh
+bash scripts/install-deps.sh --with-servers
 step="configure (cmake --preset dev)"
 cmake --preset dev
 step="build (cmake --build --preset dev)"

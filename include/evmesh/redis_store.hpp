@@ -1,0 +1,117 @@
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+
+#include <caf/expected.hpp>
+
+#include "evmesh/stores.hpp"
+
+namespace evmesh {
+
+/// Where and how a `redis://` idempotency store connects. Parsed from
+/// `redis://[[user]:password@]host[:port][/db][?param=value&...]` with the
+/// parameters `pool`, `timeout_ms`, `connect_timeout_ms` and `prefix`.
+struct redis_store_options {
+  /// Host name or IP address (IPv6 written as `[::1]` in the URL).
+  std::string host = "127.0.0.1";
+  /// TCP port.
+  uint16_t port = 6379;
+  /// ACL user (Redis 6+); empty means `AUTH password` alone.
+  std::string user;
+  /// Password; empty means no AUTH.
+  std::string password;
+  /// Logical database selected on every connection.
+  int db = 0;
+  /// Connections kept open; concurrent calls use different connections.
+  size_t pool = 8;
+  /// Upper bound of one command's round trip; beyond it the call answers
+  /// `unavailable` and the connection is replaced.
+  std::chrono::milliseconds timeout{200};
+  /// Upper bound of establishing a connection (TCP connect, AUTH, SELECT).
+  std::chrono::milliseconds connect_timeout{200};
+  /// Prepended to every idempotency key.
+  std::string prefix = "evmesh:idem:";
+
+  /// The URL without the password, for messages and logs.
+  std::string display_url() const;
+};
+
+/// Parses a `redis://` URL. Errors are `errc::invalid_url` and name the
+/// offending part.
+caf::expected<redis_store_options> parse_redis_url(std::string_view url);
+
+/// Idempotency store on a Redis server (`redis://`): dedupes across every
+/// process that shares the server. Thread-safe: a pool of connections, each
+/// used by one call at a time, so concurrent lanes do not queue behind one
+/// connection.
+///
+/// A claim is `SET prefix+key <token> NX PX lease`, where the token is unique
+/// per claim; a committed key holds the value `committed` with `PX keep`.
+/// `abort` deletes the key only while it still holds this store's token (a
+/// Lua script), so a late abort never removes another worker's newer claim
+/// nor a committed key.
+///
+/// Failures never hang: commands and connects are bounded by their timeouts.
+/// An unreachable server makes `try_begin` answer `unavailable` and `commit` /
+/// `abort` return `errc::unavailable`; the next call reconnects.
+class redis_idempotency_store : public idempotency_store {
+public:
+  /// Parses `url`, connects one connection (AUTH, SELECT) to check the
+  /// settings and returns the store. Fails with `errc::invalid_url`,
+  /// `errc::invalid_config` (rejected credentials or database) or
+  /// `errc::unavailable` (server unreachable).
+  static caf::expected<std::shared_ptr<redis_idempotency_store>>
+  open(std::string_view url);
+
+  /// Like `open(url)` with parsed options.
+  static caf::expected<std::shared_ptr<redis_idempotency_store>>
+  open(redis_store_options opts);
+
+  ~redis_idempotency_store() override;
+
+  redis_idempotency_store(const redis_idempotency_store&) = delete;
+  redis_idempotency_store& operator=(const redis_idempotency_store&) = delete;
+
+  /// Absent (or lease expired): claims `key` for `lease` with a fresh token,
+  /// remembered by this instance, and answers `fresh`. Committed: `duplicate`.
+  /// Claimed: `in_flight`. Server unreachable, timed out or answering an
+  /// error: `unavailable`.
+  claim_result try_begin(std::string_view key, caf::timespan lease) override;
+
+  /// Marks `key` committed for `keep`, whether claimed or not (like the
+  /// memory and SQLite stores: the handler did run). A non-positive `keep`
+  /// forgets the key if it is committed or holds this instance's claim.
+  caf::error commit(std::string_view key, caf::timespan keep) override;
+
+  /// Deletes the key if it still holds the token of this instance's latest
+  /// claim of `key`; otherwise (committed, re-claimed by someone else,
+  /// expired, never claimed here) does nothing.
+  caf::error abort(std::string_view key) override;
+
+  /// Nothing is buffered: every call already reached the server.
+  caf::error flush() override;
+
+  /// The options the store was opened with.
+  const redis_store_options& options() const noexcept;
+
+  /// Claims this instance remembers tokens of (at most the live leases it
+  /// took, plus expired ones not yet swept).
+  size_t pending_claims() const;
+
+private:
+  struct impl;
+
+  explicit redis_idempotency_store(std::unique_ptr<impl> ptr);
+
+  std::unique_ptr<impl> impl_;
+};
+
+/// Registers `redis://` with `make_idempotency_store`. Idempotent.
+void register_redis_store();
+
+} // namespace evmesh

@@ -1,0 +1,546 @@
+// The redis:// idempotency store against a real redis-server, started by each
+// test on a free loopback port and always stopped. Every wait has a deadline.
+#include "evmesh/redis_store.hpp"
+
+#include <atomic>
+#include <barrier>
+#include <cerrno>
+#include <chrono>
+#include <csignal>
+#include <cstdlib>
+#include <filesystem>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <arpa/inet.h>
+#include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "evmesh/stores.hpp"
+
+using namespace evmesh;
+using namespace std::chrono_literals;
+namespace fs = std::filesystem;
+
+namespace {
+
+using steady = std::chrono::steady_clock;
+
+errc code_of(const caf::error& err) {
+  if (err.category() != caf::atom("evmesh"))
+    return errc::none;
+  return static_cast<errc>(err.code());
+}
+
+template <class Pred>
+bool wait_for(Pred pred, std::chrono::milliseconds limit = 10s) {
+  auto deadline = steady::now() + limit;
+  while (!pred()) {
+    if (steady::now() > deadline)
+      return false;
+    std::this_thread::sleep_for(5ms);
+  }
+  return true;
+}
+
+/// A loopback TCP port nobody listens on right now.
+uint16_t free_port() {
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  addr.sin_port = 0;
+  socklen_t len = sizeof(addr);
+  if (fd < 0 || ::bind(fd, reinterpret_cast<sockaddr*>(&addr), len) != 0
+      || ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
+    if (fd >= 0)
+      ::close(fd);
+    return 0;
+  }
+  ::close(fd);
+  return ntohs(addr.sin_port);
+}
+
+/// Whether something on `port` answers a PING with any RESP reply (a
+/// password-protected server answers -NOAUTH: ready too).
+bool answers_ping(uint16_t port) {
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  if (fd < 0)
+    return false;
+  timeval tv{0, 200'000};
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  addr.sin_port = htons(port);
+  bool ok = false;
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0) {
+    constexpr char ping[] = "PING\r\n";
+    char buf[64];
+    if (::send(fd, ping, sizeof(ping) - 1, MSG_NOSIGNAL) > 0)
+      ok = ::recv(fd, buf, sizeof(buf), 0) > 0;
+  }
+  ::close(fd);
+  return ok;
+}
+
+/// One redis-server child process on a loopback port.
+class redis_server {
+public:
+  redis_server() : port_(free_port()) {
+    auto base = fs::temp_directory_path()
+                / ("evmesh-redis-" + std::to_string(::getpid()) + "-"
+                   + std::to_string(port_));
+    fs::create_directories(base);
+    dir_ = base;
+  }
+
+  redis_server(const redis_server&) = delete;
+  redis_server& operator=(const redis_server&) = delete;
+
+  ~redis_server() {
+    stop();
+    std::error_code ec;
+    fs::remove_all(dir_, ec);
+  }
+
+  /// Starts the server (again, on the same port) and waits until it answers.
+  bool start(std::string password = {}) {
+    password_ = std::move(password);
+    std::vector<std::string> args{"redis-server",
+                                  "--port",
+                                  std::to_string(port_),
+                                  "--bind",
+                                  "127.0.0.1",
+                                  "--save",
+                                  "",
+                                  "--appendonly",
+                                  "no",
+                                  "--dir",
+                                  dir_.string(),
+                                  "--logfile",
+                                  (dir_ / "redis.log").string()};
+    if (!password_.empty()) {
+      args.emplace_back("--requirepass");
+      args.push_back(password_);
+    }
+    std::vector<char*> argv;
+    for (auto& arg : args)
+      argv.push_back(arg.data());
+    argv.push_back(nullptr);
+    pid_ = ::fork();
+    if (pid_ == 0) {
+      ::execvp("redis-server", argv.data());
+      ::_exit(127);
+    }
+    if (pid_ < 0)
+      return false;
+    return wait_for([this] { return answers_ping(port_) || exited(); })
+           && !exited();
+  }
+
+  /// Kills the server and reaps it (idempotent).
+  void stop() {
+    if (pid_ <= 0)
+      return;
+    ::kill(pid_, SIGCONT);
+    ::kill(pid_, SIGKILL);
+    ::waitpid(pid_, nullptr, 0);
+    pid_ = -1;
+  }
+
+  /// Freezes (true) or thaws (false) the server: connections stay open but
+  /// nothing answers.
+  void freeze(bool on) {
+    if (pid_ > 0)
+      ::kill(pid_, on ? SIGSTOP : SIGCONT);
+  }
+
+  uint16_t port() const noexcept {
+    return port_;
+  }
+
+  std::string url(std::string_view suffix = "/0") const {
+    std::string out = "redis://";
+    if (!password_.empty())
+      out += ":" + password_ + "@";
+    out += "127.0.0.1:" + std::to_string(port_);
+    out += suffix;
+    return out;
+  }
+
+private:
+  bool exited() {
+    if (pid_ <= 0)
+      return true;
+    int status = 0;
+    if (::waitpid(pid_, &status, WNOHANG) == pid_) {
+      pid_ = -1;
+      return true;
+    }
+    return false;
+  }
+
+  uint16_t port_;
+  fs::path dir_;
+  pid_t pid_ = -1;
+  std::string password_;
+};
+
+struct redis_store_test : testing::Test {
+  redis_server server;
+  std::shared_ptr<redis_idempotency_store> store;
+
+  void SetUp() override {
+    if (std::system("command -v redis-server >/dev/null 2>&1") != 0)
+      GTEST_SKIP() << "redis-server is not installed";
+    ASSERT_NE(server.port(), 0);
+    ASSERT_TRUE(server.start()) << "redis-server did not start";
+    store = open(server.url());
+  }
+
+  std::shared_ptr<redis_idempotency_store> open(const std::string& url) {
+    auto res = redis_idempotency_store::open(url);
+    EXPECT_TRUE(res) << (res ? "" : render(res.error()));
+    return res ? *res : nullptr;
+  }
+};
+
+} // namespace
+
+// -- URL parsing (no server) -----------------------------------------------------
+
+TEST(parse_redis_url, applies_defaults) {
+  auto opts = parse_redis_url("redis://");
+  ASSERT_TRUE(opts) << render(opts.error());
+  EXPECT_EQ(opts->host, "127.0.0.1");
+  EXPECT_EQ(opts->port, 6379);
+  EXPECT_EQ(opts->db, 0);
+  EXPECT_EQ(opts->pool, 8u);
+  EXPECT_EQ(opts->timeout, 200ms);
+  EXPECT_EQ(opts->prefix, "evmesh:idem:");
+  EXPECT_TRUE(opts->password.empty());
+}
+
+TEST(parse_redis_url, reads_every_part) {
+  auto opts = parse_redis_url("REDIS://app:p%40ss@cache.local:6380/3?pool=2&"
+                              "timeout_ms=50&connect_timeout_ms=75&prefix=x:");
+  ASSERT_TRUE(opts) << render(opts.error());
+  EXPECT_EQ(opts->user, "app");
+  EXPECT_EQ(opts->password, "p@ss");
+  EXPECT_EQ(opts->host, "cache.local");
+  EXPECT_EQ(opts->port, 6380);
+  EXPECT_EQ(opts->db, 3);
+  EXPECT_EQ(opts->pool, 2u);
+  EXPECT_EQ(opts->timeout, 50ms);
+  EXPECT_EQ(opts->connect_timeout, 75ms);
+  EXPECT_EQ(opts->prefix, "x:");
+  EXPECT_EQ(opts->display_url(), "redis://app:***@cache.local:6380/3");
+}
+
+TEST(parse_redis_url, accepts_a_password_alone_and_ipv6) {
+  auto opts = parse_redis_url("redis://:secret@[::1]:7000/1");
+  ASSERT_TRUE(opts) << render(opts.error());
+  EXPECT_EQ(opts->user, "");
+  EXPECT_EQ(opts->password, "secret");
+  EXPECT_EQ(opts->host, "::1");
+  EXPECT_EQ(opts->port, 7000);
+  EXPECT_EQ(opts->display_url(), "redis://:***@[::1]:7000/1");
+}
+
+TEST(parse_redis_url, rejects_bad_urls_with_the_reason) {
+  struct row {
+    const char* url;
+    const char* reason;
+  };
+  row rows[] = {
+    {"http://x", "scheme"},
+    {"redis://h:0", "port"},
+    {"redis://h:70000", "port"},
+    {"redis://h:", "empty port"},
+    {"redis://h/x", "database"},
+    {"redis://h/-1", "database"},
+    {"redis://secret@h", "':'"},
+    {"redis://:%zz@h", "percent"},
+    {"redis://[::1", "'['"},
+    {"redis://h?pool=0", "pool"},
+    {"redis://h?pool=1000", "pool"},
+    {"redis://h?timeout_ms=abc", "timeout_ms"},
+    {"redis://h?color=red", "unknown parameter 'color'"},
+  };
+  for (auto& r : rows) {
+    auto opts = parse_redis_url(r.url);
+    ASSERT_FALSE(opts) << r.url;
+    EXPECT_EQ(code_of(opts.error()), errc::invalid_url) << r.url;
+    auto text = render(opts.error());
+    EXPECT_NE(text.find(r.reason), std::string::npos) << r.url << ": " << text;
+  }
+}
+
+// -- the idempotency contract ----------------------------------------------------
+
+TEST_F(redis_store_test, first_claim_is_fresh_and_commit_makes_a_duplicate) {
+  ASSERT_TRUE(store);
+  EXPECT_EQ(store->try_begin("k", 30s), claim_result::fresh);
+  EXPECT_FALSE(store->commit("k", 1h));
+  EXPECT_EQ(store->try_begin("k", 30s), claim_result::duplicate);
+  EXPECT_EQ(store->try_begin("other", 30s), claim_result::fresh);
+  EXPECT_EQ(store->pending_claims(), 1u); // "other"
+}
+
+TEST_F(redis_store_test, leased_key_is_in_flight_for_everyone) {
+  ASSERT_TRUE(store);
+  auto peer = open(server.url());
+  ASSERT_TRUE(peer);
+  ASSERT_EQ(store->try_begin("k", 30s), claim_result::fresh);
+  EXPECT_EQ(store->try_begin("k", 30s), claim_result::in_flight);
+  EXPECT_EQ(peer->try_begin("k", 30s), claim_result::in_flight);
+}
+
+TEST_F(redis_store_test, expired_lease_can_be_claimed_again) {
+  ASSERT_TRUE(store);
+  ASSERT_EQ(store->try_begin("k", 50ms), claim_result::fresh);
+  EXPECT_TRUE(wait_for(
+    [&] { return store->try_begin("k", 30s) == claim_result::fresh; }));
+  EXPECT_EQ(store->try_begin("k", 30s), claim_result::in_flight);
+}
+
+TEST_F(redis_store_test, commit_is_forgotten_after_keep) {
+  ASSERT_TRUE(store);
+  ASSERT_EQ(store->try_begin("k", 30s), claim_result::fresh);
+  ASSERT_FALSE(store->commit("k", 50ms));
+  EXPECT_TRUE(wait_for(
+    [&] { return store->try_begin("k", 30s) == claim_result::fresh; }));
+}
+
+TEST_F(redis_store_test, commit_without_claim_is_an_upsert) {
+  ASSERT_TRUE(store);
+  EXPECT_FALSE(store->commit("k", 1h));
+  EXPECT_EQ(store->try_begin("k", 30s), claim_result::duplicate);
+}
+
+TEST_F(redis_store_test, commit_with_zero_keep_forgets_the_key) {
+  ASSERT_TRUE(store);
+  ASSERT_EQ(store->try_begin("k", 30s), claim_result::fresh);
+  EXPECT_FALSE(store->commit("k", 0s));
+  EXPECT_EQ(store->try_begin("k", 30s), claim_result::fresh);
+  EXPECT_FALSE(store->commit("k", 1h));
+  EXPECT_FALSE(store->commit("k", 0s));
+  EXPECT_EQ(store->try_begin("k", 30s), claim_result::fresh);
+}
+
+TEST_F(redis_store_test, abort_releases_the_claim) {
+  ASSERT_TRUE(store);
+  ASSERT_EQ(store->try_begin("k", 30s), claim_result::fresh);
+  EXPECT_FALSE(store->abort("k"));
+  EXPECT_EQ(store->pending_claims(), 0u);
+  EXPECT_EQ(store->try_begin("k", 30s), claim_result::fresh);
+}
+
+TEST_F(redis_store_test, abort_after_commit_keeps_it_committed) {
+  ASSERT_TRUE(store);
+  ASSERT_EQ(store->try_begin("k", 30s), claim_result::fresh);
+  ASSERT_FALSE(store->commit("k", 1h));
+  EXPECT_EQ(store->pending_claims(), 0u);
+  EXPECT_FALSE(store->abort("k"));
+  EXPECT_EQ(store->try_begin("k", 30s), claim_result::duplicate);
+}
+
+TEST_F(redis_store_test, abort_of_an_unknown_key_is_harmless) {
+  ASSERT_TRUE(store);
+  EXPECT_FALSE(store->abort("nobody"));
+  auto peer = open(server.url());
+  ASSERT_TRUE(peer);
+  ASSERT_EQ(peer->try_begin("theirs", 30s), claim_result::fresh);
+  // Never claimed here: this instance has no token, so nothing is removed.
+  EXPECT_FALSE(store->abort("theirs"));
+  EXPECT_EQ(store->try_begin("theirs", 30s), claim_result::in_flight);
+}
+
+// Unlike the owner-less memory store, a claim carries a token: worker A's
+// lease expires, B re-claims, and A's late abort leaves B's claim alone.
+TEST_F(redis_store_test, late_abort_does_not_remove_a_newer_claim) {
+  ASSERT_TRUE(store);
+  auto b = open(server.url());
+  ASSERT_TRUE(b);
+  ASSERT_EQ(store->try_begin("k", 50ms), claim_result::fresh); // A
+  ASSERT_TRUE(wait_for([&] {                                   // B
+    return b->try_begin("k", 30s) == claim_result::fresh;
+  }));
+  EXPECT_FALSE(store->abort("k")); // A, late
+  EXPECT_EQ(store->try_begin("k", 30s), claim_result::in_flight);
+  EXPECT_FALSE(b->commit("k", 1h));
+  EXPECT_FALSE(store->abort("k"));
+  EXPECT_EQ(store->try_begin("k", 30s), claim_result::duplicate);
+}
+
+TEST_F(redis_store_test, late_commit_after_a_newer_claim_still_counts) {
+  ASSERT_TRUE(store);
+  auto b = open(server.url());
+  ASSERT_TRUE(b);
+  ASSERT_EQ(store->try_begin("k", 50ms), claim_result::fresh); // A
+  ASSERT_TRUE(wait_for([&] {                                   // B
+    return b->try_begin("k", 30s) == claim_result::fresh;
+  }));
+  EXPECT_FALSE(store->commit("k", 1h)); // A handled it after all
+  EXPECT_FALSE(b->abort("k"));          // B failed: the commit stays
+  EXPECT_EQ(b->try_begin("k", 30s), claim_result::duplicate);
+}
+
+TEST_F(redis_store_test, huge_ttls_do_not_overflow) {
+  ASSERT_TRUE(store);
+  ASSERT_EQ(store->try_begin("k", caf::timespan::max()), claim_result::fresh);
+  EXPECT_EQ(store->try_begin("k", 1s), claim_result::in_flight);
+  ASSERT_FALSE(store->commit("k", caf::timespan::max()));
+  EXPECT_EQ(store->try_begin("k", 1s), claim_result::duplicate);
+}
+
+TEST_F(redis_store_test, racing_threads_claim_each_key_exactly_once) {
+  ASSERT_TRUE(store);
+  constexpr int threads = 8;
+  constexpr int keys = 100;
+  std::atomic<int> fresh[keys] = {};
+  std::atomic<int> other{0};
+  std::barrier sync{threads};
+  std::vector<std::thread> workers;
+  for (int t = 0; t < threads; ++t)
+    workers.emplace_back([&] {
+      for (int k = 0; k < keys; ++k) {
+        sync.arrive_and_wait();
+        auto res = store->try_begin("race-" + std::to_string(k), 30s);
+        if (res == claim_result::fresh)
+          ++fresh[k];
+        else if (res != claim_result::in_flight)
+          ++other;
+      }
+    });
+  for (auto& w : workers)
+    w.join();
+  for (int k = 0; k < keys; ++k)
+    EXPECT_EQ(fresh[k].load(), 1) << "key " << k;
+  EXPECT_EQ(other.load(), 0);
+}
+
+TEST_F(redis_store_test, databases_are_separate) {
+  ASSERT_TRUE(store);
+  auto db1 = open(server.url("/1"));
+  ASSERT_TRUE(db1);
+  ASSERT_EQ(store->try_begin("k", 30s), claim_result::fresh);
+  EXPECT_EQ(db1->try_begin("k", 30s), claim_result::fresh);
+}
+
+TEST_F(redis_store_test, prefix_namespaces_the_keys) {
+  ASSERT_TRUE(store);
+  auto other = open(server.url("/0?prefix=other:"));
+  ASSERT_TRUE(other);
+  ASSERT_EQ(store->try_begin("k", 30s), claim_result::fresh);
+  EXPECT_EQ(other->try_begin("k", 30s), claim_result::fresh);
+}
+
+TEST_F(redis_store_test, out_of_range_database_fails_at_open) {
+  auto res = redis_idempotency_store::open(server.url("/999"));
+  ASSERT_FALSE(res);
+  EXPECT_EQ(code_of(res.error()), errc::invalid_config);
+  auto text = render(res.error());
+  EXPECT_NE(text.find("DB index"), std::string::npos) << text;
+}
+
+TEST_F(redis_store_test, make_idempotency_store_opens_redis_once_registered) {
+  register_redis_store();
+  register_redis_store(); // idempotent
+  auto res = make_idempotency_store(server.url());
+  ASSERT_TRUE(res) << render(res.error());
+  EXPECT_EQ((*res)->try_begin("k", 30s), claim_result::fresh);
+  auto bad = make_idempotency_store("redis://h?pool=0");
+  ASSERT_FALSE(bad);
+  EXPECT_EQ(code_of(bad.error()), errc::invalid_url);
+}
+
+// -- failures ----------------------------------------------------------------------
+
+TEST(redis_store_open, unreachable_server_fails_fast_with_unavailable) {
+  auto port = free_port();
+  ASSERT_NE(port, 0);
+  auto start = steady::now();
+  auto res = redis_idempotency_store::open(
+    "redis://127.0.0.1:" + std::to_string(port) + "/0");
+  ASSERT_FALSE(res);
+  EXPECT_LT(steady::now() - start, 2s);
+  EXPECT_EQ(code_of(res.error()), errc::unavailable);
+  auto text = render(res.error());
+  EXPECT_NE(text.find("is redis-server running"), std::string::npos) << text;
+}
+
+TEST(redis_store_auth, wrong_or_missing_password_fails_at_open) {
+  if (std::system("command -v redis-server >/dev/null 2>&1") != 0)
+    GTEST_SKIP() << "redis-server is not installed";
+  redis_server server;
+  ASSERT_TRUE(server.start("s3cret"));
+  auto port = std::to_string(server.port());
+  auto good = redis_idempotency_store::open(server.url());
+  ASSERT_TRUE(good) << render(good.error());
+  EXPECT_EQ((*good)->try_begin("k", 30s), claim_result::fresh);
+  auto wrong = redis_idempotency_store::open("redis://:nope@127.0.0.1:" + port);
+  ASSERT_FALSE(wrong);
+  EXPECT_EQ(code_of(wrong.error()), errc::invalid_config);
+  auto text = render(wrong.error());
+  EXPECT_NE(text.find("authenticate"), std::string::npos) << text;
+  EXPECT_NE(text.find("password"), std::string::npos) << text;
+  EXPECT_EQ(text.find("nope"), std::string::npos) << "leaks the password";
+  auto missing = redis_idempotency_store::open("redis://127.0.0.1:" + port);
+  ASSERT_FALSE(missing);
+  EXPECT_EQ(code_of(missing.error()), errc::invalid_config);
+  text = render(missing.error());
+  EXPECT_NE(text.find("NOAUTH"), std::string::npos) << text;
+}
+
+TEST_F(redis_store_test, stopped_server_is_unavailable_then_reconnects) {
+  ASSERT_TRUE(store);
+  ASSERT_EQ(store->try_begin("before", 30s), claim_result::fresh);
+  ASSERT_FALSE(store->commit("before", 1h));
+  server.stop();
+  auto start = steady::now();
+  EXPECT_EQ(store->try_begin("k", 30s), claim_result::unavailable);
+  EXPECT_EQ(code_of(store->commit("k", 1h)), errc::unavailable);
+  // Every pooled connection notices the loss on its own.
+  for (int i = 0; i < 20; ++i)
+    EXPECT_EQ(store->try_begin("k", 30s), claim_result::unavailable);
+  EXPECT_LT(steady::now() - start, 5s) << "calls must not hang";
+  // The store remembers the claim it may have made, so abort still tries.
+  EXPECT_EQ(code_of(store->abort("k")), errc::unavailable);
+  ASSERT_TRUE(server.start());
+  // The server came back empty (no persistence): "before" is gone.
+  EXPECT_TRUE(wait_for(
+    [&] { return store->try_begin("k", 30s) == claim_result::fresh; }));
+  EXPECT_EQ(store->try_begin("k", 30s), claim_result::in_flight);
+  EXPECT_FALSE(store->commit("k", 1h));
+  EXPECT_EQ(store->try_begin("k", 30s), claim_result::duplicate);
+}
+
+TEST_F(redis_store_test, frozen_server_times_out_instead_of_hanging) {
+  // One connection, already open: the timeout hits a command, not a connect.
+  auto single = open(server.url("/0?pool=1&timeout_ms=200"));
+  ASSERT_TRUE(single);
+  ASSERT_EQ(single->try_begin("k", 30s), claim_result::fresh);
+  server.freeze(true);
+  auto start = steady::now();
+  EXPECT_EQ(single->try_begin("x", 30s), claim_result::unavailable);
+  auto took = steady::now() - start;
+  EXPECT_GE(took, 150ms);
+  EXPECT_LT(took, 2s);
+  // Reconnecting to a frozen server is bounded by the connect timeout too.
+  for (int i = 0; i < 3; ++i) {
+    start = steady::now();
+    EXPECT_EQ(single->try_begin("x", 30s), claim_result::unavailable);
+    EXPECT_LT(steady::now() - start, 2s);
+    std::this_thread::sleep_for(110ms); // past the reconnect pause
+  }
+  EXPECT_EQ(code_of(single->commit("k", 1h)), errc::unavailable);
+  server.freeze(false);
+  EXPECT_TRUE(wait_for(
+    [&] { return single->try_begin("k", 30s) == claim_result::in_flight; }));
+}

@@ -24,10 +24,6 @@ using namespace std::chrono_literals;
 
 namespace {
 
-std::string test_name() {
-  return ::testing::UnitTest::GetInstance()->current_test_info()->name();
-}
-
 struct temp_dir {
   std::filesystem::path path;
   temp_dir() {

@@ -27,6 +27,8 @@ const char* to_string(health_status x) noexcept {
       return "healthy";
     case health_status::degraded:
       return "degraded";
+    case health_status::disconnected:
+      return "disconnected";
     case health_status::stopping:
       return "stopping";
     default:
@@ -257,7 +259,11 @@ runtime_stats consumer_runtime::stats() const {
 }
 
 health_status consumer_runtime::health() const noexcept {
-  return static_cast<health_status>(impl_->stats->health.load());
+  auto result = static_cast<health_status>(impl_->stats->health.load());
+  if ((result == health_status::healthy || result == health_status::degraded)
+      && impl_->env && !impl_->env->transport->connected())
+    return health_status::disconnected;
+  return result;
 }
 
 caf::error consumer_runtime::publish(envelope env) {

@@ -9,6 +9,10 @@ namespace evmesh {
 
 transport::~transport() = default;
 
+bool transport::connected() const noexcept {
+  return true;
+}
+
 void transport::set_wakeup(std::function<void()>) {
   // Transports without push notifications are polled on a timer.
 }

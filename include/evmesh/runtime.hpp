@@ -24,6 +24,9 @@ enum class health_status : uint8_t {
   healthy,
   /// Consuming, but at least one subscription is paused after a restart storm.
   degraded,
+  /// Running, but the transport lost its broker connection and is
+  /// reconnecting on its own; unacked messages come back from the broker.
+  disconnected,
   /// Draining after `stop()`.
   stopping,
   /// Stopped; nothing consumed any more.

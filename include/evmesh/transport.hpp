@@ -87,6 +87,10 @@ public:
   /// Publishes an envelope. Thread-safe.
   virtual caf::error publish(const envelope& env) = 0;
 
+  /// Whether the broker connection is up (a transport reconnecting on its own
+  /// answers false meanwhile). Thread-safe. Default: always connected.
+  virtual bool connected() const noexcept;
+
   /// Registers `fn`, called (from any thread) when messages may be available.
   virtual void set_wakeup(std::function<void()> fn);
 

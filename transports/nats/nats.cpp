@@ -494,7 +494,7 @@ public:
     return {true, true, true, true};
   }
 
-  bool connected() const noexcept {
+  bool connected() const noexcept override {
     return conn_->state->connected;
   }
 

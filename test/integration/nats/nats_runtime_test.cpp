@@ -283,12 +283,15 @@ TEST_F(nats_runtime, server_restart_mid_stream_loses_nothing) {
   server_->kill();
   std::this_thread::sleep_for(1s);
   auto during = j.handled_count();
+  EXPECT_EQ(rt.health(), health_status::disconnected);
   server_->start();
   ASSERT_TRUE(wait_for([] { return j.handled_count() == size_t{count}; }, 60s))
     << j.handled_count() << " of " << count << " handled (" << during
     << " when the server came back)";
   EXPECT_GT(during, 0u);
   EXPECT_LT(during, size_t{count}) << "the restart did not hit mid-stream";
+  EXPECT_TRUE(
+    wait_for([&] { return rt.health() == health_status::healthy; }, 10s));
   rt.stop(5s);
   EXPECT_EQ(rt.stats().dead_lettered, 0u);
   std::cout << "[ info ] handled " << count << " messages with "

@@ -95,4 +95,36 @@ run_demo second.out
   fail "expected 10 dead-letter records after two runs"
 }
 
+# -- SIGTERM stops a consuming service gracefully ---------------------------------
+for sig in TERM INT; do
+  "$service" --dead_letter.url "sqlite://$dir/state/dlq.db" \
+    --dedupe.url "sqlite://$dir/state/dedupe.db" >"serve_$sig.out" 2>&1 &
+  pid=$!
+  for _ in $(seq 1 100); do # up to 10 s for the runtime to start
+    grep -q 'runtime started' "serve_$sig.out" && break
+    sleep 0.1
+  done
+  grep -q 'runtime started' "serve_$sig.out" || {
+    kill -9 "$pid" 2>/dev/null
+    cat "serve_$sig.out" >&2
+    fail "the service did not start within 10 s"
+  }
+  kill -s "$sig" "$pid"
+  status=0
+  for _ in $(seq 1 150); do # up to 15 s for a graceful stop
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  if kill -0 "$pid" 2>/dev/null; then
+    kill -9 "$pid"
+    fail "SIG$sig did not stop the service within 15 s"
+  fi
+  wait "$pid" || status=$?
+  [[ $status -eq 0 ]] || {
+    cat "serve_$sig.out" >&2
+    fail "SIG$sig: the service exited with $status, not 0"
+  }
+  expect_in "serve_$sig.out" 'stopped' "SIG$sig: no stop summary"
+done
+
 echo "order_service demo: OK (dir $dir)"

@@ -9,8 +9,6 @@ namespace evmesh {
 
 publisher::~publisher() = default;
 
-namespace {
-
 std::string rfc3339_now() {
   auto now = std::chrono::system_clock::now();
   auto secs = std::chrono::system_clock::to_time_t(now);
@@ -25,8 +23,6 @@ std::string rfc3339_now() {
   std::snprintf(buf + n, sizeof(buf) - n, ".%03dZ", static_cast<int>(ms));
   return buf;
 }
-
-} // namespace
 
 caf::error event_context::publish(envelope env) const {
   if (out_ == nullptr)

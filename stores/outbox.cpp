@@ -83,21 +83,6 @@ private:
   int rc_ = SQLITE_OK;
 };
 
-std::string rfc3339_now() {
-  auto now = std::chrono::system_clock::now();
-  auto secs = std::chrono::system_clock::to_time_t(now);
-  auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(
-              now.time_since_epoch())
-              .count()
-            % 1000;
-  std::tm tm{};
-  gmtime_r(&secs, &tm);
-  char buf[40];
-  auto n = std::strftime(buf, sizeof(buf), "%Y-%m-%dT%H:%M:%S", &tm);
-  std::snprintf(buf + n, sizeof(buf) - n, ".%03dZ", static_cast<int>(ms));
-  return buf;
-}
-
 std::string new_uuid() {
   auto bytes = new_trace_id(); // 16 random bytes
   bytes[6] = static_cast<uint8_t>((bytes[6] & 0x0F) | 0x40);

@@ -87,6 +87,10 @@ caf::expected<envelope> decode_envelope(std::string_view bytes,
 /// which would make it a CloudEvent) is skipped.
 std::string encode_envelope(const envelope& env);
 
+/// The current UTC time in RFC 3339 with milliseconds
+/// ("2026-11-27T13:00:00.123Z"), as stamped into `produced_at`.
+std::string rfc3339_now();
+
 /// Key the idempotency store dedupes on: `idempotency_key`, else `id`, else
 /// `"h:"` + 16 lowercase hex digits of the 64-bit FNV-1a hash of `topic`, a
 /// NUL byte and the serialized `payload` (payload key order matters).

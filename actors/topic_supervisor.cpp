@@ -87,7 +87,11 @@ public:
   caf::actor spawn_lane() {
     auto& env = st_->env;
     bool actor_handler = st_->sub->handler->factory != nullptr;
-    bool detach = opts().execution == execution::blocking && env->detach_io;
+    // Blocking handlers, and lanes that wait on a remote idempotency store,
+    // get their own threads: CAF's cooperative threads never block on I/O.
+    bool blocking = opts().execution == execution::blocking
+                    || (env->dedupe && env->dedupe->remote());
+    bool detach = blocking && env->detach_io;
     if (actor_handler) {
       return detach ? self_->spawn<caf::linked + caf::detached>(actor_lane, env,
                                                                 st_->index)

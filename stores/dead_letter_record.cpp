@@ -16,6 +16,10 @@ caf::error idempotency_store::flush() {
   return caf::error{};
 }
 
+bool idempotency_store::remote() const noexcept {
+  return false;
+}
+
 dead_letter_store::~dead_letter_store() = default;
 
 namespace {

@@ -96,6 +96,9 @@ public:
   /// Nothing is buffered: every call already reached the server.
   caf::error flush() override;
 
+  /// True: every call is a network round trip.
+  bool remote() const noexcept override;
+
   /// The options the store was opened with.
   const redis_store_options& options() const noexcept;
 

@@ -56,6 +56,11 @@ public:
 
   /// Makes pending writes durable (called on shutdown).
   virtual caf::error flush();
+
+  /// Whether calls wait on the network (a remote server). The runtime then
+  /// runs handler lanes on their own threads, so store round trips never
+  /// block CAF's cooperative scheduler. Default: false.
+  virtual bool remote() const noexcept;
 };
 
 using idempotency_store_ptr = std::shared_ptr<idempotency_store>;

@@ -757,6 +757,10 @@ caf::error redis_idempotency_store::abort(std::string_view key) {
   return caf::error{};
 }
 
+bool redis_idempotency_store::remote() const noexcept {
+  return true;
+}
+
 caf::error redis_idempotency_store::flush() {
   return caf::error{};
 }

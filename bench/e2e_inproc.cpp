@@ -14,11 +14,10 @@
 #include <thread>
 
 #include <caf/all.hpp>
+#include <spdlog/spdlog.h>
 
 #include "evmesh/consumer.hpp"
 #include "evmesh/memory_store.hpp"
-
-#include <spdlog/spdlog.h>
 
 using namespace std::chrono;
 
@@ -114,21 +113,22 @@ double run_naive_pipeline(uint64_t n) {
       return caf::make_message(done_atom::value, i);
     }};
   });
-  auto supervisor = sys.spawn(
-    [=](caf::event_based_actor* self) -> caf::behavior {
-      return {
-        [=](work_atom, uint64_t i) {
-          self->send(worker, work_atom::value, i, *payload);
-        },
-        [=](done_atom, uint64_t j) { self->send(sink, done_atom::value, j); },
-      };
-    });
+  auto supervisor
+    = sys.spawn([=](caf::event_based_actor* self) -> caf::behavior {
+        return {
+          [=](work_atom, uint64_t i) {
+            self->send(worker, work_atom::value, i, *payload);
+          },
+          [=](done_atom, uint64_t j) { self->send(sink, done_atom::value, j); },
+        };
+      });
   auto start = steady_clock::now();
   for (uint64_t i = 0; i < n; ++i)
     caf::anon_send(supervisor, work_atom::value, i);
   while (received < n)
     std::this_thread::sleep_for(microseconds{200});
-  return static_cast<double>(n) / duration<double>(steady_clock::now() - start).count();
+  return static_cast<double>(n)
+         / duration<double>(steady_clock::now() - start).count();
 }
 
 } // namespace

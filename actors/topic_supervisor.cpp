@@ -613,15 +613,10 @@ caf::behavior topic_supervisor(caf::event_based_actor* self,
         impl->on_lane_exit(msg.source, msg.reason);
         return;
       }
-    // Not one of our lanes (a killed lane's late exit, or our parent).
-    for (auto& slot : st->lanes)
-      if (slot.handle && slot.handle.address() == msg.source)
-        return;
-    if (msg.reason && msg.source != self->address()) {
-      bool from_old_lane = msg.reason == caf::exit_reason::kill;
-      if (!from_old_lane)
-        self->quit(msg.reason);
-    }
+    // Not a current lane: a lane we killed after a timeout (ignored), or our
+    // parent stopping us.
+    if (msg.reason && msg.reason != caf::exit_reason::kill)
+      self->quit(msg.reason);
   });
   return {
     [impl](dispatch_batch& batch) { impl->accept(batch); },

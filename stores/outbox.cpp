@@ -256,6 +256,22 @@ store::enqueue(envelope env, const trace_context* current, envelope* stamped) {
   return outbox::enqueue(impl_->db, std::move(env), current, stamped);
 }
 
+namespace {
+
+/// Steps `st` to the end, reading every row; `what` names the query in errors.
+caf::expected<std::vector<row>> collect_rows(sqlite3* db, statement& st,
+                                             const char* what) {
+  std::vector<row> result;
+  int rc;
+  while ((rc = st.step()) == SQLITE_ROW)
+    result.push_back(read_row(st));
+  if (rc != SQLITE_DONE)
+    return sql_error(db, what);
+  return result;
+}
+
+} // namespace
+
 caf::expected<std::vector<row>> store::ready(int64_t now_ms, size_t limit,
                                              bool parked_blocks_key) {
   std::lock_guard guard{impl_->mtx};
@@ -274,13 +290,7 @@ caf::expected<std::vector<row>> store::ready(int64_t now_ms, size_t limit,
     return sql_error(impl_->db, "preparing the ready-rows query");
   st.bind(1, now_ms);
   st.bind(2, limit == 0 ? int64_t{-1} : static_cast<int64_t>(limit));
-  std::vector<row> result;
-  int rc;
-  while ((rc = st.step()) == SQLITE_ROW)
-    result.push_back(read_row(st));
-  if (rc != SQLITE_DONE)
-    return sql_error(impl_->db, "reading ready rows");
-  return result;
+  return collect_rows(impl_->db, st, "reading ready rows");
 }
 
 caf::error store::mark_published(int64_t seq, int64_t at_ms) {
@@ -369,13 +379,7 @@ caf::expected<std::vector<row>> store::rows(int64_t after, size_t limit) {
     return sql_error(impl_->db, "preparing the rows query");
   st.bind(1, after);
   st.bind(2, limit == 0 ? int64_t{-1} : static_cast<int64_t>(limit));
-  std::vector<row> result;
-  int rc;
-  while ((rc = st.step()) == SQLITE_ROW)
-    result.push_back(read_row(st));
-  if (rc != SQLITE_DONE)
-    return sql_error(impl_->db, "reading rows");
-  return result;
+  return collect_rows(impl_->db, st, "reading rows");
 }
 
 } // namespace evmesh::outbox

@@ -282,3 +282,60 @@ TEST_F(fixture, start_fails_clearly_on_bad_urls_and_unwritable_stores) {
     EXPECT_NE(text.find(bc.expect), std::string::npos) << text;
   }
 }
+
+namespace {
+
+/// A dead-letter store that fails its first `failures` writes.
+class flaky_dlq : public dead_letter_store {
+public:
+  explicit flaky_dlq(int failures) : failures_(failures) {
+  }
+  caf::expected<int64_t> write(const dead_letter_record& rec) override {
+    ++attempts;
+    if (failures_-- > 0)
+      return make_error(errc::io_error, "disk full");
+    records.push_back(rec);
+    return static_cast<int64_t>(records.size());
+  }
+  caf::expected<std::vector<dead_letter_record>>
+  list(const dead_letter_query&) override {
+    return records;
+  }
+  caf::expected<dead_letter_record> get(int64_t) override {
+    return make_error(errc::not_found, "n/a");
+  }
+  caf::error mark_replayed(int64_t, int64_t) override {
+    return {};
+  }
+  caf::error remove(int64_t) override {
+    return {};
+  }
+  int attempts = 0;
+  std::vector<dead_letter_record> records;
+
+private:
+  int failures_;
+};
+
+} // namespace
+
+TEST_F(fixture,
+       failed_dead_letter_writes_are_retried_and_never_acked_meanwhile) {
+  auto store = std::make_shared<flaky_dlq>(3);
+  container_builder b;
+  b.add<probe>(p);
+  b.add<dead_letter_store>(store);
+  ASSERT_FALSE(mesh->start({&handler}, b.freeze()));
+  p->behave = [](event_context&) { return dead_letter("bad order"); };
+  mesh->publish(make_env("order.confirmed", "dlq-1"));
+  ASSERT_TRUE(mesh->run_until([&] { return store->attempts >= 2; }));
+  EXPECT_EQ(mesh->broker_stats().acked, 0u); // not durable yet: not acked
+  EXPECT_EQ(mesh->broker_stats().unacked, 1u);
+  ASSERT_TRUE(mesh->run_until_settled());
+  EXPECT_EQ(store->attempts, 4);
+  ASSERT_EQ(store->records.size(), 1u);
+  EXPECT_EQ(store->records[0].category, "permanent");
+  EXPECT_EQ(p->runs("dlq-1"), 1u); // the handler is not run again
+  EXPECT_EQ(mesh->broker_stats().acked, 1u);
+  EXPECT_EQ(mesh->broker_stats().protocol_violations, 0u);
+}

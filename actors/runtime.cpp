@@ -14,6 +14,12 @@
 #ifdef EVMESH_HAS_REDIS
 #  include "evmesh/redis_store.hpp"
 #endif
+#ifdef EVMESH_HAS_KAFKA
+#  include "evmesh/kafka.hpp"
+#endif
+#ifdef EVMESH_HAS_AMQP
+#  include "evmesh/amqp.hpp"
+#endif
 
 #include "actors/mesh.hpp"
 
@@ -183,6 +189,12 @@ caf::error consumer_runtime::start() {
   register_inproc_transport();
 #ifdef EVMESH_HAS_NATS
   register_nats_transport();
+#endif
+#ifdef EVMESH_HAS_KAFKA
+  register_kafka_transport();
+#endif
+#ifdef EVMESH_HAS_AMQP
+  register_amqp_transport();
 #endif
   transport_environment tenv;
   auto* sys = d.sys;

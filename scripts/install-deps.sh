@@ -2,8 +2,8 @@
 # Installs what evmesh needs to build and test on Debian 12 (bookworm).
 #
 #   scripts/install-deps.sh                 # compiler, CMake, libraries, test tools
-#   scripts/install-deps.sh --with-servers  # + Redis and NATS servers and their
-#                                           #   client libraries (integration tests)
+#   scripts/install-deps.sh --with-servers  # + Redis, NATS and RabbitMQ servers, their
+#                                           #   client libraries and librdkafka (tests)
 #
 # Idempotent: when every package is already installed it does nothing (and
 # needs no root). Otherwise it runs apt-get as root.
@@ -40,8 +40,11 @@ base_packages=(
 server_packages=(
   redis-server
   nats-server
+  rabbitmq-server
   libhiredis-dev
   libnats-dev
+  librdkafka-dev
+  librabbitmq-dev
 )
 
 packages=("${base_packages[@]}")

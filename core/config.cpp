@@ -629,6 +629,71 @@ constexpr key_entry entries[] = {
      return {};
    },
    [](const rc& c) -> value { return c.cluster_seeds; }},
+  {{"cluster.role", config_type::choice, "ingress",
+    "ingress: consume from the transport and dispatch to local and remote "
+    "lanes; worker: only offer this node's handler lanes to its peers.",
+    "ingress|worker"},
+   [](rc& c, const value& x) {
+     return set_choice(c.cluster_role, x, "ingress|worker");
+   },
+   [](const rc& c) -> value { return c.cluster_role; }},
+  {{"cluster.secret", config_type::string, "",
+    "Shared secret every node proves in the join handshake (HMAC-SHA256 "
+    "challenge-response; >= 16 characters; required with [cluster]).",
+    ""},
+   [](rc& c, const value& x) -> std::string {
+     const auto& y = std::get<std::string>(x);
+     if (!y.empty() && y.size() < 16)
+       return "must be at least 16 characters long (use a random string)";
+     c.cluster_secret = y;
+     return {};
+   },
+   [](const rc& c) -> value { return c.cluster_secret; }},
+  {{"cluster.heartbeat_interval", config_type::duration, "500ms",
+    "How often nodes send each other heartbeats (> 0).", ""},
+   [](rc& c, const value& x) {
+     return set_duration(c.cluster_heartbeat_interval, x, false);
+   },
+   [](const rc& c) -> value { return c.cluster_heartbeat_interval; }},
+  {{"cluster.heartbeat_timeout", config_type::duration, "3s",
+    "A peer silent this long is declared dead and its in-flight attempts are "
+    "re-dispatched (> cluster.heartbeat_interval).",
+    ""},
+   [](rc& c, const value& x) {
+     return set_duration(c.cluster_heartbeat_timeout, x, false);
+   },
+   [](const rc& c) -> value { return c.cluster_heartbeat_timeout; }},
+  {{"cluster.connect_timeout", config_type::duration, "5s",
+    "Bound on connecting to a seed and completing the join handshake; "
+    "unanswered seeds are retried (> 0).",
+    ""},
+   [](rc& c, const value& x) {
+     return set_duration(c.cluster_connect_timeout, x, false);
+   },
+   [](const rc& c) -> value { return c.cluster_connect_timeout; }},
+  {{"cluster.tls_ca", config_type::string, "",
+    "PEM file of the CA that signs every node's certificate (mutual TLS; "
+    "use a CA dedicated to the cluster).",
+    ""},
+   [](rc& c, const value& x) -> std::string {
+     c.cluster_tls_ca = std::get<std::string>(x);
+     return {};
+   },
+   [](const rc& c) -> value { return c.cluster_tls_ca; }},
+  {{"cluster.tls_cert", config_type::string, "",
+    "PEM file of this node's certificate.", ""},
+   [](rc& c, const value& x) -> std::string {
+     c.cluster_tls_cert = std::get<std::string>(x);
+     return {};
+   },
+   [](const rc& c) -> value { return c.cluster_tls_cert; }},
+  {{"cluster.tls_key", config_type::string, "",
+    "PEM file of this node's private key.", ""},
+   [](rc& c, const value& x) -> std::string {
+     c.cluster_tls_key = std::get<std::string>(x);
+     return {};
+   },
+   [](const rc& c) -> value { return c.cluster_tls_key; }},
 };
 
 std::string_view section_of(std::string_view name) {
@@ -983,6 +1048,25 @@ void check_cross(const runtime_config& cfg, std::string_view where,
         + format_duration(cfg.defaults.timeout)
         + ": a lease that expires while the handler still runs lets a second "
           "worker run the same message; raise dedupe.lease");
+  if (cfg.cluster_heartbeat_timeout <= cfg.cluster_heartbeat_interval)
+    add("cluster.heartbeat_timeout = "
+        + format_duration(cfg.cluster_heartbeat_timeout)
+        + " is not above cluster.heartbeat_interval = "
+        + format_duration(cfg.cluster_heartbeat_interval)
+        + ": a peer would be declared dead between two heartbeats; use a "
+          "timeout of several intervals");
+  {
+    int tls = (cfg.cluster_tls_ca.empty() ? 0 : 1)
+              + (cfg.cluster_tls_cert.empty() ? 0 : 1)
+              + (cfg.cluster_tls_key.empty() ? 0 : 1);
+    if (tls != 0 && tls != 3)
+      add("cluster.tls_ca, cluster.tls_cert and cluster.tls_key must be set "
+          "together (mutual TLS needs the CA, this node's certificate and "
+          "its key)");
+  }
+  if (cfg.cluster_role == "worker" && !cfg.cluster_enabled())
+    add("cluster.role = worker needs cluster.seeds or cluster.listen: a "
+        "worker without peers would never run anything");
   auto contains = [](const std::vector<std::string>& xs, const std::string& x) {
     return std::find(xs.begin(), xs.end(), x) != xs.end();
   };

@@ -115,6 +115,31 @@ struct runtime_config {
   std::string cluster_listen;
   /// `cluster.seeds`: `host:port` of nodes to join at start.
   std::vector<std::string> cluster_seeds;
+  /// `cluster.role`: `ingress` consumes from the transport and dispatches to
+  /// local and remote lanes; `worker` only offers its lanes to its peers.
+  std::string cluster_role = "ingress";
+  /// `cluster.secret`: shared secret every node proves in the join handshake
+  /// (HMAC-SHA256 challenge-response, >= 16 characters). Required whenever
+  /// the cluster is enabled.
+  std::string cluster_secret;
+  /// `cluster.heartbeat_interval`: how often nodes send heartbeats.
+  caf::timespan cluster_heartbeat_interval = std::chrono::milliseconds{500};
+  /// `cluster.heartbeat_timeout`: a peer silent this long is declared dead
+  /// and its in-flight attempts are re-dispatched (> heartbeat_interval).
+  caf::timespan cluster_heartbeat_timeout = std::chrono::seconds{3};
+  /// `cluster.connect_timeout`: bound on connecting to a seed and finishing
+  /// the join handshake; a seed that does not answer is retried.
+  caf::timespan cluster_connect_timeout = std::chrono::seconds{5};
+  /// `cluster.tls_ca`, `cluster.tls_cert`, `cluster.tls_key`: PEM files for
+  /// mutual TLS between nodes (all three or none; checked at start).
+  std::string cluster_tls_ca;
+  std::string cluster_tls_cert;
+  std::string cluster_tls_key;
+
+  /// Whether `[cluster]` is enabled (a listen address or seeds are set).
+  bool cluster_enabled() const noexcept {
+    return !cluster_listen.empty() || !cluster_seeds.empty();
+  }
 };
 
 // -- durations ----------------------------------------------------------------

@@ -396,6 +396,12 @@ TEST(config_toml, enforces_every_rule_naming_key_value_and_rule) {
     {"[cluster]\nlisten = \"localhost\"", {"cluster.listen", "host:port"}},
     {"[cluster]\nseeds = [\"10.0.0.1:0\"]",
      {"cluster.seeds", "\"10.0.0.1:0\""}},
+    {"[cluster]\nsecret = \"short\"", {"cluster.secret", "16 characters"}},
+    {"[cluster]\nrole = \"leader\"", {"cluster.role", "\"worker\""}},
+    {"[cluster]\nrole = \"worker\"", {"cluster.role = worker", "seeds"}},
+    {"[cluster]\nheartbeat_interval = \"2s\"\nheartbeat_timeout = \"1s\"",
+     {"cluster.heartbeat_timeout = 1s", "heartbeat_interval = 2s"}},
+    {"[cluster]\ntls_ca = \"ca.pem\"", {"cluster.tls_cert", "together"}},
     // Type errors.
     {"[retry]\nmax_attempts = \"5\"",
      {"retry.max_attempts = \"5\"", "must be an integer"}},
@@ -634,4 +640,30 @@ TEST(config_reference, markdown_table_lists_every_key) {
   }
   EXPECT_TRUE(contains(md, "| `retry.max_attempts` | integer | `5` |")) << md;
   EXPECT_TRUE(contains(md, "`per_key` \\| `none`")) << md;
+}
+
+TEST(config_toml, reads_the_cluster_section) {
+  auto cfg = parse_config(R"([cluster]
+listen = "127.0.0.1:0"
+seeds = ["127.0.0.1:4500"]
+role = "worker"
+secret = "0123456789abcdef-cluster"
+heartbeat_interval = "100ms"
+heartbeat_timeout = "1s"
+connect_timeout = "2s"
+tls_ca = "ca.pem"
+tls_cert = "node.pem"
+tls_key = "node.key"
+)");
+  ASSERT_TRUE(cfg) << render(cfg.error());
+  EXPECT_TRUE(cfg->cluster_enabled());
+  EXPECT_EQ(cfg->cluster_role, "worker");
+  EXPECT_EQ(cfg->cluster_secret, "0123456789abcdef-cluster");
+  EXPECT_EQ(cfg->cluster_heartbeat_interval, 100ms);
+  EXPECT_EQ(cfg->cluster_heartbeat_timeout, 1s);
+  EXPECT_EQ(cfg->cluster_connect_timeout, 2s);
+  EXPECT_EQ(cfg->cluster_tls_ca, "ca.pem");
+  EXPECT_EQ(cfg->cluster_tls_cert, "node.pem");
+  EXPECT_EQ(cfg->cluster_tls_key, "node.key");
+  EXPECT_FALSE(runtime_config{}.cluster_enabled());
 }

@@ -27,7 +27,9 @@ struct redis_store_options {
   std::string password;
   /// Logical database selected on every connection.
   int db = 0;
-  /// Connections kept open; concurrent calls use different connections.
+  /// Connections kept open. A call takes an idle connection if there is
+  /// one; when all are busy it joins the shortest queue and is sent with the
+  /// other queued commands in that connection's next pipelined write.
   size_t pool = 8;
   /// Upper bound of one command's round trip; beyond it the call answers
   /// `unavailable` and the connection is replaced.
@@ -46,9 +48,11 @@ struct redis_store_options {
 caf::expected<redis_store_options> parse_redis_url(std::string_view url);
 
 /// Idempotency store on a Redis server (`redis://`): dedupes across every
-/// process that shares the server. Thread-safe: a pool of connections, each
-/// used by one call at a time, so concurrent lanes do not queue behind one
-/// connection.
+/// process that shares the server. Thread-safe and pipelined: a pool of
+/// connections, where commands of concurrent callers that find every
+/// connection busy are batched into one write and one round trip (automatic
+/// pipelining), so many lanes share round trips instead of queueing behind
+/// each other.
 ///
 /// A claim is `SET prefix+key <token> NX PX lease`, where the token is unique
 /// per claim; a committed key holds the value `committed` with `PX keep`.
@@ -101,6 +105,16 @@ public:
 
   /// The options the store was opened with.
   const redis_store_options& options() const noexcept;
+
+  /// Commands sent and round trips (pipelined writes) they took since
+  /// open; `commands / round_trips` is the average pipeline depth.
+  struct pipeline_stats {
+    uint64_t commands = 0;
+    uint64_t round_trips = 0;
+  };
+
+  /// Counters of the automatic pipelining, for diagnostics and benchmarks.
+  pipeline_stats pipelining() const noexcept;
 
   /// Claims this instance remembers tokens of (at most the live leases it
   /// took, plus expired ones not yet swept).

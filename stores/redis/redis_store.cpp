@@ -7,12 +7,16 @@
 #include <charconv>
 #include <csignal>
 #include <cstring>
+#include <deque>
+#include <limits>
 #include <mutex>
 #include <random>
+#include <semaphore>
 #include <string>
 #include <string_view>
 #include <unordered_map>
 #include <utility>
+#include <vector>
 
 #include <hiredis/hiredis.h>
 #include <pthread.h>
@@ -196,12 +200,6 @@ bool starts_with(std::string_view str, std::string_view prefix) {
   return str.substr(0, prefix.size()) == prefix;
 }
 
-errc code_of(const caf::error& err) {
-  if (err.category() != caf::atom("evmesh"))
-    return errc::none;
-  return static_cast<errc>(err.code());
-}
-
 /// Why `ctx` failed, in words: hiredis reports a read timeout as EAGAIN.
 std::string io_failure(const redisContext& ctx,
                        std::chrono::milliseconds timeout) {
@@ -252,12 +250,38 @@ std::string describe_reply_error(std::string_view text) {
   return msg;
 }
 
-/// One pooled connection. `ctx` is null while disconnected.
+/// One command waiting in a connection's pipeline queue. The caller owns it
+/// (on its stack) and waits until `done`.
+struct pending_command {
+  const char** argv = nullptr;
+  const size_t* argvlen = nullptr;
+  int argc = 0;
+  reply_ptr reply;
+  std::string failure; // set instead of `reply` when the connection failed
+  bool done = false;
+  // Set (under the connection's mutex) when this caller is to write next.
+  bool writer = false;
+  // Released once: when the command is done or its caller is to write.
+  std::binary_semaphore wake{0};
+};
+
+/// One pooled connection with automatic pipelining: callers queue their
+/// commands; whoever finds the connection idle becomes the writer, sends
+/// every queued command in one write, reads the replies in order and hands
+/// them out, then passes the writer role to the oldest queued caller (each
+/// waiting caller is woken exactly once, never a herd). Concurrent callers
+/// therefore share round trips instead of queueing behind each other. `ctx`
+/// is null while disconnected and only touched by the current writer.
 struct connection {
   std::mutex mtx;
+  std::deque<pending_command*> queue;
+  bool writing = false;
   context_ptr ctx;
   steady::time_point retry_after{};
 };
+
+// Commands sent in one pipelined write at most.
+constexpr size_t max_pipeline = 512;
 
 struct claim {
   std::string token;
@@ -405,6 +429,8 @@ struct redis_idempotency_store::impl {
   std::unique_ptr<connection[]> pool;
   std::atomic<size_t> next{0};
   std::atomic<bool> healthy{true};
+  std::atomic<uint64_t> commands{0};
+  std::atomic<uint64_t> round_trips{0};
   std::string claim_sha;
   std::string release_sha;
   std::string forget_sha;
@@ -519,62 +545,154 @@ struct redis_idempotency_store::impl {
       spdlog::info("redis idempotency store: {} reachable again", shown_url);
   }
 
-  /// Picks a free connection if there is one, else waits for one (each
-  /// holder is bounded by the timeouts).
-  std::pair<connection*, std::unique_lock<std::mutex>> acquire() {
+  /// Picks the connection for a call: an idle one if there is one (a round
+  /// trip of its own), else the one with the shortest queue (its commands
+  /// join that connection's next pipelined write).
+  connection& pick() {
     auto n = opts.pool;
     auto start = next.fetch_add(1, std::memory_order_relaxed) % n;
+    connection* best = nullptr;
+    size_t best_len = std::numeric_limits<size_t>::max();
     for (size_t i = 0; i < n; ++i) {
       auto& conn = pool[(start + i) % n];
       std::unique_lock<std::mutex> lock{conn.mtx, std::try_to_lock};
-      if (lock.owns_lock())
-        return {&conn, std::move(lock)};
+      if (!lock.owns_lock())
+        continue;
+      if (!conn.writing)
+        return conn;
+      if (conn.queue.size() < best_len) {
+        best = &conn;
+        best_len = conn.queue.size();
+      }
     }
-    auto& conn = pool[start];
-    return {&conn, std::unique_lock<std::mutex>{conn.mtx}};
+    return best != nullptr ? *best : pool[start];
   }
 
-  /// Runs one command on a pooled connection, (re)connecting first if
-  /// needed. Error replies come back as replies; connection problems and
-  /// timeouts as `errc::unavailable` (and the connection is dropped).
-  caf::expected<reply_ptr> call(std::initializer_list<std::string_view> args) {
-    auto [conn, lock] = acquire();
-    if (!conn->ctx) {
-      auto now = steady::now();
-      if (now < conn->retry_after) {
-        auto err = make_error(errc::unavailable,
-                              "no connection to " + shown_url
-                                + " (reconnecting) — is redis-server running"
-                                  " and reachable?");
-        mark_failed(err);
-        return err;
+  /// Sends `batch` on `conn` (the caller is its writer) and completes every
+  /// command: a reply each, or the same failure for all after a connection
+  /// problem (then the connection is dropped and reconnects later).
+  void run_batch(connection& conn, std::vector<pending_command*>& batch) {
+    auto fail_all = [&](size_t from, const std::string& why) {
+      for (size_t i = from; i < batch.size(); ++i)
+        batch[i]->failure = why;
+    };
+    if (!conn.ctx) {
+      if (steady::now() < conn.retry_after) {
+        fail_all(0, "no connection to " + shown_url
+                      + " (reconnecting) — is redis-server running and "
+                        "reachable?");
+        return;
       }
       auto ctx = connect();
       if (!ctx) {
-        conn->retry_after = steady::now() + reconnect_pause;
-        // At open a rejected password is a configuration error; once
-        // running, every failed reconnect is "retry later" for the caller.
-        auto err = code_of(ctx.error()) == errc::unavailable
-                     ? std::move(ctx.error())
-                     : make_error(errc::unavailable, render(ctx.error()));
-        mark_failed(err);
-        return err;
+        conn.retry_after = steady::now() + reconnect_pause;
+        fail_all(0, render(ctx.error()));
+        return;
       }
-      conn->ctx = std::move(*ctx);
+      conn.ctx = std::move(*ctx);
     }
-    auto reply = send_command(conn->ctx.get(), args);
-    if (!reply) {
-      auto err = make_error(errc::unavailable,
-                            "command on " + shown_url + " failed: "
-                              + io_failure(*conn->ctx, opts.timeout)
-                              + " — is redis-server running and reachable?");
-      conn->ctx.reset();
+    sigpipe_guard guard;
+    auto* ctx = conn.ctx.get();
+    commands.fetch_add(batch.size(), std::memory_order_relaxed);
+    round_trips.fetch_add(1, std::memory_order_relaxed);
+    for (auto* cmd : batch)
+      if (redisAppendCommandArgv(ctx, cmd->argc, cmd->argv, cmd->argvlen)
+          != REDIS_OK) {
+        fail_all(0, "command on " + shown_url + " failed: " + ctx->errstr);
+        conn.ctx.reset();
+        return;
+      }
+    for (size_t i = 0; i < batch.size(); ++i) {
+      void* raw = nullptr;
+      if (redisGetReply(ctx, &raw) != REDIS_OK || raw == nullptr) {
+        fail_all(i, "command on " + shown_url
+                      + " failed: " + io_failure(*ctx, opts.timeout)
+                      + " — is redis-server running and reachable?");
+        conn.ctx.reset();
+        return;
+      }
+      batch[i]->reply.reset(static_cast<redisReply*>(raw));
+    }
+  }
+
+  /// Runs one command, pipelined with whatever other callers send on the
+  /// same connection meanwhile, (re)connecting first if needed. Error
+  /// replies come back as replies; connection problems and timeouts as
+  /// `errc::unavailable` (and the connection is dropped).
+  caf::expected<reply_ptr> call(std::initializer_list<std::string_view> args) {
+    constexpr size_t max_args = 8;
+    const char* argv[max_args];
+    size_t argvlen[max_args];
+    size_t argc = 0;
+    for (auto arg : args) {
+      if (argc == max_args)
+        break; // not reached: the commands above take at most 7
+      argv[argc] = arg.data();
+      argvlen[argc] = arg.size();
+      ++argc;
+    }
+    pending_command self;
+    self.argv = argv;
+    self.argvlen = argvlen;
+    self.argc = static_cast<int>(argc);
+    auto& conn = pick();
+    {
+      std::lock_guard<std::mutex> guard{conn.mtx};
+      conn.queue.push_back(&self);
+      if (!conn.writing) {
+        conn.writing = true;
+        self.writer = true;
+      }
+    }
+    std::vector<pending_command*> batch;
+    for (;;) {
+      if (!self.writer) {
+        self.wake.acquire();
+        if (self.done)
+          break;
+        continue; // woken as the next writer
+      }
+      // Write everything queued so far (ours is at the front).
+      batch.clear();
+      pending_command* successor = nullptr;
+      {
+        std::lock_guard<std::mutex> guard{conn.mtx};
+        while (!conn.queue.empty() && batch.size() < max_pipeline) {
+          batch.push_back(conn.queue.front());
+          conn.queue.pop_front();
+        }
+      }
+      run_batch(conn, batch);
+      {
+        std::lock_guard<std::mutex> guard{conn.mtx};
+        if (conn.queue.empty()) {
+          conn.writing = false;
+        } else {
+          successor = conn.queue.front();
+          successor->writer = true;
+        }
+      }
+      self.writer = false;
+      // A released caller returns at once and its command is gone: touch
+      // nothing after the release.
+      for (auto* cmd : batch) {
+        cmd->done = true;
+        if (cmd != &self)
+          cmd->wake.release();
+      }
+      if (successor != nullptr)
+        successor->wake.release();
+      if (self.done)
+        break;
+    }
+    if (!self.failure.empty()) {
+      auto err = make_error(errc::unavailable, std::move(self.failure));
       mark_failed(err);
       return err;
     }
-    if (reply->type != REDIS_REPLY_ERROR)
+    if (self.reply->type != REDIS_REPLY_ERROR)
       mark_ok();
-    return reply;
+    return std::move(self.reply);
   }
 
   /// Runs a loaded script, loading it again if the server lost it (restart,
@@ -767,6 +885,12 @@ caf::error redis_idempotency_store::flush() {
 
 const redis_store_options& redis_idempotency_store::options() const noexcept {
   return impl_->opts;
+}
+
+redis_idempotency_store::pipeline_stats
+redis_idempotency_store::pipelining() const noexcept {
+  return {impl_->commands.load(std::memory_order_relaxed),
+          impl_->round_trips.load(std::memory_order_relaxed)};
 }
 
 size_t redis_idempotency_store::pending_claims() const {

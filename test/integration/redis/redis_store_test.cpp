@@ -425,6 +425,41 @@ TEST_F(redis_store_test, racing_threads_claim_each_key_exactly_once) {
   EXPECT_EQ(other.load(), 0);
 }
 
+// Many callers on one connection: their commands share pipelined writes
+// (fewer round trips than commands) and every caller still gets its own
+// reply — a mixed-up reply would show as a wrong claim result.
+TEST_F(redis_store_test, concurrent_calls_share_pipelined_round_trips) {
+  auto single = open(server.url("/0?pool=1"));
+  ASSERT_TRUE(single);
+  constexpr int threads = 16;
+  constexpr int keys = 200;
+  std::atomic<int> wrong{0};
+  std::barrier sync{threads};
+  std::vector<std::thread> workers;
+  for (int t = 0; t < threads; ++t)
+    workers.emplace_back([&, t] {
+      sync.arrive_and_wait();
+      for (int k = 0; k < keys; ++k) {
+        auto key = "pipe-" + std::to_string(t) + "-" + std::to_string(k);
+        if (single->try_begin(key, 30s) != claim_result::fresh)
+          ++wrong;
+        if (single->commit(key, 1h))
+          ++wrong;
+        if (single->try_begin(key, 30s) != claim_result::duplicate)
+          ++wrong;
+      }
+    });
+  for (auto& w : workers)
+    w.join();
+  EXPECT_EQ(wrong.load(), 0);
+  auto stats = single->pipelining();
+  EXPECT_GE(stats.commands, uint64_t{threads} * keys * 3);
+  EXPECT_LT(stats.round_trips, stats.commands)
+    << "16 threads on one connection never shared a round trip";
+  // Another instance sees every key committed.
+  EXPECT_EQ(store->try_begin("pipe-7-123", 30s), claim_result::duplicate);
+}
+
 TEST_F(redis_store_test, databases_are_separate) {
   ASSERT_TRUE(store);
   auto db1 = open(server.url("/1"));

@@ -29,6 +29,7 @@ base_packages=(
   libtomlplusplus-dev
   libsqlite3-dev
   sqlite3
+  openssl
   libgtest-dev
   libgmock-dev
   libbenchmark-dev

@@ -404,6 +404,16 @@ caf::expected<std::unique_ptr<connection>> connect(const nats_settings& s,
                         "cannot connect to " + s.shown + ": TLS: " + why
                           + " — check tls_ca/tls_cert/tls_key and the "
                             "server's TLS settings");
+    // A server that verifies client certificates closes the connection
+    // right after the TLS handshake when ours is missing or not signed by
+    // its CA; nats.c then only sees the missing PONG.
+    if (tls && st == NATS_PROTOCOL_ERROR)
+      return make_error(errc::invalid_config,
+                        "cannot connect to " + s.shown + ": " + why
+                          + " — the server closed the connection after the "
+                            "TLS handshake: it likely requires a client "
+                            "certificate (tls_cert + tls_key) signed by a CA "
+                            "it trusts; see the server's log");
     return make_error(errc::unavailable,
                       "cannot connect to " + s.shown + ": " + why);
   }

@@ -1,0 +1,1524 @@
+#include "evmesh/amqp.hpp"
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <functional>
+#include <future>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <unordered_map>
+
+#include <amqp.h>
+#include <amqp_framing.h>
+#include <amqp_tcp_socket.h>
+#include <boost/json.hpp>
+#include <poll.h>
+#include <spdlog/spdlog.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include "evmesh/config.hpp"
+#include "evmesh/error.hpp"
+#include "evmesh/pattern.hpp"
+
+namespace evmesh {
+
+namespace {
+
+using namespace std::chrono_literals;
+using clock_type = std::chrono::steady_clock;
+
+// Channels of one connection: consuming (acks go here), publishing with
+// confirms, and topology declarations (a failed passive declare closes its
+// channel; it must not take the other two with it).
+constexpr amqp_channel_t consume_ch = 1;
+constexpr amqp_channel_t publish_ch = 2;
+constexpr amqp_channel_t topology_ch = 3;
+
+// Header names evmesh writes and reads.
+constexpr const char* key_header = "evmesh-key";
+constexpr const char* subject_header = "evmesh-subject";
+constexpr const char* marker_header = "evmesh-envelope";
+
+// -- URL ----------------------------------------------------------------------
+
+struct amqp_settings {
+  std::string host;
+  int port = 5672;
+  std::string user = "guest";
+  std::string password = "guest";
+  std::string vhost = "/";
+  std::string shown; // the URL for messages, password masked
+  std::string queue;
+  std::string exchange = "evmesh";
+  std::string routing_key;
+  bool nestjs = false;
+  uint16_t prefetch = 256;
+  bool create = true;
+  bool quorum = false;
+  bool persistent = true;
+  caf::timespan confirm_timeout = 5s;
+  caf::timespan connect_timeout = 2s;
+  int heartbeat = 10;
+
+  std::string retry_queue() const {
+    return queue + ".retry";
+  }
+
+  std::string dlq() const {
+    return queue + ".dlq";
+  }
+};
+
+std::string percent_decode(std::string_view in) {
+  std::string out;
+  for (size_t i = 0; i < in.size(); ++i) {
+    if (in[i] == '%' && i + 2 < in.size()) {
+      auto hex = std::string{in.substr(i + 1, 2)};
+      char* end = nullptr;
+      auto x = std::strtol(hex.c_str(), &end, 16);
+      if (end == hex.c_str() + 2) {
+        out += static_cast<char>(x);
+        i += 2;
+        continue;
+      }
+    }
+    out += in[i];
+  }
+  return out;
+}
+
+caf::error url_error(std::string_view url, std::string what) {
+  return make_error(errc::invalid_url,
+                    "bad AMQP URL '" + std::string{url} + "': " + what
+                      + " (expected amqp://[user:pass@]host[:port][/vhost]"
+                        "?queue=Q[&prefetch=N], see docs/transports/amqp.md)");
+}
+
+caf::expected<int64_t> to_int(std::string_view url, std::string_view key,
+                              std::string_view v, int64_t min, int64_t max) {
+  int64_t x = 0;
+  try {
+    size_t used = 0;
+    x = std::stoll(std::string{v}, &used);
+    if (used != v.size())
+      throw std::invalid_argument{"trailing"};
+  } catch (...) {
+    return url_error(url, std::string{key} + "=" + std::string{v}
+                            + " is not an integer");
+  }
+  if (x < min || x > max)
+    return url_error(url, std::string{key} + " must be in ["
+                            + std::to_string(min) + ", " + std::to_string(max)
+                            + "]");
+  return x;
+}
+
+caf::expected<bool> to_bool(std::string_view url, std::string_view key,
+                            const std::string& v) {
+  if (v == "true")
+    return true;
+  if (v == "false")
+    return false;
+  return url_error(url, std::string{key} + " must be true or false");
+}
+
+caf::expected<amqp_settings> parse_amqp_url(std::string_view url) {
+  constexpr std::string_view prefix = "amqp://";
+  if (url.substr(0, 8) == "amqps://")
+    return url_error(url, "amqps:// (TLS) is not supported yet; use amqp://");
+  if (url.substr(0, prefix.size()) != prefix)
+    return url_error(url, "the scheme must be amqp://");
+  amqp_settings s;
+  auto rest = url.substr(prefix.size());
+  auto q = rest.find('?');
+  auto hier = rest.substr(0, q);
+  auto slash = hier.find('/');
+  auto authority = hier.substr(0, slash);
+  if (slash != std::string_view::npos) {
+    auto path = hier.substr(slash + 1);
+    if (!path.empty())
+      s.vhost = percent_decode(path);
+  }
+  std::string masked_auth;
+  if (auto at = authority.rfind('@'); at != std::string_view::npos) {
+    auto cred = authority.substr(0, at);
+    authority = authority.substr(at + 1);
+    auto colon = cred.find(':');
+    s.user = percent_decode(cred.substr(0, colon));
+    s.password = colon == std::string_view::npos
+                   ? std::string{}
+                   : percent_decode(cred.substr(colon + 1));
+    masked_auth = s.user + ":***@";
+  }
+  if (authority.empty())
+    return url_error(url, "no host");
+  if (auto colon = authority.rfind(':'); colon != std::string_view::npos) {
+    auto port = to_int(url, "port", authority.substr(colon + 1), 1, 65535);
+    if (!port)
+      return port.error();
+    s.port = static_cast<int>(*port);
+    authority = authority.substr(0, colon);
+  }
+  s.host = std::string{authority};
+  s.shown = "amqp://" + masked_auth + s.host + ":" + std::to_string(s.port)
+            + "/" + (s.vhost == "/" ? std::string{"%2F"} : s.vhost);
+  std::string query;
+  if (q != std::string_view::npos)
+    query = std::string{rest.substr(q + 1)};
+  std::string_view qs = query;
+  while (!qs.empty()) {
+    auto amp = qs.find('&');
+    auto kv = qs.substr(0, amp);
+    qs = amp == std::string_view::npos ? std::string_view{}
+                                       : qs.substr(amp + 1);
+    if (kv.empty())
+      continue;
+    auto eq = kv.find('=');
+    auto k = kv.substr(0, eq);
+    auto v = eq == std::string_view::npos ? std::string{}
+                                          : percent_decode(kv.substr(eq + 1));
+    auto dur = [&](caf::timespan& out) -> caf::error {
+      auto d = parse_duration(v);
+      if (!d || d->count() <= 0)
+        return url_error(url, std::string{k} + "=" + v
+                                + " is not a positive duration (e.g. 5s, "
+                                  "500ms)");
+      out = *d;
+      return {};
+    };
+    if (k == "queue") {
+      s.queue = v;
+    } else if (k == "prefetch") {
+      auto x = to_int(url, k, v, 1, 65535);
+      if (!x)
+        return x.error();
+      s.prefetch = static_cast<uint16_t>(*x);
+    } else if (k == "exchange") {
+      s.exchange = v;
+    } else if (k == "routing_key") {
+      s.routing_key = v;
+    } else if (k == "format") {
+      if (v != "native" && v != "nestjs")
+        return url_error(url, "format must be native or nestjs");
+      s.nestjs = v == "nestjs";
+    } else if (k == "create") {
+      auto x = to_bool(url, k, v);
+      if (!x)
+        return x.error();
+      s.create = *x;
+    } else if (k == "queue_type") {
+      if (v != "classic" && v != "quorum")
+        return url_error(url, "queue_type must be classic or quorum");
+      s.quorum = v == "quorum";
+    } else if (k == "persistent") {
+      auto x = to_bool(url, k, v);
+      if (!x)
+        return x.error();
+      s.persistent = *x;
+    } else if (k == "confirm_timeout") {
+      if (auto err = dur(s.confirm_timeout))
+        return err;
+    } else if (k == "connect_timeout") {
+      if (auto err = dur(s.connect_timeout))
+        return err;
+    } else if (k == "heartbeat") {
+      caf::timespan hb;
+      if (auto err = dur(hb))
+        return err;
+      auto secs = std::chrono::duration_cast<std::chrono::seconds>(hb).count();
+      if (secs < 1 || secs > 600)
+        return url_error(url, "heartbeat must be between 1s and 600s");
+      s.heartbeat = static_cast<int>(secs);
+    } else {
+      return url_error(url, "unknown parameter '" + std::string{k} + "'");
+    }
+  }
+  if (s.queue.size() > 240)
+    return url_error(url, "queue names are limited to 240 characters here "
+                          "(RabbitMQ allows 255, minus '.retry')");
+  if (s.queue.rfind("amq.", 0) == 0)
+    return url_error(url, "queue names starting with 'amq.' are reserved by "
+                          "RabbitMQ");
+  return s;
+}
+
+// -- rabbitmq-c helpers --------------------------------------------------------
+
+amqp_bytes_t bytes_of(const std::string& s) {
+  return amqp_bytes_t{s.size(), const_cast<char*>(s.data())};
+}
+
+std::string str_of(amqp_bytes_t b) {
+  if (b.len == 0 || b.bytes == nullptr)
+    return {};
+  return std::string{static_cast<const char*>(b.bytes), b.len};
+}
+
+timeval to_timeval(caf::timespan d) {
+  auto us = std::chrono::duration_cast<std::chrono::microseconds>(d).count();
+  timeval tv;
+  tv.tv_sec = static_cast<time_t>(us / 1'000'000);
+  tv.tv_usec = static_cast<suseconds_t>(us % 1'000'000);
+  return tv;
+}
+
+// The broker's reply code of a server exception (0 otherwise).
+int reply_code(const amqp_rpc_reply_t& r) {
+  if (r.reply_type != AMQP_RESPONSE_SERVER_EXCEPTION)
+    return 0;
+  if (r.reply.id == AMQP_CONNECTION_CLOSE_METHOD)
+    return static_cast<amqp_connection_close_t*>(r.reply.decoded)->reply_code;
+  if (r.reply.id == AMQP_CHANNEL_CLOSE_METHOD)
+    return static_cast<amqp_channel_close_t*>(r.reply.decoded)->reply_code;
+  return 0;
+}
+
+std::string describe(const amqp_rpc_reply_t& r) {
+  switch (r.reply_type) {
+    case AMQP_RESPONSE_NORMAL:
+      return "ok";
+    case AMQP_RESPONSE_NONE:
+      return "no reply from the broker";
+    case AMQP_RESPONSE_LIBRARY_EXCEPTION:
+      return amqp_error_string2(r.library_error);
+    case AMQP_RESPONSE_SERVER_EXCEPTION:
+      if (r.reply.id == AMQP_CONNECTION_CLOSE_METHOD) {
+        auto* m = static_cast<amqp_connection_close_t*>(r.reply.decoded);
+        return std::to_string(m->reply_code) + " " + str_of(m->reply_text);
+      }
+      if (r.reply.id == AMQP_CHANNEL_CLOSE_METHOD) {
+        auto* m = static_cast<amqp_channel_close_t*>(r.reply.decoded);
+        return std::to_string(m->reply_code) + " " + str_of(m->reply_text);
+      }
+      return "unexpected method from the broker";
+  }
+  return "unknown reply";
+}
+
+bool is_ok(const amqp_rpc_reply_t& r) {
+  return r.reply_type == AMQP_RESPONSE_NORMAL;
+}
+
+const amqp_field_value_t* find_field(const amqp_table_t& t,
+                                     std::string_view key) {
+  for (int i = 0; i < t.num_entries; ++i) {
+    auto& e = t.entries[i];
+    if (std::string_view{static_cast<const char*>(e.key.bytes), e.key.len}
+        == key)
+      return &e.value;
+  }
+  return nullptr;
+}
+
+const amqp_field_value_t* find_header(const amqp_basic_properties_t& p,
+                                      std::string_view key) {
+  if ((p._flags & AMQP_BASIC_HEADERS_FLAG) == 0)
+    return nullptr;
+  return find_field(p.headers, key);
+}
+
+std::string field_string(const amqp_field_value_t* v) {
+  if (v == nullptr)
+    return {};
+  if (v->kind == AMQP_FIELD_KIND_UTF8 || v->kind == AMQP_FIELD_KIND_BYTES)
+    return str_of(v->value.bytes);
+  return {};
+}
+
+int64_t field_int(const amqp_field_value_t* v) {
+  if (v == nullptr)
+    return 0;
+  switch (v->kind) {
+    case AMQP_FIELD_KIND_I8:
+      return v->value.i8;
+    case AMQP_FIELD_KIND_U8:
+      return v->value.u8;
+    case AMQP_FIELD_KIND_I16:
+      return v->value.i16;
+    case AMQP_FIELD_KIND_U16:
+      return v->value.u16;
+    case AMQP_FIELD_KIND_I32:
+      return v->value.i32;
+    case AMQP_FIELD_KIND_U32:
+      return v->value.u32;
+    case AMQP_FIELD_KIND_I64:
+      return v->value.i64;
+    case AMQP_FIELD_KIND_U64:
+    case AMQP_FIELD_KIND_TIMESTAMP:
+      return static_cast<int64_t>(v->value.u64);
+    default:
+      return 0;
+  }
+}
+
+amqp_table_entry_t string_entry(const char* key, const std::string& value) {
+  amqp_table_entry_t e;
+  e.key = amqp_cstring_bytes(key);
+  e.value.kind = AMQP_FIELD_KIND_UTF8;
+  e.value.value.bytes = bytes_of(value);
+  return e;
+}
+
+/// How often the broker delivered a message before, from its headers:
+/// x-death counts (our retry queue, or any dead-lettering on the way),
+/// x-delivery-count of quorum queues, or the redelivered flag.
+uint32_t delivery_count(const amqp_basic_properties_t& p, bool redelivered) {
+  int64_t before = 0;
+  if (auto* death = find_header(p, "x-death");
+      death != nullptr && death->kind == AMQP_FIELD_KIND_ARRAY) {
+    auto& arr = death->value.array;
+    for (int i = 0; i < arr.num_entries; ++i)
+      if (arr.entries[i].kind == AMQP_FIELD_KIND_TABLE)
+        before += std::max<int64_t>(
+          0, field_int(find_field(arr.entries[i].value.table, "count")));
+  }
+  if (auto* dc = find_header(p, "x-delivery-count"))
+    before += std::max<int64_t>(0, field_int(dc));
+  else if (redelivered)
+    before += 1;
+  return static_cast<uint32_t>(std::min<int64_t>(before + 1, UINT32_MAX));
+}
+
+/// Gives a message published by another client (NestJS, a shell script)
+/// what its AMQP properties say and its body lacks: `id` from message_id,
+/// `headers` from string headers and correlation_id. evmesh's own messages
+/// carry the marker header and are left verbatim.
+void merge_properties(const amqp_basic_properties_t& p, std::string& body) {
+  if (find_header(p, marker_header) != nullptr)
+    return;
+  std::string message_id;
+  if (p._flags & AMQP_BASIC_MESSAGE_ID_FLAG)
+    message_id = str_of(p.message_id);
+  std::vector<std::pair<std::string, std::string>> headers;
+  if (p._flags & AMQP_BASIC_CORRELATION_ID_FLAG)
+    headers.emplace_back("correlation_id", str_of(p.correlation_id));
+  if (p._flags & AMQP_BASIC_HEADERS_FLAG) {
+    for (int i = 0; i < p.headers.num_entries; ++i) {
+      auto& e = p.headers.entries[i];
+      auto key = str_of(e.key);
+      if (key.rfind("x-", 0) == 0 || key.rfind("evmesh-", 0) == 0
+          || key == "traceparent" || key == "tracestate")
+        continue;
+      if (e.value.kind == AMQP_FIELD_KIND_UTF8)
+        headers.emplace_back(std::move(key), str_of(e.value.value.bytes));
+    }
+  }
+  if (message_id.empty() && headers.empty())
+    return;
+  boost::json::error_code ec;
+  auto v = boost::json::parse(body, ec);
+  auto* obj = ec ? nullptr : v.if_object();
+  if (obj == nullptr || obj->contains("specversion"))
+    return; // not ours to touch: the codec reports bad bodies
+  bool changed = false;
+  if (!message_id.empty() && !obj->contains("id")) {
+    (*obj)["id"] = message_id;
+    changed = true;
+  }
+  if (!headers.empty()) {
+    auto& h = (*obj)["headers"];
+    if (h.is_null())
+      h = boost::json::object{};
+    if (auto* ho = h.if_object()) {
+      for (auto& [k, val] : headers)
+        if (!ho->contains(k)) {
+          (*ho)[k] = val;
+          changed = true;
+        }
+    }
+  }
+  if (changed)
+    body = boost::json::serialize(v);
+}
+
+/// `order.>` (NATS-style, as handlers write it) → `order.#` (AMQP topic).
+std::string binding_key(const std::string& pattern) {
+  std::string out;
+  size_t start = 0;
+  while (start <= pattern.size()) {
+    auto dot = pattern.find('.', start);
+    auto token = pattern.substr(
+      start, dot == std::string::npos ? std::string::npos : dot - start);
+    if (!out.empty())
+      out += '.';
+    out += token == ">" ? std::string{"#"} : token;
+    if (dot == std::string::npos)
+      break;
+    start = dot + 1;
+  }
+  return out;
+}
+
+/// The envelope as a NestJS event: `{"pattern": topic, "data": payload}`
+/// plus the envelope's other fields (the codec reads them back).
+std::string encode_nestjs(const envelope& env) {
+  auto native = boost::json::parse(encode_envelope(env));
+  boost::json::object out;
+  out["pattern"] = env.topic;
+  out["data"] = env.payload;
+  for (auto& kv : native.as_object())
+    if (kv.key() != "topic" && kv.key() != "payload")
+      out[kv.key()] = kv.value();
+  return boost::json::serialize(out);
+}
+
+// -- connections ---------------------------------------------------------------
+
+struct conn_deleter {
+  void operator()(amqp_connection_state_t c) const {
+    amqp_destroy_connection(c);
+  }
+};
+
+using conn_ptr = std::unique_ptr<amqp_connection_state_t_, conn_deleter>;
+
+// Answers a channel.close the broker sent and reopens the channel.
+caf::error reopen_channel(amqp_connection_state_t c, amqp_channel_t ch) {
+  amqp_channel_close_ok_t ok{};
+  amqp_send_method(c, ch, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok);
+  amqp_channel_open(c, ch);
+  auto r = amqp_get_rpc_reply(c);
+  if (!is_ok(r))
+    return make_error(errc::unavailable, "amqp: cannot reopen channel "
+                                           + std::to_string(ch) + ": "
+                                           + describe(r));
+  return {};
+}
+
+caf::expected<conn_ptr> open_connection(const amqp_settings& s,
+                                        const std::string& name) {
+  conn_ptr c{amqp_new_connection()};
+  if (!c)
+    return make_error(errc::io_error, "amqp: out of memory");
+  auto* sock = amqp_tcp_socket_new(c.get());
+  if (sock == nullptr)
+    return make_error(errc::io_error, "amqp: cannot create a socket");
+  auto tv = to_timeval(s.connect_timeout);
+  if (auto rc = amqp_socket_open_noblock(sock, s.host.c_str(), s.port, &tv);
+      rc != AMQP_STATUS_OK)
+    return make_error(errc::unavailable,
+                      "cannot connect to " + s.shown + ": "
+                        + amqp_error_string2(rc)
+                        + " (connection refused or no answer within "
+                        + format_duration(s.connect_timeout)
+                        + ") — is rabbitmq-server running there?");
+  auto handshake = to_timeval(std::max<caf::timespan>(s.connect_timeout, 5s));
+  amqp_set_handshake_timeout(c.get(), &handshake);
+  std::string product = "evmesh";
+  amqp_table_entry_t props_entries[] = {
+    string_entry("connection_name", name),
+    string_entry("product", product),
+  };
+  amqp_table_t props{2, props_entries};
+  auto r = amqp_login_with_properties(c.get(), s.vhost.c_str(), 0, 131072,
+                                      s.heartbeat, &props,
+                                      AMQP_SASL_METHOD_PLAIN, s.user.c_str(),
+                                      s.password.c_str());
+  if (!is_ok(r)) {
+    auto code = reply_code(r);
+    auto why = describe(r);
+    if (code == AMQP_ACCESS_REFUSED
+        || (r.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION
+            && (r.library_error == AMQP_STATUS_CONNECTION_CLOSED
+                || r.library_error == AMQP_STATUS_SOCKET_ERROR)))
+      return make_error(errc::invalid_config,
+                        "cannot connect to " + s.shown
+                          + ": authentication failed for user '" + s.user
+                          + "' (" + why
+                          + ") — check user:pass@ in the URL (RabbitMQ's "
+                            "guest user may only connect from localhost)");
+    if (code == AMQP_NOT_ALLOWED)
+      return make_error(errc::invalid_config,
+                        "cannot connect to " + s.shown + ": vhost '" + s.vhost
+                          + "' does not exist or user '" + s.user
+                          + "' may not use it (" + why
+                          + ") — create it (rabbitmqctl add_vhost) and grant "
+                            "permissions, or fix the URL path");
+    return make_error(errc::unavailable, "cannot connect to " + s.shown
+                                           + ": login failed: " + why);
+  }
+  auto rpc = to_timeval(std::max<caf::timespan>(s.confirm_timeout, 5s));
+  amqp_set_rpc_timeout(c.get(), &rpc);
+  for (auto ch : {consume_ch, publish_ch, topology_ch}) {
+    amqp_channel_open(c.get(), ch);
+    r = amqp_get_rpc_reply(c.get());
+    if (!is_ok(r))
+      return make_error(errc::unavailable, "amqp: cannot open a channel on "
+                                             + s.shown + ": " + describe(r));
+  }
+  amqp_confirm_select(c.get(), publish_ch);
+  r = amqp_get_rpc_reply(c.get());
+  if (!is_ok(r))
+    return make_error(errc::unavailable,
+                      "amqp: the broker refused publisher confirms on "
+                        + s.shown + ": " + describe(r));
+  if (!s.exchange.empty() && s.exchange.rfind("amq.", 0) != 0) {
+    amqp_exchange_declare(c.get(), topology_ch, bytes_of(s.exchange),
+                          amqp_cstring_bytes("topic"), 0, 1, 0, 0,
+                          amqp_empty_table);
+    r = amqp_get_rpc_reply(c.get());
+    if (!is_ok(r))
+      return make_error(errc::invalid_config,
+                        "amqp: cannot declare the topic exchange '" + s.exchange
+                          + "' on " + s.shown + ": " + describe(r)
+                          + " — it may exist with another type; choose "
+                            "another exchange= or delete it");
+  }
+  return c;
+}
+
+// Declares (or checks) a queue on the topology channel. `passive` only checks
+// existence; a 404 then yields errc::not_found (and the channel reopened).
+caf::error declare_queue(amqp_connection_state_t c, const amqp_settings& s,
+                         const std::string& name, bool passive,
+                         amqp_table_t args) {
+  amqp_queue_declare(c, topology_ch, bytes_of(name), passive ? 1 : 0, 1, 0, 0,
+                     args);
+  auto r = amqp_get_rpc_reply(c);
+  if (is_ok(r))
+    return {};
+  auto code = reply_code(r);
+  auto why = describe(r);
+  if (r.reply_type == AMQP_RESPONSE_SERVER_EXCEPTION
+      && r.reply.id == AMQP_CHANNEL_CLOSE_METHOD)
+    if (auto err = reopen_channel(c, topology_ch))
+      return err;
+  if (code == AMQP_NOT_FOUND)
+    return make_error(errc::not_found, "amqp: queue '" + name
+                                         + "' does not exist in vhost '"
+                                         + s.vhost + "' on " + s.shown);
+  if (code == AMQP_PRECONDITION_FAILED)
+    return make_error(errc::invalid_config,
+                      "amqp: queue '" + name + "' exists on " + s.shown
+                        + " with other arguments (" + why
+                        + ") — delete it and let evmesh declare it, or "
+                          "declare it as docs/transports/amqp.md shows");
+  return make_error(errc::unavailable, "amqp: cannot declare queue '" + name
+                                         + "' on " + s.shown + ": " + why);
+}
+
+// -- the transport -------------------------------------------------------------
+
+std::atomic<uint64_t> next_tag{1};
+std::atomic<uint64_t> next_consumer{1};
+
+struct message_box {
+  amqp_message_t m{};
+  bool owned = false;
+  ~message_box() {
+    if (owned)
+      amqp_destroy_message(&m);
+  }
+};
+
+using box_ptr = std::unique_ptr<message_box>;
+
+// A delivery read from the broker, waiting for poll.
+struct ready_message {
+  raw_message raw;
+  uint64_t gen = 0;
+  uint64_t dtag = 0;
+  box_ptr box;
+};
+
+// A delivery handed out by poll, waiting for its terminal action.
+struct held_message {
+  uint64_t gen = 0;
+  uint64_t dtag = 0;
+  std::string subject;
+  box_ptr box;
+};
+
+// What the I/O thread publishes.
+struct outgoing {
+  std::string exchange;
+  std::string routing_key;
+  std::string body;
+  std::string message_id;
+  std::string correlation_id;
+  std::string type;
+  std::string expiration;
+  std::vector<std::pair<std::string, std::string>> headers;
+  bool persistent = true;
+  bool mandatory = true;
+};
+
+class amqp_transport : public transport {
+public:
+  amqp_transport(amqp_settings s, conn_ptr conn, std::string node)
+    : settings_(std::move(s)), node_(std::move(node)), conn_(std::move(conn)) {
+    event_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    connected_ = true;
+    gen_ = 1;
+    io_ = std::thread{[this] { io_main(); }};
+  }
+
+  ~amqp_transport() override {
+    close();
+    if (event_fd_ >= 0)
+      ::close(event_fd_);
+  }
+
+  std::string_view scheme() const noexcept override {
+    return "amqp";
+  }
+
+  transport_capabilities capabilities() const noexcept override {
+    return {true, true, true, true};
+  }
+
+  bool connected() const noexcept override {
+    return connected_;
+  }
+
+  caf::error subscribe(const std::vector<std::string>& patterns) override {
+    if (subscribed_)
+      return make_error(errc::invalid_state,
+                        "amqp transport: subscribed twice");
+    if (closed_)
+      return make_error(errc::invalid_state,
+                        "amqp transport: subscribe after close");
+    if (settings_.queue.empty())
+      return make_error(errc::invalid_config,
+                        "amqp: " + settings_.shown
+                          + " has no queue= — name the queue the processes "
+                            "of this service share");
+    std::vector<std::string> keys;
+    for (auto& p : patterns)
+      keys.push_back(binding_key(p));
+    auto err = call_io(
+      [this, keys]() -> caf::error {
+        bindings_ = keys;
+        if (!conn_)
+          return make_error(errc::unavailable,
+                            "amqp: not connected to " + settings_.shown);
+        if (auto e = setup_consumer())
+          return e;
+        consuming_ = true;
+        return {};
+      },
+      settings_.confirm_timeout * 4);
+    if (err)
+      return err;
+    subscribed_ = true;
+    return {};
+  }
+
+  caf::error poll(size_t max, std::vector<raw_message>& out) override {
+    if (!subscribed_)
+      return make_error(errc::invalid_state,
+                        "amqp transport: poll before subscribe");
+    if (closed_)
+      return make_error(errc::invalid_state,
+                        "amqp transport: poll after close (make a new "
+                        "transport to consume again)");
+    std::lock_guard guard{mtx_};
+    size_t n = 0;
+    while (n < max && !ready_.empty()) {
+      auto& r = ready_.front();
+      r.raw.tag = next_tag++;
+      held_.emplace(r.raw.tag, held_message{r.gen, r.dtag, r.raw.subject,
+                                            std::move(r.box)});
+      out.push_back(std::move(r.raw));
+      ready_.pop_front();
+      ++n;
+    }
+    waiting_ = n < max;
+    return {};
+  }
+
+  caf::error ack(uint64_t tag) override {
+    held_message h;
+    if (auto err = take(tag, "ack", h))
+      return err;
+    post(command{command::ack, h.gen, h.dtag, {}});
+    return {};
+  }
+
+  caf::error nack(uint64_t tag, caf::timespan delay) override {
+    held_message h;
+    if (auto err = take(tag, "nack", h))
+      return err;
+    auto ms = std::chrono::ceil<std::chrono::milliseconds>(delay).count();
+    if (ms <= 0) {
+      post(command{command::nack, h.gen, h.dtag, {}});
+      return {};
+    }
+    auto held = std::make_shared<held_message>(std::move(h));
+    post(
+      command{command::run, 0, 0, [this, held, ms] { io_retry(*held, ms); }});
+    return {};
+  }
+
+  caf::error dead_letter(uint64_t tag, const dead_letter_record& rec) override {
+    uint64_t gen = 0;
+    {
+      std::lock_guard guard{mtx_};
+      auto i = held_.find(tag);
+      if (i == held_.end())
+        return not_ours("dead_letter", tag);
+      gen = i->second.gen;
+    }
+    if (gen != gen_)
+      return lost_connection_error();
+    outgoing out;
+    out.exchange = "";
+    out.routing_key = settings_.dlq();
+    out.body = to_json(rec);
+    out.persistent = true;
+    out.headers = {{"evmesh-category", rec.category},
+                   {"evmesh-consumer", rec.consumer},
+                   {"evmesh-pattern", rec.pattern},
+                   {"evmesh-topic", rec.topic},
+                   {"evmesh-queue", settings_.queue},
+                   {"evmesh-attempts", std::to_string(rec.attempts)},
+                   {"evmesh-reason", rec.reason.substr(0, 512)}};
+    if (!rec.traceparent.empty())
+      out.headers.emplace_back("traceparent", rec.traceparent);
+    if (auto err = publish_confirmed(std::move(out)))
+      return make_error(errc::unavailable,
+                        "amqp: publishing the dead letter to '"
+                          + settings_.dlq()
+                          + "' was not confirmed: " + render(err));
+    return {};
+  }
+
+  caf::error extend(uint64_t tag) override {
+    // RabbitMQ has no per-message ack deadline to extend (only the channel's
+    // consumer_timeout, 30 minutes by default).
+    std::lock_guard guard{mtx_};
+    if (held_.count(tag) == 0)
+      return not_ours("extend", tag);
+    return {};
+  }
+
+  caf::error publish(const envelope& env) override {
+    if (closed_)
+      return make_error(errc::invalid_state,
+                        "amqp transport: publish after close");
+    outgoing out;
+    out.exchange = settings_.exchange;
+    out.routing_key = settings_.routing_key.empty() ? env.topic
+                                                    : settings_.routing_key;
+    out.body = settings_.nestjs ? encode_nestjs(env) : encode_envelope(env);
+    out.persistent = settings_.persistent;
+    out.message_id = env.id;
+    out.type = env.topic;
+    if (auto i = env.headers.find("correlation_id"); i != env.headers.end())
+      out.correlation_id = i->second;
+    out.headers.emplace_back(marker_header, "1");
+    if (!env.traceparent.empty())
+      out.headers.emplace_back("traceparent", env.traceparent);
+    if (!env.tracestate.empty())
+      out.headers.emplace_back("tracestate", env.tracestate);
+    if (!env.key.empty())
+      out.headers.emplace_back(key_header, env.key);
+    for (auto& [k, v] : env.headers)
+      if (k.rfind("x-", 0) != 0 && k.rfind("evmesh-", 0) != 0
+          && k != "traceparent" && k != "tracestate")
+        out.headers.emplace_back(k, v);
+    return publish_confirmed(std::move(out));
+  }
+
+  void set_wakeup(std::function<void()> fn) override {
+    std::lock_guard guard{mtx_};
+    wakeup_ = std::move(fn);
+  }
+
+  caf::error close() override {
+    if (closed_.exchange(true))
+      return {};
+    {
+      std::lock_guard guard{mtx_};
+      stop_ = true;
+      wakeup_ = nullptr;
+    }
+    signal();
+    if (io_.joinable())
+      io_.join();
+    std::deque<ready_message> ready;
+    std::unordered_map<uint64_t, held_message> held;
+    {
+      std::lock_guard guard{mtx_};
+      ready.swap(ready_);
+      held.swap(held_);
+    }
+    return {};
+  }
+
+private:
+  struct command {
+    enum kind_t { ack, nack, run } kind;
+    uint64_t gen;
+    uint64_t dtag;
+    std::function<void()> fn;
+  };
+
+  struct pending_confirm {
+    std::string routing_key;
+    bool returned = false;
+    std::function<void(caf::error)> done;
+  };
+
+  // -- called from other threads ----------------------------------------------
+
+  caf::error not_ours(const char* what, uint64_t tag) const {
+    return make_error(errc::invalid_state,
+                      std::string{"amqp transport: "} + what + " of tag "
+                        + std::to_string(tag)
+                        + " which is not an unacked delivery of this "
+                          "consumer");
+  }
+
+  caf::error lost_connection_error() const {
+    return make_error(errc::unavailable,
+                      "amqp: the connection that delivered this message was "
+                      "lost; the broker delivers it again");
+  }
+
+  caf::error take(uint64_t tag, const char* what, held_message& out) {
+    {
+      std::lock_guard guard{mtx_};
+      auto i = held_.find(tag);
+      if (i == held_.end())
+        return not_ours(what, tag);
+      out = std::move(i->second);
+      held_.erase(i);
+    }
+    if (out.gen != gen_)
+      return lost_connection_error();
+    return {};
+  }
+
+  void signal() {
+    uint64_t one = 1;
+    auto rc = ::write(event_fd_, &one, sizeof(one));
+    static_cast<void>(rc);
+  }
+
+  void post(command c) {
+    bool was_empty = false;
+    {
+      std::lock_guard guard{mtx_};
+      was_empty = commands_.empty();
+      commands_.push_back(std::move(c));
+    }
+    if (was_empty)
+      signal();
+  }
+
+  // Runs `fn` on the I/O thread and waits (bounded) for its result.
+  caf::error call_io(std::function<caf::error()> fn, caf::timespan limit) {
+    auto result = std::make_shared<std::promise<caf::error>>();
+    auto fut = result->get_future();
+    post(command{command::run, 0, 0,
+                 [fn = std::move(fn), result] { result->set_value(fn()); }});
+    if (fut.wait_for(limit) != std::future_status::ready)
+      return make_error(errc::unavailable,
+                        "amqp: no answer from the I/O thread within "
+                          + format_duration(limit) + " (" + settings_.shown
+                          + ")");
+    return fut.get();
+  }
+
+  caf::error publish_confirmed(outgoing out) {
+    auto result = std::make_shared<std::promise<caf::error>>();
+    auto fut = result->get_future();
+    auto msg = std::make_shared<outgoing>(std::move(out));
+    post(command{command::run, 0, 0, [this, msg, result] {
+                   io_publish(*msg, nullptr, [result](caf::error err) {
+                     result->set_value(std::move(err));
+                   });
+                 }});
+    if (fut.wait_for(settings_.confirm_timeout) != std::future_status::ready)
+      return make_error(errc::unavailable,
+                        "amqp: the broker did not confirm the publish to '"
+                          + msg->routing_key + "' within "
+                          + format_duration(settings_.confirm_timeout));
+    return fut.get();
+  }
+
+  // -- the I/O thread ----------------------------------------------------------
+
+  void io_main() {
+    auto backoff = 250ms;
+    auto next_attempt = clock_type::now();
+    for (;;) {
+      std::deque<command> cmds;
+      bool stopping = false;
+      {
+        std::lock_guard guard{mtx_};
+        cmds.swap(commands_);
+        stopping = stop_;
+      }
+      for (auto& c : cmds)
+        run(c);
+      if (stopping && commands_empty()) {
+        shutdown();
+        return;
+      }
+      if (!conn_) {
+        if (clock_type::now() >= next_attempt) {
+          if (reconnect()) {
+            backoff = 250ms;
+          } else {
+            next_attempt = clock_type::now() + backoff;
+            backoff = std::min<std::chrono::milliseconds>(backoff * 2, 5s);
+          }
+        } else {
+          wait_event(std::chrono::duration_cast<std::chrono::milliseconds>(
+            next_attempt - clock_type::now()));
+        }
+        continue;
+      }
+      pump(1000);
+    }
+  }
+
+  bool commands_empty() {
+    std::lock_guard guard{mtx_};
+    return commands_.empty();
+  }
+
+  void wait_event(std::chrono::milliseconds limit) {
+    pollfd fd{event_fd_, POLLIN, 0};
+    ::poll(&fd, 1, static_cast<int>(std::max<int64_t>(limit.count(), 1)));
+    drain_event();
+  }
+
+  void drain_event() {
+    uint64_t x = 0;
+    while (::read(event_fd_, &x, sizeof(x)) > 0) {
+      // drained
+    }
+  }
+
+  void run(command& c) {
+    switch (c.kind) {
+      case command::ack:
+        if (conn_ && c.gen == gen_)
+          if (auto rc = amqp_basic_ack(conn_.get(), consume_ch, c.dtag, 0);
+              rc != AMQP_STATUS_OK)
+            connection_lost(std::string{"ack: "} + amqp_error_string2(rc));
+        break;
+      case command::nack:
+        if (conn_ && c.gen == gen_)
+          if (auto rc = amqp_basic_nack(conn_.get(), consume_ch, c.dtag, 0, 1);
+              rc != AMQP_STATUS_OK)
+            connection_lost(std::string{"nack: "} + amqp_error_string2(rc));
+        break;
+      case command::run:
+        c.fn();
+        break;
+    }
+  }
+
+  // Reads what the broker sent; waits up to `timeout_ms` for the socket or a
+  // command.
+  void pump(int timeout_ms) {
+    auto* c = conn_.get();
+    if (!amqp_frames_enqueued(c) && !amqp_data_in_buffer(c)) {
+      pollfd fds[2] = {{amqp_get_sockfd(c), POLLIN, 0}, {event_fd_, POLLIN, 0}};
+      ::poll(fds, 2, timeout_ms);
+      if (fds[1].revents != 0)
+        drain_event();
+    }
+    for (int i = 0; i < 1024 && conn_; ++i) {
+      amqp_frame_t frame;
+      timeval zero{0, 0};
+      auto rc = amqp_simple_wait_frame_noblock(conn_.get(), &frame, &zero);
+      if (rc == AMQP_STATUS_TIMEOUT)
+        break;
+      if (rc != AMQP_STATUS_OK) {
+        connection_lost(amqp_error_string2(rc));
+        break;
+      }
+      handle_frame(frame);
+    }
+    flush_ready();
+    if (conn_)
+      amqp_maybe_release_buffers(conn_.get());
+  }
+
+  void handle_frame(const amqp_frame_t& frame) {
+    if (frame.frame_type != AMQP_FRAME_METHOD)
+      return;
+    auto* decoded = frame.payload.method.decoded;
+    switch (frame.payload.method.id) {
+      case AMQP_BASIC_DELIVER_METHOD: {
+        auto* d = static_cast<amqp_basic_deliver_t*>(decoded);
+        auto dtag = d->delivery_tag;
+        auto redelivered = d->redelivered != 0;
+        auto routing_key = str_of(d->routing_key);
+        auto box = std::make_unique<message_box>();
+        auto r = amqp_read_message(conn_.get(), frame.channel, &box->m, 0);
+        if (!is_ok(r)) {
+          connection_lost("reading a message: " + describe(r));
+          return;
+        }
+        box->owned = true;
+        take_delivery(dtag, redelivered, std::move(routing_key),
+                      std::move(box));
+        return;
+      }
+      case AMQP_BASIC_ACK_METHOD: {
+        auto* a = static_cast<amqp_basic_ack_t*>(decoded);
+        confirm(a->delivery_tag, a->multiple != 0, true);
+        return;
+      }
+      case AMQP_BASIC_NACK_METHOD: {
+        auto* n = static_cast<amqp_basic_nack_t*>(decoded);
+        confirm(n->delivery_tag, n->multiple != 0, false);
+        return;
+      }
+      case AMQP_BASIC_RETURN_METHOD: {
+        auto* ret = static_cast<amqp_basic_return_t*>(decoded);
+        auto rk = str_of(ret->routing_key);
+        message_box box;
+        auto r = amqp_read_message(conn_.get(), frame.channel, &box.m, 0);
+        if (!is_ok(r)) {
+          connection_lost("reading a returned message: " + describe(r));
+          return;
+        }
+        box.owned = true;
+        // Returns come before the confirm of their publish, in publish
+        // order: the first unreturned pending publish with this key is it.
+        for (auto& [seq, p] : pending_)
+          if (!p.returned && p.routing_key == rk) {
+            p.returned = true;
+            break;
+          }
+        return;
+      }
+      case AMQP_CHANNEL_CLOSE_METHOD: {
+        auto* m = static_cast<amqp_channel_close_t*>(decoded);
+        auto why = std::to_string(m->reply_code) + " " + str_of(m->reply_text);
+        amqp_channel_close_ok_t ok{};
+        amqp_send_method(conn_.get(), frame.channel,
+                         AMQP_CHANNEL_CLOSE_OK_METHOD, &ok);
+        connection_lost("the broker closed channel "
+                        + std::to_string(frame.channel) + ": " + why);
+        return;
+      }
+      case AMQP_CONNECTION_CLOSE_METHOD: {
+        auto* m = static_cast<amqp_connection_close_t*>(decoded);
+        auto why = std::to_string(m->reply_code) + " " + str_of(m->reply_text);
+        amqp_connection_close_ok_t ok{};
+        amqp_send_method(conn_.get(), 0, AMQP_CONNECTION_CLOSE_OK_METHOD, &ok);
+        connection_lost("the broker closed the connection: " + why);
+        return;
+      }
+      case AMQP_BASIC_CANCEL_METHOD:
+        connection_lost("the broker cancelled the consumer of queue '"
+                        + settings_.queue + "' (queue deleted?)");
+        return;
+      default:
+        return;
+    }
+  }
+
+  void take_delivery(uint64_t dtag, bool redelivered, std::string routing_key,
+                     box_ptr box) {
+    auto& p = box->m.properties;
+    ready_message r;
+    r.gen = gen_;
+    r.dtag = dtag;
+    auto subject = field_string(find_header(p, subject_header));
+    r.raw.subject = subject.empty() ? std::move(routing_key)
+                                    : std::move(subject);
+    r.raw.bytes = str_of(box->m.body);
+    r.raw.traceparent = field_string(find_header(p, "traceparent"));
+    r.raw.tracestate = field_string(find_header(p, "tracestate"));
+    r.raw.key = field_string(find_header(p, key_header));
+    r.raw.delivery_count = delivery_count(p, redelivered);
+    r.raw.position = "amqp:" + settings_.queue + "#"
+                     + std::to_string(gen_.load()) + "." + std::to_string(dtag);
+    merge_properties(p, r.raw.bytes);
+    r.box = std::move(box);
+    incoming_.push_back(std::move(r));
+  }
+
+  void flush_ready() {
+    if (incoming_.empty())
+      return;
+    std::function<void()> wake;
+    {
+      std::lock_guard guard{mtx_};
+      for (auto& r : incoming_)
+        ready_.push_back(std::move(r));
+      if (waiting_) {
+        waiting_ = false;
+        wake = wakeup_;
+      }
+    }
+    incoming_.clear();
+    if (wake)
+      wake();
+  }
+
+  void confirm(uint64_t seq, bool multiple, bool ok) {
+    auto end = multiple ? pending_.upper_bound(seq) : pending_.find(seq);
+    if (!multiple && end != pending_.end())
+      ++end;
+    auto begin = multiple ? pending_.begin() : pending_.find(seq);
+    std::vector<pending_confirm> done;
+    for (auto i = begin; i != end;) {
+      done.push_back(std::move(i->second));
+      i = pending_.erase(i);
+    }
+    for (auto& p : done) {
+      if (!ok)
+        p.done(make_error(errc::unavailable,
+                          "the broker refused the message (basic.nack)"));
+      else if (p.returned)
+        p.done(make_error(errc::invalid_config,
+                          "no queue is bound for routing key '" + p.routing_key
+                            + "' on exchange '" + settings_.exchange + "' of "
+                            + settings_.shown
+                            + " — the message was returned unroutable; start "
+                              "a consumer (which binds its queue) first"));
+      else
+        p.done({});
+    }
+  }
+
+  // Publishes on the confirm channel; `done` runs on this thread once the
+  // broker confirmed (or the connection failed). `props_base`, when given,
+  // supplies the properties to start from (a retry copy).
+  void io_publish(const outgoing& out, const amqp_basic_properties_t* base,
+                  std::function<void(caf::error)> done) {
+    if (!conn_) {
+      done(make_error(errc::unavailable, "amqp: not connected to "
+                                           + settings_.shown
+                                           + " (reconnecting)"));
+      return;
+    }
+    amqp_basic_properties_t props{};
+    std::vector<amqp_table_entry_t> entries;
+    if (base != nullptr) {
+      props = *base;
+      if (props._flags & AMQP_BASIC_HEADERS_FLAG)
+        for (int i = 0; i < base->headers.num_entries; ++i)
+          entries.push_back(base->headers.entries[i]);
+    } else {
+      props._flags = AMQP_BASIC_CONTENT_TYPE_FLAG;
+      props.content_type = amqp_cstring_bytes("application/json");
+      if (!out.message_id.empty()) {
+        props._flags |= AMQP_BASIC_MESSAGE_ID_FLAG;
+        props.message_id = bytes_of(out.message_id);
+      }
+      if (!out.correlation_id.empty()) {
+        props._flags |= AMQP_BASIC_CORRELATION_ID_FLAG;
+        props.correlation_id = bytes_of(out.correlation_id);
+      }
+      if (!out.type.empty()) {
+        props._flags |= AMQP_BASIC_TYPE_FLAG;
+        props.type = bytes_of(out.type);
+      }
+    }
+    props._flags |= AMQP_BASIC_DELIVERY_MODE_FLAG;
+    props.delivery_mode = out.persistent ? 2 : 1;
+    if (!out.expiration.empty()) {
+      props._flags |= AMQP_BASIC_EXPIRATION_FLAG;
+      props.expiration = bytes_of(out.expiration);
+    } else {
+      props._flags &= static_cast<amqp_flags_t>(~AMQP_BASIC_EXPIRATION_FLAG);
+    }
+    for (auto& [k, v] : out.headers) {
+      amqp_table_entry_t e;
+      e.key = bytes_of(k);
+      e.value.kind = AMQP_FIELD_KIND_UTF8;
+      e.value.value.bytes = bytes_of(v);
+      entries.push_back(e);
+    }
+    if (!entries.empty()) {
+      props._flags |= AMQP_BASIC_HEADERS_FLAG;
+      props.headers.num_entries = static_cast<int>(entries.size());
+      props.headers.entries = entries.data();
+    }
+    auto seq = next_seq_++;
+    auto rc
+      = amqp_basic_publish(conn_.get(), publish_ch, bytes_of(out.exchange),
+                           bytes_of(out.routing_key), out.mandatory ? 1 : 0, 0,
+                           &props, bytes_of(out.body));
+    if (rc != AMQP_STATUS_OK) {
+      done(make_error(errc::unavailable, std::string{"amqp: publish failed: "}
+                                           + amqp_error_string2(rc)));
+      connection_lost(std::string{"publish: "} + amqp_error_string2(rc));
+      return;
+    }
+    pending_.emplace(seq,
+                     pending_confirm{out.routing_key, false, std::move(done)});
+  }
+
+  // nack with a delay: a copy goes to the retry queue with the delay as
+  // per-message TTL; once the broker confirmed it, the original is acked.
+  void io_retry(held_message& h, int64_t ms) {
+    if (!conn_ || h.gen != gen_)
+      return; // the broker requeued the original with the lost channel
+    auto& base = h.box->m.properties;
+    auto copy = std::make_shared<outgoing>();
+    copy->exchange = "";
+    copy->routing_key = settings_.retry_queue();
+    copy->body = str_of(h.box->m.body);
+    copy->expiration = std::to_string(ms);
+    copy->persistent = !(base._flags & AMQP_BASIC_DELIVERY_MODE_FLAG)
+                       || base.delivery_mode == 2;
+    if (find_header(base, subject_header) == nullptr)
+      copy->headers.emplace_back(subject_header, h.subject);
+    auto gen = h.gen;
+    auto dtag = h.dtag;
+    io_publish(*copy, &base, [this, gen, dtag, copy](caf::error err) {
+      if (!conn_ || gen != gen_)
+        return;
+      int rc = AMQP_STATUS_OK;
+      if (err) {
+        spdlog::warn("amqp: the retry copy was not confirmed ({}); the "
+                     "message is redelivered at once instead",
+                     render(err));
+        rc = amqp_basic_nack(conn_.get(), consume_ch, dtag, 0, 1);
+      } else {
+        rc = amqp_basic_ack(conn_.get(), consume_ch, dtag, 0);
+      }
+      if (rc != AMQP_STATUS_OK)
+        connection_lost(std::string{"ack after retry: "}
+                        + amqp_error_string2(rc));
+    });
+  }
+
+  caf::error setup_consumer() {
+    auto* c = conn_.get();
+    auto& s = settings_;
+    auto err = declare_queue(c, s, s.queue, true, amqp_empty_table);
+    if (err && err.code() == static_cast<uint8_t>(errc::not_found)
+        && err.category() == caf::atom("evmesh")) {
+      if (!s.create)
+        return make_error(errc::invalid_config,
+                          "amqp: queue '" + s.queue
+                            + "' does not exist in "
+                              "vhost '"
+                            + s.vhost + "' on " + s.shown
+                            + " and create=false — declare it first (or drop "
+                              "create=false to let evmesh declare it)");
+      std::string type = "quorum";
+      amqp_table_entry_t q_entries[] = {string_entry("x-queue-type", type)};
+      amqp_table_t args = s.quorum ? amqp_table_t{1, q_entries}
+                                   : amqp_empty_table;
+      err = declare_queue(c, s, s.queue, false, args);
+    }
+    if (err)
+      return err;
+    std::string empty;
+    amqp_table_entry_t retry_entries[] = {
+      string_entry("x-dead-letter-exchange", empty),
+      string_entry("x-dead-letter-routing-key", s.queue),
+    };
+    if (auto e = declare_queue(c, s, s.retry_queue(), false,
+                               amqp_table_t{2, retry_entries}))
+      return e;
+    if (auto e = declare_queue(c, s, s.dlq(), false, amqp_empty_table))
+      return e;
+    if (!s.exchange.empty())
+      for (auto& key : bindings_) {
+        amqp_queue_bind(c, topology_ch, bytes_of(s.queue), bytes_of(s.exchange),
+                        bytes_of(key), amqp_empty_table);
+        auto r = amqp_get_rpc_reply(c);
+        if (!is_ok(r))
+          return make_error(errc::invalid_config,
+                            "amqp: cannot bind queue '" + s.queue
+                              + "' to exchange '" + s.exchange + "' with '"
+                              + key + "': " + describe(r));
+      }
+    amqp_basic_qos(c, consume_ch, 0, s.prefetch, 0);
+    auto r = amqp_get_rpc_reply(c);
+    if (!is_ok(r))
+      return make_error(errc::unavailable,
+                        "amqp: basic.qos failed: " + describe(r));
+    auto tag = "evmesh-" + (node_.empty() ? std::string{"node"} : node_) + "-"
+               + std::to_string(getpid()) + "-"
+               + std::to_string(next_consumer++);
+    amqp_basic_consume(c, consume_ch, bytes_of(s.queue), bytes_of(tag), 0, 0, 0,
+                       amqp_empty_table);
+    r = amqp_get_rpc_reply(c);
+    if (!is_ok(r))
+      return make_error(errc::unavailable, "amqp: cannot consume from queue '"
+                                             + s.queue + "': " + describe(r));
+    return {};
+  }
+
+  void connection_lost(const std::string& why) {
+    if (!conn_)
+      return;
+    if (!stop_)
+      spdlog::warn("amqp: lost the connection to {} ({}); reconnecting "
+                   "(unacked messages return to the queue)",
+                   settings_.shown, why);
+    connected_ = false;
+    ++gen_;
+    conn_.reset();
+    next_seq_ = 1;
+    auto pending = std::move(pending_);
+    pending_.clear();
+    for (auto& [seq, p] : pending)
+      p.done(make_error(errc::unavailable,
+                        "amqp: the connection was lost before the broker "
+                        "confirmed: "
+                          + why));
+    incoming_.clear();
+    std::deque<ready_message> dropped;
+    {
+      std::lock_guard guard{mtx_};
+      dropped.swap(ready_);
+    }
+  }
+
+  bool reconnect() {
+    auto c = open_connection(settings_, connection_name());
+    if (!c) {
+      spdlog::debug("amqp: reconnecting failed: {}", render(c.error()));
+      return false;
+    }
+    conn_ = std::move(*c);
+    next_seq_ = 1;
+    if (consuming_) {
+      if (auto err = setup_consumer()) {
+        spdlog::warn("amqp: reconnected to {} but cannot consume again: {}",
+                     settings_.shown, render(err));
+        conn_.reset();
+        return false;
+      }
+    }
+    connected_ = true;
+    spdlog::info("amqp: reconnected to {}", settings_.shown);
+    return true;
+  }
+
+  std::string connection_name() const {
+    return "evmesh:" + (node_.empty() ? std::string{"node"} : node_);
+  }
+
+  void shutdown() {
+    if (!conn_)
+      return;
+    // Wait (bounded) for outstanding confirms, so a retry copy and its acked
+    // original never both survive.
+    auto deadline = clock_type::now() + settings_.confirm_timeout;
+    while (conn_ && !pending_.empty() && clock_type::now() < deadline)
+      pump(50);
+    if (!conn_)
+      return;
+    // Closing the consuming channel hands unacked messages back at once.
+    amqp_channel_close(conn_.get(), consume_ch, AMQP_REPLY_SUCCESS);
+    amqp_connection_close(conn_.get(), AMQP_REPLY_SUCCESS);
+    auto pending = std::move(pending_);
+    pending_.clear();
+    for (auto& [seq, p] : pending)
+      p.done(make_error(errc::unavailable, "amqp: transport closed"));
+    conn_.reset();
+    connected_ = false;
+  }
+
+  amqp_settings settings_;
+  std::string node_;
+  std::atomic<bool> closed_{false};
+  bool subscribed_ = false;
+  std::atomic<bool> connected_{false};
+  // Incremented for every connection: deliveries of an older one cannot be
+  // settled any more (their tags belong to a dead channel).
+  std::atomic<uint64_t> gen_{0};
+  int event_fd_ = -1;
+  std::thread io_;
+
+  // Owned by the I/O thread.
+  conn_ptr conn_;
+  uint64_t next_seq_ = 1;
+  std::map<uint64_t, pending_confirm> pending_;
+  std::vector<ready_message> incoming_;
+  std::vector<std::string> bindings_;
+  bool consuming_ = false;
+
+  std::mutex mtx_; // guards everything below
+  std::deque<command> commands_;
+  std::deque<ready_message> ready_;
+  std::unordered_map<uint64_t, held_message> held_;
+  bool waiting_ = true;
+  std::atomic<bool> stop_{false};
+  std::function<void()> wakeup_;
+};
+
+} // namespace
+
+void register_amqp_transport() {
+  register_transport(
+    "amqp",
+    [](std::string_view url,
+       const transport_environment& env) -> caf::expected<transport_ptr> {
+      auto settings = parse_amqp_url(url);
+      if (!settings)
+        return settings.error();
+      auto name = "evmesh:"
+                  + (env.node.empty() ? std::string{"node"} : env.node);
+      auto conn = open_connection(*settings, name);
+      if (!conn)
+        return conn.error();
+      return transport_ptr{std::make_shared<amqp_transport>(
+        std::move(*settings), std::move(*conn), env.node)};
+    });
+}
+
+caf::expected<std::vector<dead_letter_record>>
+amqp_dead_letters(std::string_view url, size_t max) {
+  auto s = parse_amqp_url(url);
+  if (!s)
+    return s.error();
+  if (s->queue.empty())
+    return make_error(errc::invalid_config,
+                      "amqp: " + s->shown
+                        + " has no queue= — the DLQ is queue=Q's 'Q.dlq'");
+  s->exchange.clear(); // the reader declares nothing
+  auto conn = open_connection(*s, "evmesh:dlq-reader");
+  if (!conn)
+    return conn.error();
+  auto* c = conn->get();
+  auto dlq = s->dlq();
+  if (auto err = declare_queue(c, *s, dlq, true, amqp_empty_table))
+    return err;
+  // basic.get without ack, then closing the connection, returns every
+  // message to the queue in its original order: a non-destructive read.
+  std::vector<dead_letter_record> result;
+  while (result.size() < max) {
+    auto r = amqp_basic_get(c, consume_ch, bytes_of(dlq), 0);
+    if (!is_ok(r))
+      return make_error(errc::io_error,
+                        "amqp: cannot read '" + dlq + "': " + describe(r));
+    if (r.reply.id != AMQP_BASIC_GET_OK_METHOD)
+      break; // get-empty
+    message_box box;
+    auto rr = amqp_read_message(c, consume_ch, &box.m, 0);
+    if (!is_ok(rr))
+      return make_error(errc::io_error,
+                        "amqp: cannot read '" + dlq + "': " + describe(rr));
+    box.owned = true;
+    auto rec = dead_letter_from_json(str_of(box.m.body));
+    if (!rec)
+      return make_error(errc::decode_error,
+                        "amqp: a message in '" + dlq
+                          + "' is not a dead-letter record: "
+                          + render(rec.error()));
+    result.push_back(std::move(*rec));
+    amqp_maybe_release_buffers(c);
+  }
+  amqp_channel_close(c, consume_ch, AMQP_REPLY_SUCCESS);
+  amqp_connection_close(c, AMQP_REPLY_SUCCESS);
+  return result;
+}
+
+} // namespace evmesh

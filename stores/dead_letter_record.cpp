@@ -283,6 +283,15 @@ void dead_letter_record::add_error(uint32_t attempt, int64_t at_ms,
   attempts = std::max(attempts, attempt);
 }
 
+bool matches(const dead_letter_query& q, const dead_letter_record& rec) {
+  return (q.topic.empty() || q.topic == rec.topic)
+         && (q.consumer.empty() || q.consumer == rec.consumer)
+         && (q.category.empty() || q.category == rec.category)
+         && (q.key.empty() || q.key == rec.key)
+         && (q.since_ms == 0 || rec.last_failure_ms >= q.since_ms)
+         && (q.until_ms == 0 || rec.last_failure_ms <= q.until_ms);
+}
+
 std::string to_json(const dead_letter_record& rec) {
   json::object obj;
   auto str = [&](std::string_view name, const std::string& value) {

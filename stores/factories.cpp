@@ -165,14 +165,63 @@ make_idempotency_store(std::string_view url) {
   return bad_url(idempotency_kind, url, "unknown", idempotency_expected);
 }
 
+namespace {
+
+/// Factories of broker dead-letter stores, by lower-case scheme.
+struct dead_letter_registry {
+  std::mutex mtx;
+  std::map<std::string, dead_letter_store_factory, std::less<>> factories;
+
+  static dead_letter_registry& instance() {
+    static dead_letter_registry registry;
+    return registry;
+  }
+
+  dead_letter_store_factory find(std::string_view scheme) {
+    std::lock_guard<std::mutex> guard{mtx};
+    if (auto it = factories.find(scheme); it != factories.end())
+      return it->second;
+    return {};
+  }
+
+  std::string schemes() {
+    std::lock_guard<std::mutex> guard{mtx};
+    std::string out{dead_letter_expected};
+    for (auto& kv : factories)
+      out += ", " + kv.first + "://...";
+    return out;
+  }
+};
+
+} // namespace
+
+void register_dead_letter_store(std::string scheme,
+                                dead_letter_store_factory factory) {
+  std::transform(scheme.begin(), scheme.end(), scheme.begin(),
+                 [](unsigned char c) {
+                   return static_cast<char>(std::tolower(c));
+                 });
+  if (scheme == "sqlite")
+    return;
+  auto& registry = dead_letter_registry::instance();
+  std::lock_guard<std::mutex> guard{registry.mtx};
+  registry.factories.insert_or_assign(std::move(scheme), std::move(factory));
+}
+
 caf::expected<dead_letter_store_ptr>
 make_dead_letter_store(std::string_view url) {
   std::string scheme;
   std::string_view rest;
   if (!split_url(url, scheme, rest))
-    return bad_url(dead_letter_kind, url, "malformed", dead_letter_expected);
-  if (scheme != "sqlite")
-    return bad_url(dead_letter_kind, url, "unknown", dead_letter_expected);
+    return bad_url(dead_letter_kind, url, "malformed",
+                   dead_letter_registry::instance().schemes());
+  if (scheme != "sqlite") {
+    // Outside the registry's lock: a factory may connect to a broker.
+    if (auto factory = dead_letter_registry::instance().find(scheme))
+      return factory(url);
+    return bad_url(dead_letter_kind, url, "unknown",
+                   dead_letter_registry::instance().schemes());
+  }
   auto path = sqlite_path(dead_letter_kind, url, rest);
   if (!path)
     return std::move(path.error());

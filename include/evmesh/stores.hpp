@@ -143,6 +143,11 @@ struct dead_letter_query {
   size_t limit = 100;
 };
 
+/// Whether `rec` passes the filters of `q` (exact topic, consumer, category
+/// and key when set; inclusive bounds on `last_failure_ms`). The limit is
+/// not applied. For stores that filter in memory (broker DLQs).
+bool matches(const dead_letter_query& q, const dead_letter_record& rec);
+
 /// Durable home of dead-letter records. Thread-safe.
 class dead_letter_store {
 public:
@@ -191,8 +196,21 @@ using idempotency_store_factory
 void register_idempotency_store(std::string scheme,
                                 idempotency_store_factory factory);
 
-/// Opens a dead-letter store by URL: `sqlite://path/to/dlq.db`.
+/// Opens a dead-letter store by URL: `sqlite://path/to/dlq.db`, or a
+/// broker's dead-letter queue whose scheme was registered (e.g. `nats://`
+/// once `register_nats_transport()` ran).
 caf::expected<dead_letter_store_ptr>
 make_dead_letter_store(std::string_view url);
+
+/// Builds a dead-letter store from a full URL of its scheme.
+using dead_letter_store_factory
+  = std::function<caf::expected<dead_letter_store_ptr>(std::string_view url)>;
+
+/// Makes `make_dead_letter_store` open URLs of `scheme` (case-insensitive,
+/// without "://") with `factory` — how broker transports expose their DLQs to
+/// the operator CLI. `sqlite` is built in and cannot be replaced.
+/// Thread-safe.
+void register_dead_letter_store(std::string scheme,
+                                dead_letter_store_factory factory);
 
 } // namespace evmesh

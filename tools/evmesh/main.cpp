@@ -155,7 +155,8 @@ struct store_choice {
 void add_store_options(CLI::App* cmd, store_choice& choice) {
   auto db = cmd
               ->add_option("--db", choice.db,
-                           "Dead-letter store URL (sqlite://PATH)")
+                           "Dead-letter store URL: sqlite://PATH, or a "
+                           "broker's DLQ (nats://HOST:PORT?stream=S)")
               ->type_name("URL")
               ->capture_default_str();
   cmd
@@ -468,6 +469,7 @@ int run(int argc, char** argv) {
 
 int main(int argc, char** argv) {
   try {
+    register_broker_schemes();
     return run(argc, argv);
   } catch (const std::exception& ex) {
     std::cerr << "evmesh: unexpected error: " << ex.what() << '\n';

@@ -15,10 +15,31 @@
 #include "evmesh/outbox.hpp"
 #include "evmesh/trace.hpp"
 #include "evmesh/transport.hpp"
+#ifdef EVMESH_CLI_HAS_NATS
+#  include "evmesh/nats.hpp"
+#endif
+#ifdef EVMESH_CLI_HAS_KAFKA
+#  include "evmesh/kafka.hpp"
+#endif
+#ifdef EVMESH_CLI_HAS_AMQP
+#  include "evmesh/amqp.hpp"
+#endif
 
 #include "text.hpp"
 
 namespace evmesh::cli {
+
+void register_broker_schemes() {
+#ifdef EVMESH_CLI_HAS_NATS
+  register_nats_transport();
+#endif
+#ifdef EVMESH_CLI_HAS_KAFKA
+  register_kafka_transport();
+#endif
+#ifdef EVMESH_CLI_HAS_AMQP
+  register_amqp_transport();
+#endif
+}
 
 terminal terminal::detect() {
   return {isatty(STDIN_FILENO) == 1, isatty(STDOUT_FILENO) == 1};

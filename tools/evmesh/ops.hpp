@@ -18,6 +18,12 @@
 // exit code (0 ok, 1 failure, 2 usage), so tests run them without a process.
 namespace evmesh::cli {
 
+/// Registers the broker transports built into this binary (`nats://`, and
+/// `kafka://` / `amqp://` when built): their URLs then work as publish and
+/// replay targets, and their dead-letter queues as `--db` stores.
+/// Idempotent.
+void register_broker_schemes();
+
 /// What the commands know about the terminal (tests pass their own).
 struct terminal {
   /// stdin is a terminal: confirmations may be asked.

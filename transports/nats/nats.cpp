@@ -282,6 +282,9 @@ struct nats_deleter {
   void operator()(jsMsgMetaData* x) const {
     jsMsgMetaData_Destroy(x);
   }
+  void operator()(jsPubAck* x) const {
+    jsPubAck_Destroy(x);
+  }
 };
 
 template <class T>
@@ -987,9 +990,131 @@ open(std::string_view url, const std::string& node) {
   return std::make_pair(std::move(*settings), std::move(*conn));
 }
 
+/// The DLQ stream of one configuration as a `dead_letter_store`: record ids
+/// are the stream sequences; `mark_replayed` and `remove` delete the message
+/// (a JetStream message cannot be changed), so a replayed record leaves the
+/// DLQ once its republish was confirmed and a second replay finds nothing.
+class nats_dead_letter_store : public dead_letter_store {
+public:
+  nats_dead_letter_store(nats_settings s, std::unique_ptr<connection> conn)
+    : s_(std::move(s)), conn_(std::move(conn)) {
+  }
+
+  caf::expected<int64_t> write(const dead_letter_record& rec) override {
+    auto body = to_json(rec);
+    natsMsg* raw = nullptr;
+    auto st = natsMsg_Create(&raw, s_.dlq.c_str(), nullptr, body.data(),
+                             static_cast<int>(body.size()));
+    if (st != NATS_OK)
+      return make_error(errc::io_error, "nats: " + last_error(st));
+    nats_ptr<natsMsg> msg{raw};
+    natsMsgHeader_Set(raw, "Evmesh-Category", rec.category.c_str());
+    natsMsgHeader_Set(raw, "Evmesh-Consumer", rec.consumer.c_str());
+    natsMsgHeader_Set(raw, "Evmesh-Topic", rec.topic.c_str());
+    jsPubAck* ack = nullptr;
+    jsErrCode jerr = static_cast<jsErrCode>(0);
+    st = js_PublishMsg(&ack, conn_->js.get(), raw, nullptr, &jerr);
+    nats_ptr<jsPubAck> guard{ack};
+    if (st != NATS_OK || ack == nullptr)
+      return make_error(errc::unavailable,
+                        "nats: writing a dead letter to '" + s_.dlq
+                          + "' was not confirmed: " + last_error(st));
+    return static_cast<int64_t>(ack->Sequence);
+  }
+
+  caf::expected<std::vector<dead_letter_record>>
+  list(const dead_letter_query& q) override {
+    jsStreamInfo* raw = nullptr;
+    jsErrCode jerr = static_cast<jsErrCode>(0);
+    auto st = js_GetStreamInfo(&raw, conn_->js.get(), s_.dlq_stream.c_str(),
+                               nullptr, &jerr);
+    nats_ptr<jsStreamInfo> info{raw};
+    if (st != NATS_OK)
+      return make_error(errc::io_error, "nats: cannot read stream '"
+                                          + s_.dlq_stream
+                                          + "': " + last_error(st));
+    std::vector<dead_letter_record> result;
+    auto first = info->State.FirstSeq;
+    for (auto seq = info->State.LastSeq; seq != 0 && seq >= first; --seq) {
+      if (q.limit != 0 && result.size() >= q.limit)
+        break;
+      auto rec = get(static_cast<int64_t>(seq));
+      if (!rec) {
+        if (code_of(rec.error()) == errc::not_found)
+          continue; // deleted (replayed or purged)
+        return std::move(rec.error());
+      }
+      if (matches(q, *rec))
+        result.push_back(std::move(*rec));
+    }
+    return result;
+  }
+
+  caf::expected<dead_letter_record> get(int64_t id) override {
+    natsMsg* m = nullptr;
+    jsErrCode jerr = static_cast<jsErrCode>(0);
+    auto st = js_GetMsg(&m, conn_->js.get(), s_.dlq_stream.c_str(),
+                        static_cast<uint64_t>(id), nullptr, &jerr);
+    nats_ptr<natsMsg> msg{m};
+    if (st == NATS_NOT_FOUND)
+      return make_error(errc::not_found, "no dead letter #" + std::to_string(id)
+                                           + " in stream " + s_.dlq_stream);
+    if (st != NATS_OK)
+      return make_error(errc::io_error, "nats: cannot read " + s_.dlq_stream
+                                          + "#" + std::to_string(id) + ": "
+                                          + last_error(st));
+    std::string_view body{natsMsg_GetData(m),
+                          static_cast<size_t>(natsMsg_GetDataLength(m))};
+    auto rec = dead_letter_from_json(body);
+    if (!rec)
+      return make_error(errc::decode_error, "nats: " + s_.dlq_stream + "#"
+                                              + std::to_string(id)
+                                              + " is not a dead-letter record: "
+                                              + render(rec.error()));
+    rec->id = id;
+    return rec;
+  }
+
+  caf::error mark_replayed(int64_t id, int64_t) override {
+    return remove(id);
+  }
+
+  caf::error remove(int64_t id) override {
+    jsErrCode jerr = static_cast<jsErrCode>(0);
+    auto st = js_DeleteMsg(conn_->js.get(), s_.dlq_stream.c_str(),
+                           static_cast<uint64_t>(id), nullptr, &jerr);
+    if (st == NATS_NOT_FOUND)
+      return make_error(errc::not_found, "no dead letter #" + std::to_string(id)
+                                           + " in stream " + s_.dlq_stream);
+    if (st != NATS_OK)
+      return make_error(errc::io_error, "nats: cannot delete " + s_.dlq_stream
+                                          + "#" + std::to_string(id) + ": "
+                                          + last_error(st));
+    return {};
+  }
+
+private:
+  static errc code_of(const caf::error& err) {
+    if (err.category() != caf::atom("evmesh"))
+      return errc::none;
+    return static_cast<errc>(err.code());
+  }
+
+  nats_settings s_;
+  std::unique_ptr<connection> conn_;
+};
+
 } // namespace
 
 void register_nats_transport() {
+  register_dead_letter_store(
+    "nats", [](std::string_view url) -> caf::expected<dead_letter_store_ptr> {
+      auto opened = open(url, "dlq-store");
+      if (!opened)
+        return opened.error();
+      return dead_letter_store_ptr{std::make_shared<nats_dead_letter_store>(
+        std::move(opened->first), std::move(opened->second))};
+    });
   register_transport("nats",
                      [](std::string_view url, const transport_environment& env)
                        -> caf::expected<transport_ptr> {
@@ -1006,41 +1131,18 @@ nats_dead_letters(std::string_view url, size_t max) {
   auto opened = open(url, "dlq-reader");
   if (!opened)
     return opened.error();
-  auto& [s, conn] = *opened;
-  jsStreamInfo* raw = nullptr;
-  jsErrCode jerr = static_cast<jsErrCode>(0);
-  auto st = js_GetStreamInfo(&raw, conn->js.get(), s.dlq_stream.c_str(),
-                             nullptr, &jerr);
-  nats_ptr<jsStreamInfo> info{raw};
-  if (st != NATS_OK)
-    return make_error(errc::io_error, "nats: cannot read stream '"
-                                        + s.dlq_stream
-                                        + "': " + last_error(st));
-  std::vector<dead_letter_record> result;
-  for (auto seq = info->State.FirstSeq;
-       seq != 0 && seq <= info->State.LastSeq && result.size() < max; ++seq) {
-    natsMsg* m = nullptr;
-    st = js_GetMsg(&m, conn->js.get(), s.dlq_stream.c_str(), seq, nullptr,
-                   &jerr);
-    nats_ptr<natsMsg> msg{m};
-    if (st == NATS_NOT_FOUND)
-      continue; // deleted
-    if (st != NATS_OK)
-      return make_error(errc::io_error, "nats: cannot read " + s.dlq_stream
-                                          + "#" + std::to_string(seq) + ": "
-                                          + last_error(st));
-    std::string_view body{natsMsg_GetData(m),
-                          static_cast<size_t>(natsMsg_GetDataLength(m))};
-    auto rec = dead_letter_from_json(body);
-    if (!rec)
-      return make_error(errc::decode_error, "nats: " + s.dlq_stream + "#"
-                                              + std::to_string(seq)
-                                              + " is not a dead-letter "
-                                                "record: "
-                                              + render(rec.error()));
-    result.push_back(std::move(*rec));
-  }
-  return result;
+  nats_dead_letter_store store{std::move(opened->first),
+                               std::move(opened->second)};
+  dead_letter_query q;
+  q.limit = 0;
+  auto records = store.list(q);
+  if (!records)
+    return records;
+  // Oldest first, at most `max`.
+  std::reverse(records->begin(), records->end());
+  if (records->size() > max)
+    records->resize(max);
+  return records;
 }
 
 bool nats_connected(const transport& t) noexcept {

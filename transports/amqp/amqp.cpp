@@ -1457,21 +1457,22 @@ private:
 } // namespace
 
 void register_amqp_transport() {
-  register_transport(
-    "amqp",
-    [](std::string_view url,
-       const transport_environment& env) -> caf::expected<transport_ptr> {
-      auto settings = parse_amqp_url(url);
-      if (!settings)
-        return settings.error();
-      auto name = "evmesh:"
-                  + (env.node.empty() ? std::string{"node"} : env.node);
-      auto conn = open_connection(*settings, name);
-      if (!conn)
-        return conn.error();
-      return transport_ptr{std::make_shared<amqp_transport>(
-        std::move(*settings), std::move(*conn), env.node)};
-    });
+  auto factory
+    = [](std::string_view url,
+         const transport_environment& env) -> caf::expected<transport_ptr> {
+    auto settings = parse_amqp_url(url);
+    if (!settings)
+      return settings.error();
+    auto name = "evmesh:" + (env.node.empty() ? std::string{"node"} : env.node);
+    auto conn = open_connection(*settings, name);
+    if (!conn)
+      return conn.error();
+    return transport_ptr{std::make_shared<amqp_transport>(
+      std::move(*settings), std::move(*conn), env.node)};
+  };
+  register_transport("amqp", factory);
+  // Registered only to answer with a clear "not supported yet".
+  register_transport("amqps", factory);
 }
 
 caf::expected<std::vector<dead_letter_record>>

@@ -1,0 +1,149 @@
+// Issue 5, integration test 2: consumer *processes* on one RabbitMQ queue are
+// killed with SIGKILL mid-stream, several times, and restarted; every
+// published message still ends handled (or in the DLQ queue). The broker
+// returns what a dead connection held unacked at once. Every wait has a
+// deadline; the broker and every worker are stopped by their owners.
+#include <chrono>
+#include <filesystem>
+#include <iostream>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "evmesh/amqp.hpp"
+#include "evmesh/error.hpp"
+
+#include "amqp_worker.hpp"
+#include "rabbitmq_server.hpp"
+
+using namespace evmesh;
+using namespace std::chrono_literals;
+using evmesh::testing::amqp_worker;
+using evmesh::testing::journal_lines;
+using evmesh::testing::rabbitmq_server;
+
+namespace {
+
+template <class Pred>
+bool wait_for(Pred pred, std::chrono::milliseconds limit) {
+  auto deadline = std::chrono::steady_clock::now() + limit;
+  while (!pred()) {
+    if (std::chrono::steady_clock::now() > deadline)
+      return false;
+    std::this_thread::sleep_for(20ms);
+  }
+  return true;
+}
+
+struct temp_dir {
+  std::string path;
+  temp_dir() {
+    char tmpl[] = "/tmp/evmesh-amqp-crash-XXXXXX";
+    if (mkdtemp(tmpl) == nullptr)
+      throw std::runtime_error("mkdtemp failed");
+    path = tmpl;
+  }
+  ~temp_dir() {
+    std::error_code ec;
+    std::filesystem::remove_all(path, ec);
+  }
+};
+
+} // namespace
+
+TEST(amqp_crash, kill_9_of_consumer_processes_mid_stream_loses_nothing) {
+  if (!rabbitmq_server::available())
+    GTEST_SKIP() << "rabbitmq-server is not installed (scripts/install-deps.sh "
+                    "--with-servers)";
+  register_amqp_transport();
+  rabbitmq_server server;
+  temp_dir dir;
+  auto url = server.url() + "?queue=work-svc&prefetch=128";
+  constexpr int count = 3000;
+  {
+    // The first consumer declares and binds the queue; then the stream.
+    auto setup = make_transport(url, {{}, "setup"});
+    ASSERT_TRUE(setup) << render(setup.error());
+    ASSERT_FALSE((*setup)->subscribe({"work.*"}));
+    for (int i = 0; i < count; ++i) {
+      envelope e;
+      e.topic = "work.item";
+      e.id = "w-" + std::to_string(i);
+      e.payload = boost::json::object{{"n", i}};
+      ASSERT_FALSE((*setup)->publish(e));
+    }
+    ASSERT_FALSE((*setup)->close());
+  }
+  auto handled = [&](int workers) {
+    std::set<std::string> ids;
+    for (int w = 0; w < workers; ++w)
+      for (auto& id : journal_lines(dir.path + "/w" + std::to_string(w)))
+        ids.insert(id);
+    return ids;
+  };
+  constexpr int kills = 3;
+  size_t before = 0;
+  for (int w = 0; w < kills; ++w) {
+    auto journal = dir.path + "/w" + std::to_string(w);
+    amqp_worker worker{url, journal};
+    auto progressed = wait_for(
+      [&] { return journal_lines(journal).size() >= 300 || worker.exited(); },
+      60s);
+    ASSERT_TRUE(progressed) << "worker " << w << " made no progress:\n"
+                            << worker.log_tail();
+    ASSERT_FALSE(worker.exited()) << "worker " << w << " died:\n"
+                                  << worker.log_tail();
+    worker.kill9();
+    auto seen = handled(w + 1).size();
+    std::cout << "[ info ] worker " << w << " killed (SIGKILL) after "
+              << journal_lines(journal).size() << " handles; " << seen
+              << " distinct of " << count << " handled so far\n";
+    EXPECT_LT(seen, size_t{count}) << "kill " << w << " was not mid-stream";
+    EXPECT_GT(seen, before);
+    before = seen;
+  }
+  auto journal = dir.path + "/w" + std::to_string(kills);
+  amqp_worker last{url, journal};
+  auto done = wait_for(
+    [&] { return handled(kills + 1).size() == size_t{count} || last.exited(); },
+    120s);
+  auto ids = handled(kills + 1);
+  ASSERT_FALSE(last.exited()) << "last worker died:\n" << last.log_tail();
+  EXPECT_TRUE(last.terminate(15s)) << "last worker did not stop cleanly:\n"
+                                   << last.log_tail();
+  std::set<std::string> dead;
+  auto records = amqp_dead_letters(url);
+  ASSERT_TRUE(records) << render(records.error());
+  for (auto& rec : *records) {
+    auto original = decode_envelope(rec.original, {});
+    ASSERT_TRUE(original) << rec.original;
+    dead.insert(original->id);
+  }
+  std::vector<std::string> lost;
+  for (int i = 0; i < count; ++i) {
+    auto id = "w-" + std::to_string(i);
+    if (!ids.contains(id) && !dead.contains(id))
+      lost.push_back(id);
+  }
+  EXPECT_TRUE(done) << ids.size() << " of " << count << " handled, "
+                    << dead.size() << " dead-lettered";
+  EXPECT_TRUE(lost.empty()) << lost.size() << " messages lost, first "
+                            << (lost.empty() ? "" : lost.front());
+  size_t total = 0;
+  for (int w = 0; w <= kills; ++w)
+    total += journal_lines(dir.path + "/w" + std::to_string(w)).size();
+  std::cout << "[ info ] " << count << " messages: " << ids.size()
+            << " handled, " << dead.size() << " dead-lettered, "
+            << total - ids.size()
+            << " duplicate handles (redeliveries after SIGKILL)\n";
+}
+
+int main(int argc, char** argv) {
+  if (evmesh::testing::is_amqp_worker(argc, argv))
+    return evmesh::testing::run_amqp_worker(argc, argv);
+  ::testing::InitGoogleTest(&argc, argv);
+  return RUN_ALL_TESTS();
+}

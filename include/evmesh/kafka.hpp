@@ -1,0 +1,71 @@
+#pragma once
+
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <caf/expected.hpp>
+
+#include "evmesh/stores.hpp"
+#include "evmesh/transport.hpp"
+
+namespace evmesh {
+
+/// Registers the `kafka://` transport factory (Apache Kafka through
+/// librdkafka). Idempotent; call it before `consumer_runtime::start()` unless
+/// the runtime was built with Kafka support and registers it itself.
+///
+/// URL:
+///
+///     kafka://HOST[:PORT][,HOST[:PORT]...]?group=G[&topics=a,b.*]
+///             [&ledger=PATH][&discover=5s][&connect_timeout=5s]
+///             [&publish_timeout=10s][&revoke_wait=2s][&commit_interval=100ms]
+///             [&max_buffered=1000][&LIBRDKAFKA.PROPERTY=VALUE...]
+///
+/// - Hosts are the bootstrap servers (port 9092 when omitted).
+/// - `group` (required to consume, not to publish): the consumer group every
+///   process of one service shares. Offsets are managed by the transport (a
+///   per-partition commit watermark); auto-commit is always off.
+/// - `topics`: the topics to consume, comma-separated. Plain names must exist
+///   at `subscribe` (an unknown topic is an `invalid_config` error); entries
+///   with `*`/`>` are NATS-style patterns. Without `topics` the subscriptions'
+///   own patterns are used. Patterns are matched against the cluster's topic
+///   list every `discover` interval; topics ending in `.dlq` or `.retry` are
+///   never consumed by a pattern.
+/// - `ledger`: a SQLite file of attempt counts per (group, topic, partition,
+///   offset), incremented when `poll` hands a message out. With it,
+///   `raw_message::delivery_count` survives crashes and rebalances and
+///   `capabilities().delivery_count` is true (crash_loop works); without it
+///   the count is per process.
+/// - `connect_timeout`: how long the factory waits for the bootstrap servers'
+///   metadata before failing with `unavailable`.
+/// - `publish_timeout`: how long `publish` and `dead_letter` wait for the
+///   broker's delivery report (also librdkafka's `message.timeout.ms`).
+/// - `revoke_wait`: on a revoke, how long the consumer waits for handed-out
+///   messages of the revoked partitions to be settled before it commits the
+///   watermark and lets the rebalance go on.
+/// - `commit_interval`: how often an advanced watermark is committed.
+/// - `max_buffered`: fetched messages held locally before the assignment is
+///   paused.
+/// - Any other key containing a dot is a librdkafka configuration property
+///   applied to the consumer and producer (e.g. `session.timeout.ms=6000`,
+///   `security.protocol=ssl`); an unknown property or bad value is an
+///   `invalid_url` error. `enable.auto.commit` and
+///   `enable.auto.offset.store` cannot be overridden.
+///
+/// Messages: the Kafka value is `encode_envelope(env)`, the Kafka key is the
+/// envelope's key, headers `traceparent` and `tracestate` carry the trace.
+/// Dead letters go to `<topic>.dlq` (value: the record as JSON; headers
+/// `evmesh-original-topic`, `-partition`, `-offset`, `evmesh-category`,
+/// `evmesh-attempts`), confirmed by the broker before `dead_letter` returns.
+/// See docs/transports/kafka.md.
+void register_kafka_transport();
+
+/// Reads the dead-letter records in the `.dlq` topics for the configuration
+/// in `url`: `<topic>.dlq` for each plain name in `topics=`, else every topic
+/// ending in `.dlq` (matching a `topics=` pattern, if any). Oldest first per
+/// partition, at most `max`. For tests and operator tools.
+caf::expected<std::vector<dead_letter_record>>
+kafka_dead_letters(std::string_view url, size_t max = 100'000);
+
+} // namespace evmesh

@@ -1,0 +1,1632 @@
+#include "evmesh/kafka.hpp"
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <thread>
+#include <tuple>
+#include <unordered_map>
+#include <utility>
+
+#include <librdkafka/rdkafka.h>
+#include <spdlog/spdlog.h>
+#include <sqlite3.h>
+
+#include "evmesh/config.hpp"
+#include "evmesh/error.hpp"
+#include "evmesh/pattern.hpp"
+
+namespace evmesh {
+
+namespace {
+
+using clock_type = std::chrono::steady_clock;
+using namespace std::chrono_literals;
+
+// -- URL ----------------------------------------------------------------------
+
+struct kafka_settings {
+  std::string brokers; // host:port,host:port
+  std::string shown;   // kafka://brokers (no query: it may hold secrets)
+  std::string group;
+  std::vector<std::string> topics;         // plain names from topics=
+  std::vector<std::string> topic_patterns; // wildcard entries from topics=
+  std::string ledger;
+  caf::timespan discover = 5s;
+  caf::timespan connect_timeout = 5s;
+  caf::timespan publish_timeout = 10s;
+  caf::timespan revoke_wait = 2s;
+  caf::timespan commit_interval = 100ms;
+  size_t max_buffered = 1000;
+  // librdkafka properties from the URL, applied after evmesh's defaults.
+  std::vector<std::pair<std::string, std::string>> props;
+};
+
+std::string percent_decode(std::string_view in) {
+  std::string out;
+  for (size_t i = 0; i < in.size(); ++i) {
+    if (in[i] == '%' && i + 2 < in.size()) {
+      out += static_cast<char>(
+        std::stoi(std::string{in.substr(i + 1, 2)}, nullptr, 16));
+      i += 2;
+    } else {
+      out += in[i];
+    }
+  }
+  return out;
+}
+
+caf::error url_error(std::string_view url, std::string what) {
+  // The query may hold credentials (sasl.password): show the brokers only,
+  // without any user info.
+  auto shown = std::string{url.substr(0, url.find('?'))};
+  if (auto at = shown.rfind('@'); at != std::string::npos) {
+    auto scheme_end = shown.find("://");
+    auto from = scheme_end == std::string::npos ? 0 : scheme_end + 3;
+    if (at >= from)
+      shown.replace(from, at - from, "***");
+  }
+  return make_error(errc::invalid_url,
+                    "bad Kafka URL '" + shown + "?...': " + what
+                      + " (expected kafka://host:port[,host:port]?group=G"
+                        "[&topics=a,b], see docs/transports/kafka.md)");
+}
+
+bool has_wildcard(std::string_view x) {
+  return x.find_first_of("*>") != std::string_view::npos;
+}
+
+bool ends_with(std::string_view x, std::string_view suffix) {
+  return x.size() >= suffix.size()
+         && x.substr(x.size() - suffix.size()) == suffix;
+}
+
+// Topics a pattern never consumes: evmesh's own dead-letter and retry topics
+// and Kafka's internal ones.
+bool excluded_topic(std::string_view t) {
+  return ends_with(t, ".dlq") || ends_with(t, ".retry")
+         || t.substr(0, 2) == "__";
+}
+
+int64_t to_ms(caf::timespan d) {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(d).count();
+}
+
+// Properties evmesh owns: overriding them would break the watermark.
+constexpr std::string_view fixed_props[] = {
+  "enable.auto.commit", "enable.auto.offset.store", "group.id",
+  "bootstrap.servers",  "metadata.broker.list",
+};
+
+caf::expected<kafka_settings> parse_kafka_url(std::string_view url) {
+  constexpr std::string_view prefix = "kafka://";
+  if (url.substr(0, prefix.size()) != prefix)
+    return url_error(url, "the scheme must be kafka://");
+  kafka_settings s;
+  auto rest = url.substr(prefix.size());
+  auto q = rest.find('?');
+  auto authority = rest.substr(0, q);
+  if (!authority.empty() && authority.back() == '/')
+    authority.remove_suffix(1);
+  if (authority.find('@') != std::string_view::npos)
+    return url_error(url, "credentials go into sasl.username/sasl.password, "
+                          "not user@host");
+  while (!authority.empty()) {
+    auto comma = authority.find(',');
+    auto host = std::string{authority.substr(0, comma)};
+    authority = comma == std::string_view::npos ? std::string_view{}
+                                                : authority.substr(comma + 1);
+    if (host.empty())
+      return url_error(url, "empty host in the broker list");
+    if (host.find(':') == std::string::npos)
+      host += ":9092";
+    if (!s.brokers.empty())
+      s.brokers += ',';
+    s.brokers += host;
+  }
+  if (s.brokers.empty())
+    return url_error(url, "no bootstrap server");
+  s.shown = "kafka://" + s.brokers;
+  std::string query;
+  if (q != std::string_view::npos)
+    query = std::string{rest.substr(q + 1)};
+  std::string_view qs = query;
+  while (!qs.empty()) {
+    auto amp = qs.find('&');
+    auto kv = qs.substr(0, amp);
+    qs = amp == std::string_view::npos ? std::string_view{}
+                                       : qs.substr(amp + 1);
+    if (kv.empty())
+      continue;
+    auto eq = kv.find('=');
+    auto k = std::string{kv.substr(0, eq)};
+    auto v = eq == std::string_view::npos ? std::string{}
+                                          : percent_decode(kv.substr(eq + 1));
+    auto dur = [&](caf::timespan& out, caf::timespan min) -> caf::error {
+      auto d = parse_duration(v);
+      if (!d)
+        return url_error(url,
+                         k + "=" + v + " is not a duration (e.g. 5s, 500ms)");
+      if (*d < min)
+        return url_error(url, k + " must be at least " + format_duration(min));
+      out = *d;
+      return {};
+    };
+    caf::error err;
+    if (k == "group") {
+      if (v.empty())
+        return url_error(url, "group= is empty");
+      s.group = v;
+    } else if (k == "topics") {
+      std::string_view list = v;
+      while (!list.empty()) {
+        auto comma = list.find(',');
+        auto t = std::string{list.substr(0, comma)};
+        list = comma == std::string_view::npos ? std::string_view{}
+                                               : list.substr(comma + 1);
+        if (t.empty())
+          continue;
+        if (has_wildcard(t)) {
+          if (auto perr = validate_pattern(t))
+            return url_error(url, "topic pattern '" + t + "': " + render(perr));
+          s.topic_patterns.push_back(std::move(t));
+        } else {
+          s.topics.push_back(std::move(t));
+        }
+      }
+    } else if (k == "ledger") {
+      s.ledger = v;
+    } else if (k == "discover") {
+      err = dur(s.discover, 100ms);
+    } else if (k == "connect_timeout") {
+      err = dur(s.connect_timeout, 100ms);
+    } else if (k == "publish_timeout") {
+      err = dur(s.publish_timeout, 100ms);
+    } else if (k == "revoke_wait") {
+      err = dur(s.revoke_wait, caf::timespan{0});
+    } else if (k == "commit_interval") {
+      err = dur(s.commit_interval, 1ms);
+    } else if (k == "max_buffered") {
+      try {
+        size_t used = 0;
+        auto x = std::stoll(v, &used);
+        if (used != v.size() || x < 1)
+          throw std::invalid_argument{"range"};
+        s.max_buffered = static_cast<size_t>(x);
+      } catch (...) {
+        return url_error(url,
+                         "max_buffered=" + v + " is not a positive integer");
+      }
+    } else if (k.find('.') != std::string::npos) {
+      for (auto fixed : fixed_props)
+        if (k == fixed)
+          return url_error(url, k
+                                  + " is managed by the transport"
+                                    " (use group= and the host list)");
+      s.props.emplace_back(k, v);
+    } else {
+      return url_error(url, "unknown parameter '" + k + "'");
+    }
+    if (err)
+      return err;
+  }
+  // Reject unknown librdkafka properties and bad values now, not at subscribe.
+  auto* conf = rd_kafka_conf_new();
+  char errstr[512];
+  for (auto& [k, v] : s.props) {
+    if (rd_kafka_conf_set(conf, k.c_str(), v.c_str(), errstr, sizeof errstr)
+        != RD_KAFKA_CONF_OK) {
+      rd_kafka_conf_destroy(conf);
+      return url_error(url, "librdkafka property " + k + ": " + errstr);
+    }
+  }
+  rd_kafka_conf_destroy(conf);
+  return s;
+}
+
+// -- librdkafka helpers --------------------------------------------------------
+
+void log_cb(const rd_kafka_t* rk, int level, const char* fac, const char* buf) {
+  // Consumer-only properties given to the producer (and vice versa) are
+  // expected: the URL's properties apply to both handles.
+  if (std::strcmp(fac, "CONFWARN") == 0)
+    return;
+  auto name = rk != nullptr ? rd_kafka_name(rk) : "rdkafka";
+  if (level <= 4)
+    spdlog::warn("kafka: {} {}: {}", name, fac, buf);
+  else if (level <= 6)
+    spdlog::debug("kafka: {} {}: {}", name, fac, buf);
+  else
+    spdlog::trace("kafka: {} {}: {}", name, fac, buf);
+}
+
+// Connection health shared with librdkafka's callbacks.
+struct health {
+  std::atomic<bool> connected{true};
+};
+
+void error_cb(rd_kafka_t* rk, int err, const char* reason, void* opaque) {
+  auto* h = static_cast<health*>(opaque);
+  auto code = static_cast<rd_kafka_resp_err_t>(err);
+  if (code == RD_KAFKA_RESP_ERR__ALL_BROKERS_DOWN) {
+    if (h != nullptr && h->connected.exchange(false))
+      spdlog::warn("kafka: {}: all brokers are down; reconnecting",
+                   rd_kafka_name(rk));
+    return;
+  }
+  // Connection failures are already logged by librdkafka itself.
+  if (code == RD_KAFKA_RESP_ERR__TRANSPORT
+      || code == RD_KAFKA_RESP_ERR__RESOLVE)
+    spdlog::debug("kafka: {}: {}", rd_kafka_name(rk), reason);
+  else
+    spdlog::warn("kafka: {}: {}: {}", rd_kafka_name(rk),
+                 rd_kafka_err2name(code), reason);
+}
+
+struct conf_deleter {
+  void operator()(rd_kafka_conf_t* x) const {
+    rd_kafka_conf_destroy(x);
+  }
+};
+
+using conf_ptr = std::unique_ptr<rd_kafka_conf_t, conf_deleter>;
+
+caf::error set_prop(rd_kafka_conf_t* conf, const std::string& k,
+                    const std::string& v) {
+  char errstr[512];
+  if (rd_kafka_conf_set(conf, k.c_str(), v.c_str(), errstr, sizeof errstr)
+      != RD_KAFKA_CONF_OK)
+    return make_error(errc::invalid_config,
+                      "kafka: property " + k + "=" + v + ": " + errstr);
+  return {};
+}
+
+// A configuration with evmesh's defaults, then the URL's properties, then the
+// properties the watermark depends on.
+caf::expected<conf_ptr> make_conf(const kafka_settings& s, bool consumer,
+                                  const std::string& client_id, health* h) {
+  conf_ptr conf{rd_kafka_conf_new()};
+  std::vector<std::pair<std::string, std::string>> props{
+    {"bootstrap.servers", s.brokers},
+    {"client.id", client_id},
+    {"reconnect.backoff.max.ms", "2000"},
+  };
+  if (consumer) {
+    props.insert(props.end(), {{"group.id", s.group},
+                               {"auto.offset.reset", "earliest"},
+                               {"enable.partition.eof", "false"}});
+  } else {
+    props.insert(
+      props.end(),
+      {{"enable.idempotence", "true"},
+       // publish waits for its delivery report: do not linger (concurrent
+       // publishers still batch behind in-flight requests).
+       {"linger.ms", "0"},
+       // Unkeyed events spread over partitions (and so over the members of a
+       // group) instead of sticking to one partition per burst.
+       {"sticky.partitioning.linger.ms", "0"},
+       // The Java client's partitioner: one key lands on the same partition
+       // whichever client produced it.
+       {"partitioner", "murmur2_random"},
+       {"message.timeout.ms", std::to_string(to_ms(s.publish_timeout))}});
+  }
+  for (auto& [k, v] : props)
+    if (auto err = set_prop(conf.get(), k, v))
+      return err;
+  for (auto& [k, v] : s.props)
+    if (auto err = set_prop(conf.get(), k, v))
+      return err;
+  if (consumer) {
+    for (auto* k : {"enable.auto.commit", "enable.auto.offset.store"})
+      if (auto err = set_prop(conf.get(), k, "false"))
+        return err;
+  }
+  rd_kafka_conf_set_log_cb(conf.get(), log_cb);
+  rd_kafka_conf_set_error_cb(conf.get(), error_cb);
+  rd_kafka_conf_set_opaque(conf.get(), h);
+  return conf;
+}
+
+struct metadata_deleter {
+  void operator()(const rd_kafka_metadata_t* x) const {
+    rd_kafka_metadata_destroy(x);
+  }
+};
+
+using metadata_ptr
+  = std::unique_ptr<const rd_kafka_metadata_t, metadata_deleter>;
+
+// The cluster's topic list (bounded wait).
+caf::expected<metadata_ptr>
+fetch_metadata(rd_kafka_t* rk, const kafka_settings& s, caf::timespan timeout) {
+  const rd_kafka_metadata_t* md = nullptr;
+  auto err = rd_kafka_metadata(rk, 1, nullptr, &md,
+                               static_cast<int>(to_ms(timeout)));
+  if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
+    return make_error(errc::unavailable,
+                      "cannot reach the Kafka bootstrap servers of " + s.shown
+                        + " within " + format_duration(timeout) + ": "
+                        + rd_kafka_err2str(err)
+                        + " — is a broker running there? (check the "
+                          "host:port list and security.protocol)");
+  return metadata_ptr{md};
+}
+
+std::string position_of(const std::string& topic, int32_t partition,
+                        int64_t offset) {
+  return "kafka:" + topic + "/" + std::to_string(partition) + "@"
+         + std::to_string(offset);
+}
+
+// -- producer ------------------------------------------------------------------
+
+// What a delivery report tells the waiting producer call.
+struct delivery_wait {
+  std::mutex mtx;
+  std::condition_variable cv;
+  bool done = false;
+  rd_kafka_resp_err_t err = RD_KAFKA_RESP_ERR_NO_ERROR;
+};
+
+using wait_ref = std::shared_ptr<delivery_wait>;
+
+void on_delivery(rd_kafka_t*, const rd_kafka_message_t* m, void* opaque) {
+  if (auto* h = static_cast<health*>(opaque);
+      h != nullptr && m->err == RD_KAFKA_RESP_ERR_NO_ERROR)
+    h->connected = true;
+  auto* ref = static_cast<wait_ref*>(m->_private);
+  if (ref == nullptr)
+    return;
+  {
+    std::lock_guard guard{(*ref)->mtx};
+    (*ref)->done = true;
+    (*ref)->err = m->err;
+  }
+  (*ref)->cv.notify_all();
+  delete ref;
+}
+
+struct headers_deleter {
+  void operator()(rd_kafka_headers_t* x) const {
+    rd_kafka_headers_destroy(x);
+  }
+};
+
+using headers_ptr = std::unique_ptr<rd_kafka_headers_t, headers_deleter>;
+
+// A producer handle with its own thread serving delivery reports, so every
+// `produce` can wait for its own report.
+class producer {
+public:
+  static caf::expected<std::unique_ptr<producer>>
+  make(const kafka_settings& s, const std::string& client_id, health* h) {
+    auto conf = make_conf(s, false, client_id, h);
+    if (!conf)
+      return conf.error();
+    rd_kafka_conf_set_dr_msg_cb(conf->get(), on_delivery);
+    char errstr[512];
+    auto* rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf->get(), errstr,
+                            sizeof errstr);
+    if (rk == nullptr)
+      return make_error(errc::invalid_config,
+                        "kafka: cannot create a producer for " + s.shown + ": "
+                          + errstr);
+    static_cast<void>(conf->release()); // rd_kafka_new owns it now
+    auto p = std::unique_ptr<producer>{new producer(rk, s.publish_timeout)};
+    p->poller_ = std::thread{[raw = p.get()] { raw->serve(); }};
+    return p;
+  }
+
+  ~producer() {
+    stop_ = true;
+    if (poller_.joinable())
+      poller_.join();
+    rd_kafka_flush(rk_, 2000);
+    rd_kafka_purge(rk_, RD_KAFKA_PURGE_F_QUEUE | RD_KAFKA_PURGE_F_INFLIGHT);
+    rd_kafka_poll(rk_, 0);
+    rd_kafka_destroy(rk_);
+  }
+
+  rd_kafka_t* handle() const {
+    return rk_;
+  }
+
+  /// Produces one record and waits for its delivery report.
+  caf::error produce(const std::string& topic, const std::string& key,
+                     const std::string& value, headers_ptr headers) {
+    auto wait = std::make_shared<delivery_wait>();
+    auto* ref = new wait_ref{wait};
+    auto* hdrs = headers.release();
+    auto err = rd_kafka_producev(
+      rk_, RD_KAFKA_V_TOPIC(topic.c_str()),
+      RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
+      RD_KAFKA_V_KEY(key.empty() ? nullptr : key.data(), key.size()),
+      RD_KAFKA_V_VALUE(const_cast<char*>(value.data()), value.size()),
+      RD_KAFKA_V_HEADERS(hdrs), RD_KAFKA_V_OPAQUE(ref), RD_KAFKA_V_END);
+    if (err != RD_KAFKA_RESP_ERR_NO_ERROR) {
+      rd_kafka_headers_destroy(hdrs);
+      delete ref;
+      return make_error(err == RD_KAFKA_RESP_ERR__QUEUE_FULL ? errc::unavailable
+                                                             : errc::io_error,
+                        "kafka: cannot produce to '" + topic
+                          + "': " + rd_kafka_err2str(err));
+    }
+    std::unique_lock lock{wait->mtx};
+    // message.timeout.ms equals the timeout: the report always comes.
+    if (!wait->cv.wait_for(lock, timeout_ + 2s, [&] { return wait->done; }))
+      return make_error(errc::unavailable, "kafka: no delivery report for '"
+                                             + topic + "' within "
+                                             + format_duration(timeout_ + 2s));
+    if (wait->err == RD_KAFKA_RESP_ERR_NO_ERROR)
+      return {};
+    if (wait->err == RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART
+        || wait->err == RD_KAFKA_RESP_ERR__UNKNOWN_TOPIC)
+      return make_error(errc::invalid_config,
+                        "kafka: topic '" + topic
+                          + "' does not exist and the cluster does not create "
+                            "topics on demand — create it");
+    return make_error(errc::unavailable, "kafka: the broker did not confirm '"
+                                           + topic
+                                           + "': " + rd_kafka_err2str(wait->err)
+                                           + " (the record may be retried)");
+  }
+
+private:
+  producer(rd_kafka_t* rk, caf::timespan timeout) : rk_(rk), timeout_(timeout) {
+  }
+
+  void serve() {
+    while (!stop_)
+      rd_kafka_poll(rk_, 100);
+  }
+
+  rd_kafka_t* rk_;
+  caf::timespan timeout_;
+  std::atomic<bool> stop_{false};
+  std::thread poller_;
+};
+
+headers_ptr make_headers() {
+  return headers_ptr{rd_kafka_headers_new(8)};
+}
+
+void add_header(rd_kafka_headers_t* h, const char* name,
+                const std::string& value) {
+  if (!value.empty())
+    rd_kafka_header_add(h, name, -1, value.data(),
+                        static_cast<ssize_t>(value.size()));
+}
+
+std::string header_of(rd_kafka_headers_t* h, const char* name) {
+  const void* v = nullptr;
+  size_t n = 0;
+  if (h != nullptr
+      && rd_kafka_header_get_last(h, name, &v, &n) == RD_KAFKA_RESP_ERR_NO_ERROR
+      && v != nullptr)
+    return std::string{static_cast<const char*>(v), n};
+  return {};
+}
+
+// -- attempt ledger ------------------------------------------------------------
+
+// Durable attempt counts per (group, topic, partition, offset) in a SQLite
+// file: incremented when `poll` hands a message out, pruned below the
+// committed watermark.
+class attempt_ledger {
+public:
+  struct position {
+    std::string topic;
+    int32_t partition;
+    int64_t offset;
+  };
+
+  static caf::expected<std::unique_ptr<attempt_ledger>>
+  open(const std::string& path, const std::string& group) {
+    sqlite3* raw = nullptr;
+    auto rc = sqlite3_open_v2(path.c_str(), &raw,
+                              SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE
+                                | SQLITE_OPEN_FULLMUTEX,
+                              nullptr);
+    std::unique_ptr<attempt_ledger> l{new attempt_ledger(raw, group)};
+    if (rc != SQLITE_OK)
+      return l->fail("cannot open the attempt ledger '" + path + "'");
+    sqlite3_busy_timeout(raw, 5000);
+    const char* setup
+      = "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"
+        "CREATE TABLE IF NOT EXISTS kafka_attempts(grp TEXT NOT NULL,"
+        " topic TEXT NOT NULL, part INTEGER NOT NULL, off INTEGER NOT NULL,"
+        " n INTEGER NOT NULL, PRIMARY KEY(grp, topic, part, off))"
+        " WITHOUT ROWID;";
+    if (sqlite3_exec(raw, setup, nullptr, nullptr, nullptr) != SQLITE_OK)
+      return l->fail("cannot prepare the attempt ledger '" + path + "'");
+    if (sqlite3_prepare_v2(
+          raw,
+          "INSERT INTO kafka_attempts(grp, topic, part, off, n)"
+          " VALUES(?1, ?2, ?3, ?4, 1) ON CONFLICT(grp, topic, part, off)"
+          " DO UPDATE SET n = n + 1 RETURNING n",
+          -1, &l->bump_, nullptr)
+          != SQLITE_OK
+        || sqlite3_prepare_v2(raw,
+                              "DELETE FROM kafka_attempts WHERE grp = ?1 AND "
+                              "topic = ?2 AND part = ?3 AND off < ?4",
+                              -1, &l->prune_, nullptr)
+             != SQLITE_OK)
+      return l->fail("cannot prepare the attempt ledger '" + path + "'");
+    l->path_ = path;
+    return l;
+  }
+
+  ~attempt_ledger() {
+    sqlite3_finalize(bump_);
+    sqlite3_finalize(prune_);
+    sqlite3_close(db_);
+  }
+
+  /// Increments the counts of `xs` in one transaction; returns them.
+  caf::expected<std::vector<uint32_t>> bump(const std::vector<position>& xs) {
+    std::lock_guard guard{mtx_};
+    std::vector<uint32_t> result;
+    result.reserve(xs.size());
+    if (sqlite3_exec(db_, "BEGIN IMMEDIATE", nullptr, nullptr, nullptr)
+        != SQLITE_OK)
+      return error("cannot begin a transaction");
+    for (auto& x : xs) {
+      sqlite3_reset(bump_);
+      sqlite3_bind_text(bump_, 1, group_.c_str(), -1, SQLITE_STATIC);
+      sqlite3_bind_text(bump_, 2, x.topic.c_str(), -1, SQLITE_STATIC);
+      sqlite3_bind_int(bump_, 3, x.partition);
+      sqlite3_bind_int64(bump_, 4, x.offset);
+      if (sqlite3_step(bump_) != SQLITE_ROW) {
+        auto err = error("cannot count an attempt");
+        sqlite3_reset(bump_);
+        sqlite3_exec(db_, "ROLLBACK", nullptr, nullptr, nullptr);
+        return err;
+      }
+      result.push_back(static_cast<uint32_t>(sqlite3_column_int64(bump_, 0)));
+      sqlite3_step(bump_); // finishes the RETURNING statement
+    }
+    sqlite3_reset(bump_);
+    if (sqlite3_exec(db_, "COMMIT", nullptr, nullptr, nullptr) != SQLITE_OK) {
+      auto err = error("cannot commit attempt counts");
+      sqlite3_exec(db_, "ROLLBACK", nullptr, nullptr, nullptr);
+      return err;
+    }
+    return result;
+  }
+
+  /// Forgets the counts of offsets below `offset` (committed).
+  void prune(const std::string& topic, int32_t partition, int64_t offset) {
+    std::lock_guard guard{mtx_};
+    sqlite3_reset(prune_);
+    sqlite3_bind_text(prune_, 1, group_.c_str(), -1, SQLITE_STATIC);
+    sqlite3_bind_text(prune_, 2, topic.c_str(), -1, SQLITE_TRANSIENT);
+    sqlite3_bind_int(prune_, 3, partition);
+    sqlite3_bind_int64(prune_, 4, offset);
+    if (sqlite3_step(prune_) != SQLITE_DONE)
+      spdlog::warn("kafka: {}", render(error("cannot prune the ledger")));
+    sqlite3_reset(prune_);
+  }
+
+private:
+  attempt_ledger(sqlite3* db, std::string group)
+    : db_(db), group_(std::move(group)) {
+  }
+
+  caf::error fail(std::string what) {
+    return make_error(errc::invalid_config,
+                      "kafka: " + what + ": "
+                        + (db_ != nullptr ? sqlite3_errmsg(db_)
+                                          : "out of memory")
+                        + " — ledger= must name a writable file");
+  }
+
+  caf::error error(std::string what) {
+    return make_error(errc::io_error, "kafka: attempt ledger " + path_ + ": "
+                                        + what + ": " + sqlite3_errmsg(db_));
+  }
+
+  std::mutex mtx_;
+  sqlite3* db_;
+  sqlite3_stmt* bump_ = nullptr;
+  sqlite3_stmt* prune_ = nullptr;
+  std::string group_;
+  std::string path_;
+};
+
+// -- the transport -------------------------------------------------------------
+
+std::atomic<uint64_t> next_tag{1};
+
+// One fetched record, kept until its terminal action (for redelivery).
+struct entry {
+  std::string topic;
+  int32_t partition = 0;
+  int64_t offset = 0;
+  std::string bytes;
+  std::string key;
+  std::string traceparent;
+  std::string tracestate;
+  uint32_t deliveries = 0; // handed out by this process
+  uint64_t seq = 0;        // fetch order: redeliveries keep their place
+  uint64_t gen = 0;        // the partition's assignment generation
+  bool dead_lettered = false;
+};
+
+using entry_ptr = std::shared_ptr<entry>;
+
+using tp_key = std::pair<std::string, int32_t>;
+
+// The life of one offset while it is above the partition's watermark.
+enum class offset_state : uint8_t { queued, out, terminal };
+
+struct offset_info {
+  offset_state state = offset_state::queued;
+  uint64_t tag = 0; // while out
+};
+
+// What this process knows about one partition. Invariants: every offset
+// below `low` is terminal; every offset in [low, end) that `offsets` does not
+// hold is terminal or no record at all (fetching is sequential); `offsets`
+// may also hold offsets at or above `end` (handed out before a revoke).
+struct partition_state {
+  bool assigned = false;
+  bool fresh = true; // the group's position is not known yet
+  uint64_t gen = 0;  // incremented on every assignment
+  int64_t low = -1;
+  int64_t end = -1;
+  std::map<int64_t, offset_info> offsets;
+  int64_t committed = -1; // the last commit sent (or the group's, on assign)
+
+  /// The group's position after an assignment is `off`: offsets below it
+  /// are terminal, and what was handed out below it belongs to an older
+  /// assignment (it no longer holds the watermark back).
+  void start_at(int64_t off) {
+    fresh = false;
+    for (auto i = offsets.begin(); i != offsets.end() && i->first < off;)
+      i = offsets.erase(i);
+    low = std::max(low, off);
+    end = std::max(end, low);
+  }
+
+  /// A record fetched but no longer held here (dropped on revoke): fetching
+  /// must deliver it again before the watermark may pass it.
+  void forget(int64_t off) {
+    offsets.erase(off);
+    if (off >= low)
+      end = std::min(end, off);
+  }
+
+  /// Drops the terminal prefix; returns the offset to commit: the lowest
+  /// offset not yet terminal.
+  int64_t watermark() {
+    while (!offsets.empty() && offsets.begin()->first < end
+           && offsets.begin()->second.state == offset_state::terminal) {
+      low = offsets.begin()->first + 1;
+      offsets.erase(offsets.begin());
+    }
+    if (!offsets.empty() && offsets.begin()->first < end)
+      return offsets.begin()->first;
+    low = std::max(low, end);
+    return end;
+  }
+};
+
+struct tplist_deleter {
+  void operator()(rd_kafka_topic_partition_list_t* x) const {
+    rd_kafka_topic_partition_list_destroy(x);
+  }
+};
+
+using tplist_ptr
+  = std::unique_ptr<rd_kafka_topic_partition_list_t, tplist_deleter>;
+
+class kafka_transport : public transport {
+public:
+  kafka_transport(kafka_settings s, std::string node,
+                  std::function<clock_type::time_point()> now,
+                  std::unique_ptr<health> h, std::unique_ptr<producer> p,
+                  std::unique_ptr<attempt_ledger> ledger)
+    : settings_(std::move(s)),
+      node_(std::move(node)),
+      now_(std::move(now)),
+      health_(std::move(h)),
+      producer_(std::move(p)),
+      ledger_(std::move(ledger)) {
+    if (!now_)
+      now_ = [] { return clock_type::now(); };
+  }
+
+  ~kafka_transport() override {
+    close();
+  }
+
+  std::string_view scheme() const noexcept override {
+    return "kafka";
+  }
+
+  transport_capabilities capabilities() const noexcept override {
+    // Kafka counts no deliveries: only the ledger makes them durable.
+    return {ledger_ != nullptr, true, true, true};
+  }
+
+  bool connected() const noexcept override {
+    return health_->connected;
+  }
+
+  caf::error subscribe(const std::vector<std::string>& patterns) override {
+    if (subscribed_)
+      return make_error(errc::invalid_state,
+                        "kafka transport: subscribed twice");
+    if (closed_)
+      return make_error(errc::invalid_state,
+                        "kafka transport: subscribe after close");
+    if (settings_.group.empty())
+      return make_error(errc::invalid_config,
+                        "kafka: " + settings_.shown
+                          + " has no group= — name the consumer group the "
+                            "processes of this service share");
+    if (settings_.topics.empty() && settings_.topic_patterns.empty()) {
+      for (auto& x : patterns) {
+        if (auto err = validate_pattern(x))
+          return err;
+        patterns_.push_back(x);
+      }
+    } else {
+      patterns_ = settings_.topic_patterns;
+    }
+    if (!settings_.topics.empty()) {
+      auto md = fetch_metadata(producer_->handle(), settings_,
+                               settings_.connect_timeout);
+      if (!md)
+        return md.error();
+      std::set<std::string> have;
+      for (int i = 0; i < (*md)->topic_cnt; ++i)
+        if ((*md)->topics[i].err == RD_KAFKA_RESP_ERR_NO_ERROR)
+          have.insert((*md)->topics[i].topic);
+      for (auto& t : settings_.topics)
+        if (have.count(t) == 0)
+          return make_error(errc::invalid_config,
+                            "kafka: topic '" + t + "' does not exist on "
+                              + settings_.shown
+                              + " — create it (kafka-topics.sh --create "
+                                "--topic "
+                              + t + ") or fix topics=");
+    }
+    auto conf = make_conf(settings_, true, "evmesh-" + node_, health_.get());
+    if (!conf)
+      return conf.error();
+    rd_kafka_conf_set_rebalance_cb(conf->get(), &kafka_transport::on_rebalance);
+    rd_kafka_conf_set_offset_commit_cb(conf->get(),
+                                       &kafka_transport::on_commit);
+    // The callbacks find the transport through the opaque; errors keep
+    // reporting health through it.
+    opaque_.self = this;
+    rd_kafka_conf_set_opaque(conf->get(), &opaque_);
+    rd_kafka_conf_set_error_cb(conf->get(), &kafka_transport::on_error);
+    char errstr[512];
+    consumer_ = rd_kafka_new(RD_KAFKA_CONSUMER, conf->get(), errstr,
+                             sizeof errstr);
+    if (consumer_ == nullptr)
+      return make_error(errc::invalid_config,
+                        "kafka: cannot create the consumer of group '"
+                          + settings_.group + "' on " + settings_.shown + ": "
+                          + errstr);
+    static_cast<void>(conf->release());
+    rd_kafka_poll_set_consumer(consumer_);
+    subscribed_ = true;
+    consumer_thread_ = std::thread{[this] { consume_loop(); }};
+    return {};
+  }
+
+  caf::error poll(size_t max, std::vector<raw_message>& out) override {
+    if (!subscribed_)
+      return make_error(errc::invalid_state,
+                        "kafka transport: poll before subscribe");
+    if (closed_)
+      return make_error(errc::invalid_state,
+                        "kafka transport: poll after close (make a new "
+                        "transport to consume again)");
+    auto first = out.size();
+    std::vector<attempt_ledger::position> positions;
+    {
+      std::lock_guard guard{mtx_};
+      if (!fatal_.empty())
+        return make_error(errc::unavailable, fatal_);
+      promote_due(now_());
+      while (out.size() - first < max && !ready_.empty()) {
+        auto e = std::move(ready_.begin()->second);
+        ready_.erase(ready_.begin());
+        auto& p = parts_[tp_key{e->topic, e->partition}];
+        if (!p.assigned || p.gen != e->gen)
+          continue; // revoked meanwhile
+        raw_message raw;
+        raw.tag = next_tag++;
+        raw.bytes = e->bytes;
+        raw.subject = e->topic;
+        raw.traceparent = e->traceparent;
+        raw.tracestate = e->tracestate;
+        raw.key = e->key;
+        raw.delivery_count = ++e->deliveries;
+        raw.position = position_of(e->topic, e->partition, e->offset);
+        p.offsets[e->offset] = offset_info{offset_state::out, raw.tag};
+        if (ledger_)
+          positions.push_back({e->topic, e->partition, e->offset});
+        unacked_.emplace(raw.tag, std::move(e));
+        out.push_back(std::move(raw));
+      }
+      waiting_ = out.size() - first < max;
+    }
+    if (ledger_ && !positions.empty())
+      count_attempts(positions, out, first);
+    return {};
+  }
+
+  caf::error ack(uint64_t tag) override {
+    std::lock_guard guard{mtx_};
+    auto i = unacked_.find(tag);
+    if (i == unacked_.end())
+      return not_ours("ack", tag);
+    auto e = std::move(i->second);
+    unacked_.erase(i);
+    mark(*e, tag);
+    settled_.notify_all();
+    return {};
+  }
+
+  caf::error nack(uint64_t tag, caf::timespan delay) override {
+    std::lock_guard guard{mtx_};
+    auto i = unacked_.find(tag);
+    if (i == unacked_.end())
+      return not_ours("nack", tag);
+    auto e = std::move(i->second);
+    unacked_.erase(i);
+    settled_.notify_all();
+    auto& p = parts_[tp_key{e->topic, e->partition}];
+    auto o = p.offsets.find(e->offset);
+    bool ours = o != p.offsets.end() && o->second.tag == tag;
+    if (!ours)
+      return {}; // dead-lettered already: the record is in the DLQ
+    if (!p.assigned || p.gen != e->gen) {
+      // Revoked: the partition's owner reads it again from the watermark.
+      p.forget(e->offset);
+      return {};
+    }
+    o->second = offset_info{offset_state::queued, 0};
+    if (delay.count() > 0)
+      delayed_.emplace(now_() + delay, std::move(e));
+    else
+      ready_.emplace(e->seq, std::move(e));
+    return {};
+  }
+
+  caf::error dead_letter(uint64_t tag, const dead_letter_record& rec) override {
+    entry_ptr e;
+    {
+      std::lock_guard guard{mtx_};
+      auto i = unacked_.find(tag);
+      if (i == unacked_.end())
+        return not_ours("dead_letter", tag);
+      e = i->second;
+    }
+    auto hdrs = make_headers();
+    add_header(hdrs.get(), "evmesh-original-topic", e->topic);
+    add_header(hdrs.get(), "evmesh-original-partition",
+               std::to_string(e->partition));
+    add_header(hdrs.get(), "evmesh-original-offset", std::to_string(e->offset));
+    add_header(hdrs.get(), "evmesh-category", rec.category);
+    add_header(hdrs.get(), "evmesh-attempts", std::to_string(rec.attempts));
+    add_header(hdrs.get(), "evmesh-group", settings_.group);
+    add_header(hdrs.get(), "traceparent",
+               rec.traceparent.empty() ? e->traceparent : rec.traceparent);
+    auto dlq = e->topic + ".dlq";
+    if (auto err = producer_->produce(dlq, e->key, to_json(rec),
+                                      std::move(hdrs)))
+      return make_error(errc::unavailable,
+                        "kafka: the dead letter for "
+                          + position_of(e->topic, e->partition, e->offset)
+                          + " was not confirmed by '" + dlq
+                          + "' (the original stays uncommitted): "
+                          + render(err));
+    std::lock_guard guard{mtx_};
+    // Confirmed: the original's offset may now pass the watermark.
+    if (unacked_.count(tag) != 0) {
+      e->dead_lettered = true;
+      mark(*e, tag);
+    }
+    return {};
+  }
+
+  caf::error extend(uint64_t tag) override {
+    // Kafka has no per-message ack deadline; the consumer thread keeps the
+    // group membership alive.
+    std::lock_guard guard{mtx_};
+    if (unacked_.count(tag) == 0)
+      return not_ours("extend", tag);
+    return {};
+  }
+
+  caf::error publish(const envelope& env) override {
+    if (closed_)
+      return make_error(errc::invalid_state,
+                        "kafka transport: publish after close");
+    if (env.topic.empty())
+      return make_error(errc::invalid_config,
+                        "kafka: cannot publish an envelope without a topic");
+    auto hdrs = make_headers();
+    add_header(hdrs.get(), "traceparent", env.traceparent);
+    add_header(hdrs.get(), "tracestate", env.tracestate);
+    return producer_->produce(env.topic, env.key, encode_envelope(env),
+                              std::move(hdrs));
+  }
+
+  void set_wakeup(std::function<void()> fn) override {
+    std::lock_guard guard{mtx_};
+    wakeup_ = std::move(fn);
+  }
+
+  caf::error close() override {
+    if (closed_.exchange(true))
+      return {};
+    if (subscribed_) {
+      {
+        std::lock_guard guard{mtx_};
+        stop_ = true;
+        settled_.notify_all();
+      }
+      if (consumer_thread_.joinable())
+        consumer_thread_.join();
+      std::lock_guard guard{mtx_};
+      ready_.clear();
+      delayed_.clear();
+      unacked_.clear();
+      wakeup_ = nullptr;
+    }
+    // The producer lives until the destructor: a handler may still be
+    // publishing through this transport while it closes.
+    return {};
+  }
+
+private:
+  struct opaque {
+    kafka_transport* self = nullptr;
+  };
+
+  caf::error not_ours(const char* what, uint64_t tag) const {
+    return make_error(errc::invalid_state,
+                      std::string{"kafka transport: "} + what + " of tag "
+                        + std::to_string(tag)
+                        + " which is not an unsettled delivery of this "
+                          "consumer");
+  }
+
+  // Records the terminal action of `e` (delivered as `tag`). Requires mtx_.
+  void mark(const entry& e, uint64_t tag) {
+    auto& p = parts_[tp_key{e.topic, e.partition}];
+    auto o = p.offsets.find(e.offset);
+    if (o != p.offsets.end() && o->second.tag == tag)
+      o->second = offset_info{offset_state::terminal, 0};
+    else if (o == p.offsets.end() && e.offset >= p.low && p.assigned
+             && p.gen == e.gen)
+      p.offsets[e.offset] = offset_info{offset_state::terminal, 0};
+  }
+
+  void count_attempts(const std::vector<attempt_ledger::position>& positions,
+                      std::vector<raw_message>& out, size_t first) {
+    auto counts = ledger_->bump(positions);
+    if (!counts) {
+      // Not fatal: the in-process count still bounds retries here.
+      spdlog::warn("{} — using in-process attempt counts",
+                   render(counts.error()));
+      return;
+    }
+    for (size_t i = 0; i < counts->size(); ++i) {
+      auto& raw = out[first + i];
+      raw.delivery_count = std::max(raw.delivery_count, (*counts)[i]);
+    }
+  }
+
+  // Moves delayed entries whose time came to the ready queue. Requires mtx_.
+  void promote_due(clock_type::time_point now) {
+    while (!delayed_.empty() && delayed_.begin()->first <= now) {
+      auto e = std::move(delayed_.begin()->second);
+      delayed_.erase(delayed_.begin());
+      ready_.emplace(e->seq, std::move(e));
+    }
+  }
+
+  // -- the consumer thread ----------------------------------------------------
+
+  static void on_error(rd_kafka_t* rk, int err, const char* reason, void* op) {
+    auto* self = static_cast<opaque*>(op)->self;
+    error_cb(rk, err, reason, self->health_.get());
+    if (err == RD_KAFKA_RESP_ERR__FATAL) {
+      char buf[512];
+      auto code = rd_kafka_fatal_error(rk, buf, sizeof buf);
+      std::lock_guard guard{self->mtx_};
+      self->fatal_ = "kafka: fatal consumer error "
+                     + std::string{rd_kafka_err2name(code)} + ": " + buf;
+    }
+  }
+
+  static void on_rebalance(rd_kafka_t* rk, rd_kafka_resp_err_t err,
+                           rd_kafka_topic_partition_list_t* parts, void* op) {
+    static_cast<opaque*>(op)->self->rebalance(rk, err, parts);
+  }
+
+  static void on_commit(rd_kafka_t*, rd_kafka_resp_err_t err,
+                        rd_kafka_topic_partition_list_t* offsets, void* op) {
+    static_cast<opaque*>(op)->self->committed(err, offsets);
+  }
+
+  void committed(rd_kafka_resp_err_t err,
+                 rd_kafka_topic_partition_list_t* offsets) {
+    if (offsets == nullptr)
+      return;
+    std::vector<std::tuple<std::string, int32_t, int64_t>> done;
+    {
+      std::lock_guard guard{mtx_};
+      for (int i = 0; i < offsets->cnt; ++i) {
+        auto& x = offsets->elems[i];
+        auto& p = parts_[tp_key{x.topic, x.partition}];
+        if (err != RD_KAFKA_RESP_ERR_NO_ERROR
+            || x.err != RD_KAFKA_RESP_ERR_NO_ERROR) {
+          // Retried at the next interval while we own the partition.
+          if (p.committed == x.offset)
+            p.committed = -1;
+          continue;
+        }
+        done.emplace_back(x.topic, x.partition, x.offset);
+      }
+    }
+    if (err != RD_KAFKA_RESP_ERR_NO_ERROR
+        && err != RD_KAFKA_RESP_ERR__NO_OFFSET)
+      spdlog::debug("kafka: commit failed (retried while the partition is "
+                    "ours): {}",
+                    rd_kafka_err2str(err));
+    if (ledger_)
+      for (auto& [t, part, off] : done)
+        ledger_->prune(t, part, off);
+  }
+
+  // The offsets to commit now: every owned partition whose watermark moved.
+  // Requires mtx_.
+  tplist_ptr commit_list(const std::set<tp_key>* only = nullptr) {
+    tplist_ptr list{rd_kafka_topic_partition_list_new(0)};
+    for (auto& [tp, p] : parts_) {
+      if (only != nullptr && only->count(tp) == 0)
+        continue;
+      if (p.fresh || (only == nullptr && !p.assigned))
+        continue;
+      auto wm = p.watermark();
+      if (wm < 0 || wm <= p.committed)
+        continue;
+      p.committed = wm;
+      rd_kafka_topic_partition_list_add(list.get(), tp.first.c_str(), tp.second)
+        ->offset
+        = wm;
+    }
+    return list;
+  }
+
+  void commit(tplist_ptr list, bool sync) {
+    if (!list || list->cnt == 0)
+      return;
+    auto err = rd_kafka_commit(consumer_, list.get(), sync ? 0 : 1);
+    if (sync)
+      committed(err, list.get());
+  }
+
+  void rebalance(rd_kafka_t* rk, rd_kafka_resp_err_t err,
+                 rd_kafka_topic_partition_list_t* parts) {
+    bool cooperative
+      = std::strcmp(rd_kafka_rebalance_protocol(rk), "COOPERATIVE") == 0;
+    std::set<tp_key> tps;
+    for (int i = 0; i < parts->cnt; ++i)
+      tps.emplace(parts->elems[i].topic, parts->elems[i].partition);
+    if (err == RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS) {
+      // The group's committed offsets: where fetching starts, and what to
+      // re-commit when our own last commit failed (the mock refuses commits
+      // during a rebalance). Unknown (no commit yet, or no answer): the first
+      // fetched record tells.
+      tplist_ptr start{rd_kafka_topic_partition_list_copy(parts)};
+      auto known = rd_kafka_committed(rk, start.get(), 2000)
+                   == RD_KAFKA_RESP_ERR_NO_ERROR;
+      {
+        std::lock_guard guard{mtx_};
+        for (auto& tp : tps) {
+          auto& p = parts_[tp];
+          p.assigned = true;
+          p.fresh = true;
+          ++p.gen;
+        }
+        for (int i = 0; known && i < start->cnt; ++i) {
+          auto& x = start->elems[i];
+          if (x.err == RD_KAFKA_RESP_ERR_NO_ERROR && x.offset >= 0) {
+            auto& p = parts_[tp_key{x.topic, x.partition}];
+            p.start_at(x.offset);
+            p.committed = x.offset;
+          }
+        }
+        paused_ = false;
+      }
+      spdlog::info("kafka: group '{}' assigned {} partition(s) to {}",
+                   settings_.group, tps.size(), rd_kafka_name(rk));
+      if (cooperative) {
+        if (auto* e = rd_kafka_incremental_assign(rk, parts))
+          rd_kafka_error_destroy(e);
+      } else {
+        rd_kafka_assign(rk, parts);
+      }
+      return;
+    }
+    // Revoked (or lost): stop handing out, let handed-out messages finish
+    // within revoke_wait, commit the watermark, forget what was queued.
+    tplist_ptr list;
+    {
+      std::unique_lock lock{mtx_};
+      for (auto& tp : tps) {
+        auto& p = parts_[tp];
+        p.assigned = false;
+        std::vector<int64_t> queued;
+        for (auto& [off, info] : p.offsets)
+          if (info.state == offset_state::queued)
+            queued.push_back(off);
+        for (auto off : queued)
+          p.forget(off);
+      }
+      drop_queued(tps);
+      auto in_flight = [&] {
+        for (auto& [tag, e] : unacked_)
+          if (tps.count(tp_key{e->topic, e->partition}) != 0) {
+            auto& p = parts_[tp_key{e->topic, e->partition}];
+            if (p.gen == e->gen)
+              return true;
+          }
+        return false;
+      };
+      if (!stop_ && err == RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS)
+        settled_.wait_for(lock, settings_.revoke_wait,
+                          [&] { return stop_ || !in_flight(); });
+      if (err == RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS)
+        list = commit_list(&tps);
+    }
+    // The mock cluster (and a real one mid-rebalance) may refuse this commit;
+    // the new owner then starts from the last accepted watermark.
+    commit(std::move(list), true);
+    spdlog::info("kafka: group '{}' {} {} partition(s) of {}", settings_.group,
+                 err == RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS ? "revoked"
+                                                             : "lost",
+                 tps.size(), rd_kafka_name(rk));
+    if (cooperative) {
+      if (auto* e = rd_kafka_incremental_unassign(rk, parts))
+        rd_kafka_error_destroy(e);
+    } else {
+      rd_kafka_assign(rk, nullptr);
+    }
+  }
+
+  // Forgets queued and delayed entries of `tps`. Requires mtx_.
+  void drop_queued(const std::set<tp_key>& tps) {
+    for (auto i = ready_.begin(); i != ready_.end();) {
+      if (tps.count(tp_key{i->second->topic, i->second->partition}) != 0)
+        i = ready_.erase(i);
+      else
+        ++i;
+    }
+    for (auto i = delayed_.begin(); i != delayed_.end();) {
+      if (tps.count(tp_key{i->second->topic, i->second->partition}) != 0)
+        i = delayed_.erase(i);
+      else
+        ++i;
+    }
+  }
+
+  // Takes one fetched record. Requires mtx_. Returns whether it was queued.
+  bool take(const rd_kafka_message_t* m) {
+    auto topic = std::string{rd_kafka_topic_name(m->rkt)};
+    auto& p = parts_[tp_key{topic, m->partition}];
+    if (!p.assigned)
+      return false;
+    auto off = m->offset;
+    if (p.fresh)
+      p.start_at(off); // the group committed everything below it
+    if (off < p.low)
+      return false; // terminal here: a replay after a failed commit
+    if (auto i = p.offsets.find(off); i != p.offsets.end()) {
+      p.end = std::max(p.end, off + 1);
+      if (i->second.state == offset_state::out) {
+        // Still being handled from before the rebalance: adopt it.
+        if (auto u = unacked_.find(i->second.tag); u != unacked_.end())
+          u->second->gen = p.gen;
+      }
+      return false;
+    }
+    if (off < p.end)
+      return false; // terminal here
+    p.end = off + 1;
+    auto e = std::make_shared<entry>();
+    e->topic = std::move(topic);
+    e->partition = m->partition;
+    e->offset = off;
+    if (m->payload != nullptr)
+      e->bytes.assign(static_cast<const char*>(m->payload), m->len);
+    if (m->key != nullptr)
+      e->key.assign(static_cast<const char*>(m->key), m->key_len);
+    rd_kafka_headers_t* hdrs = nullptr;
+    if (rd_kafka_message_headers(m, &hdrs) == RD_KAFKA_RESP_ERR_NO_ERROR) {
+      e->traceparent = header_of(hdrs, "traceparent");
+      e->tracestate = header_of(hdrs, "tracestate");
+    }
+    e->seq = next_seq_++;
+    e->gen = p.gen;
+    p.offsets[off] = offset_info{offset_state::queued, 0};
+    ready_.emplace(e->seq, std::move(e));
+    return true;
+  }
+
+  // The topics to consume now (plain names and discovered pattern matches).
+  std::vector<std::string> wanted_topics() {
+    std::set<std::string> result(settings_.topics.begin(),
+                                 settings_.topics.end());
+    if (!patterns_.empty()) {
+      const rd_kafka_metadata_t* md = nullptr;
+      auto err = rd_kafka_metadata(consumer_, 1, nullptr, &md, 2000);
+      if (err != RD_KAFKA_RESP_ERR_NO_ERROR) {
+        spdlog::debug("kafka: topic discovery failed: {}",
+                      rd_kafka_err2str(err));
+        return current_topics_; // keep what we have
+      }
+      metadata_ptr guard{md};
+      health_->connected = true;
+      for (int i = 0; i < md->topic_cnt; ++i) {
+        std::string_view t = md->topics[i].topic;
+        if (md->topics[i].err != RD_KAFKA_RESP_ERR_NO_ERROR
+            || excluded_topic(t))
+          continue;
+        for (auto& x : patterns_)
+          if (pattern_matches(x, t)) {
+            result.emplace(t);
+            break;
+          }
+      }
+    }
+    return {result.begin(), result.end()};
+  }
+
+  void resubscribe(const std::vector<std::string>& topics) {
+    if (topics == current_topics_ || topics.empty())
+      return;
+    tplist_ptr list{
+      rd_kafka_topic_partition_list_new(static_cast<int>(topics.size()))};
+    for (auto& t : topics)
+      rd_kafka_topic_partition_list_add(list.get(), t.c_str(),
+                                        RD_KAFKA_PARTITION_UA);
+    if (auto err = rd_kafka_subscribe(consumer_, list.get())) {
+      spdlog::warn("kafka: cannot subscribe group '{}' to {} topic(s): {}",
+                   settings_.group, topics.size(), rd_kafka_err2str(err));
+      return;
+    }
+    spdlog::info("kafka: group '{}' consumes {} topic(s) on {}",
+                 settings_.group, topics.size(), settings_.shown);
+    current_topics_ = topics;
+  }
+
+  // Pauses fetching while `max_buffered` records wait locally.
+  void flow_control() {
+    bool pause = false;
+    bool resume = false;
+    {
+      std::lock_guard guard{mtx_};
+      if (!paused_ && ready_.size() >= settings_.max_buffered) {
+        pause = true;
+        paused_ = true;
+      } else if (paused_ && ready_.size() < settings_.max_buffered / 2) {
+        resume = true;
+        paused_ = false;
+      }
+    }
+    if (!pause && !resume)
+      return;
+    rd_kafka_topic_partition_list_t* raw = nullptr;
+    if (rd_kafka_assignment(consumer_, &raw) != RD_KAFKA_RESP_ERR_NO_ERROR)
+      return;
+    tplist_ptr assignment{raw};
+    if (pause)
+      rd_kafka_pause_partitions(consumer_, assignment.get());
+    else
+      rd_kafka_resume_partitions(consumer_, assignment.get());
+  }
+
+  void wake_if_waiting() {
+    std::function<void()> wake;
+    {
+      std::lock_guard guard{mtx_};
+      if (waiting_ && (!ready_.empty() || due_now())) {
+        waiting_ = false;
+        wake = wakeup_;
+      }
+    }
+    if (wake)
+      wake();
+  }
+
+  // Requires mtx_.
+  bool due_now() {
+    return !delayed_.empty() && delayed_.begin()->first <= now_();
+  }
+
+  void consume_loop() {
+    auto next_discovery = clock_type::now();
+    auto next_commit = clock_type::now();
+    auto next_probe = clock_type::now();
+    for (;;) {
+      {
+        std::lock_guard guard{mtx_};
+        if (stop_)
+          break;
+      }
+      auto now = clock_type::now();
+      if (now >= next_discovery) {
+        resubscribe(wanted_topics());
+        next_discovery = now + (patterns_.empty() ? 24h : settings_.discover);
+      }
+      if (now >= next_commit) {
+        tplist_ptr list;
+        {
+          std::lock_guard guard{mtx_};
+          list = commit_list();
+        }
+        commit(std::move(list), false);
+        next_commit = now + settings_.commit_interval;
+      }
+      flow_control();
+      auto* m = rd_kafka_consumer_poll(consumer_, 50);
+      size_t n = 0;
+      while (m != nullptr) {
+        if (m->err == RD_KAFKA_RESP_ERR_NO_ERROR) {
+          health_->connected = true;
+          std::lock_guard guard{mtx_};
+          take(m);
+        } else if (m->err != RD_KAFKA_RESP_ERR__PARTITION_EOF) {
+          spdlog::warn("kafka: group '{}': {}", settings_.group,
+                       rd_kafka_message_errstr(m));
+        }
+        rd_kafka_message_destroy(m);
+        if (++n >= 500)
+          break;
+        m = rd_kafka_consumer_poll(consumer_, 0);
+      }
+      wake_if_waiting();
+      if (!health_->connected && now >= next_probe) {
+        // Idle while reconnecting: a cheap metadata request tells when the
+        // brokers are back.
+        const rd_kafka_metadata_t* md = nullptr;
+        if (rd_kafka_metadata(consumer_, 0, nullptr, &md, 500)
+            == RD_KAFKA_RESP_ERR_NO_ERROR)
+          health_->connected = true;
+        if (md != nullptr)
+          rd_kafka_metadata_destroy(md);
+        next_probe = now + 1s;
+      }
+    }
+    // Final commit of what is terminal; unsettled messages stay uncommitted
+    // and go to the group's next owner.
+    tplist_ptr list;
+    {
+      std::lock_guard guard{mtx_};
+      list = commit_list();
+    }
+    commit(std::move(list), true);
+    rd_kafka_consumer_close(consumer_);
+    rd_kafka_destroy(consumer_);
+    consumer_ = nullptr;
+  }
+
+  kafka_settings settings_;
+  std::string node_;
+  std::function<clock_type::time_point()> now_;
+  std::unique_ptr<health> health_;
+  std::unique_ptr<producer> producer_;
+  std::unique_ptr<attempt_ledger> ledger_;
+  opaque opaque_;
+  rd_kafka_t* consumer_ = nullptr;
+  std::thread consumer_thread_;
+  std::vector<std::string> patterns_;
+  std::vector<std::string> current_topics_; // consumer thread only
+  bool subscribed_ = false;
+  std::atomic<bool> closed_{false};
+
+  std::mutex mtx_; // guards everything below
+  std::condition_variable settled_;
+  std::map<tp_key, partition_state> parts_;
+  std::map<uint64_t, entry_ptr> ready_; // by fetch order
+  std::multimap<clock_type::time_point, entry_ptr> delayed_;
+  std::unordered_map<uint64_t, entry_ptr> unacked_;
+  uint64_t next_seq_ = 1;
+  bool waiting_ = false;
+  bool paused_ = false;
+  bool stop_ = false;
+  std::string fatal_;
+  std::function<void()> wakeup_;
+};
+
+struct opened {
+  kafka_settings settings;
+  std::unique_ptr<health> h;
+  std::unique_ptr<producer> p;
+};
+
+// Validated settings and a producer that reached the bootstrap servers.
+caf::expected<opened> open(std::string_view url, const std::string& node) {
+  auto settings = parse_kafka_url(url);
+  if (!settings)
+    return settings.error();
+  auto h = std::make_unique<health>();
+  auto p = producer::make(*settings, "evmesh-" + node, h.get());
+  if (!p)
+    return p.error();
+  // A bounded metadata request: unreachable servers fail here, clearly.
+  const rd_kafka_metadata_t* md = nullptr;
+  auto err
+    = rd_kafka_metadata((*p)->handle(), 0, nullptr, &md,
+                        static_cast<int>(to_ms(settings->connect_timeout)));
+  metadata_ptr guard{md};
+  if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
+    return make_error(errc::unavailable,
+                      "cannot reach the Kafka bootstrap servers "
+                        + settings->shown + " within "
+                        + format_duration(settings->connect_timeout) + ": "
+                        + rd_kafka_err2str(err)
+                        + " — is a broker running there? (check the "
+                          "host:port list, security.protocol and "
+                          "connect_timeout=)");
+  return opened{std::move(*settings), std::move(h), std::move(*p)};
+}
+
+} // namespace
+
+void register_kafka_transport() {
+  register_transport(
+    "kafka",
+    [](std::string_view url,
+       const transport_environment& env) -> caf::expected<transport_ptr> {
+      auto o = open(url, env.node.empty() ? "node" : env.node);
+      if (!o)
+        return o.error();
+      std::unique_ptr<attempt_ledger> ledger;
+      if (!o->settings.ledger.empty()) {
+        if (o->settings.group.empty())
+          return make_error(errc::invalid_config,
+                            "kafka: ledger= needs group= (counts are kept "
+                            "per consumer group)");
+        auto l = attempt_ledger::open(o->settings.ledger, o->settings.group);
+        if (!l)
+          return l.error();
+        ledger = std::move(*l);
+      }
+      return transport_ptr{std::make_shared<kafka_transport>(
+        std::move(o->settings), env.node.empty() ? "node" : env.node, env.now,
+        std::move(o->h), std::move(o->p), std::move(ledger))};
+    });
+}
+
+caf::expected<std::vector<dead_letter_record>>
+kafka_dead_letters(std::string_view url, size_t max) {
+  auto o = open(url, "dlq-reader");
+  if (!o)
+    return o.error();
+  auto& s = o->settings;
+  auto md = fetch_metadata(o->p->handle(), s, s.connect_timeout);
+  if (!md)
+    return md.error();
+  std::set<std::string> plain;
+  for (auto& t : s.topics)
+    plain.insert(t + ".dlq");
+  std::vector<std::pair<std::string, int32_t>> parts;
+  for (int i = 0; i < (*md)->topic_cnt; ++i) {
+    auto& t = (*md)->topics[i];
+    std::string_view name = t.topic;
+    if (t.err != RD_KAFKA_RESP_ERR_NO_ERROR || !ends_with(name, ".dlq"))
+      continue;
+    auto base = name.substr(0, name.size() - 4);
+    bool wanted = plain.count(std::string{name}) != 0;
+    for (auto& x : s.topic_patterns)
+      wanted = wanted || pattern_matches(x, base);
+    if (s.topics.empty() && s.topic_patterns.empty())
+      wanted = true;
+    if (!wanted)
+      continue;
+    for (int j = 0; j < t.partition_cnt; ++j)
+      parts.emplace_back(t.topic, t.partitions[j].id);
+  }
+  std::vector<dead_letter_record> result;
+  if (parts.empty())
+    return result;
+  // A group-less consumer reads each partition from its low to its high
+  // watermark, bounded in time.
+  auto reader = s;
+  reader.group = "evmesh-dlq-reader";
+  auto h = std::make_unique<health>();
+  auto conf = make_conf(reader, true, "evmesh-dlq-reader", h.get());
+  if (!conf)
+    return conf.error();
+  char errstr[512];
+  auto* rk = rd_kafka_new(RD_KAFKA_CONSUMER, conf->get(), errstr,
+                          sizeof errstr);
+  if (rk == nullptr)
+    return make_error(errc::invalid_config,
+                      std::string{"kafka: cannot create the DLQ reader: "}
+                        + errstr);
+  static_cast<void>(conf->release());
+  std::unique_ptr<rd_kafka_t, void (*)(rd_kafka_t*)> guard{rk,
+                                                           rd_kafka_destroy};
+  tplist_ptr list{rd_kafka_topic_partition_list_new(0)};
+  std::map<tp_key, int64_t> remaining; // partition -> high watermark
+  auto deadline = clock_type::now() + s.connect_timeout + 10s;
+  for (auto& [t, part] : parts) {
+    int64_t lo = 0;
+    int64_t hi = 0;
+    auto err = rd_kafka_query_watermark_offsets(
+      rk, t.c_str(), part, &lo, &hi,
+      static_cast<int>(to_ms(s.connect_timeout)));
+    if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
+      return make_error(errc::unavailable, "kafka: cannot read the offsets of "
+                                             + t + "/" + std::to_string(part)
+                                             + ": " + rd_kafka_err2str(err));
+    if (hi <= lo)
+      continue;
+    rd_kafka_topic_partition_list_add(list.get(), t.c_str(), part)->offset = lo;
+    remaining.emplace(tp_key{t, part}, hi);
+  }
+  if (remaining.empty())
+    return result;
+  std::map<tp_key, std::vector<dead_letter_record>> by_part;
+  rd_kafka_poll_set_consumer(rk);
+  if (auto err = rd_kafka_assign(rk, list.get()))
+    return make_error(errc::io_error,
+                      std::string{"kafka: cannot read the DLQ: "}
+                        + rd_kafka_err2str(err));
+  size_t total = 0;
+  while (!remaining.empty() && total < max && clock_type::now() < deadline) {
+    auto* m = rd_kafka_consumer_poll(rk, 100);
+    if (m == nullptr)
+      continue;
+    std::unique_ptr<rd_kafka_message_t, void (*)(rd_kafka_message_t*)> msg{
+      m, rd_kafka_message_destroy};
+    if (m->err != RD_KAFKA_RESP_ERR_NO_ERROR)
+      continue;
+    tp_key tp{rd_kafka_topic_name(m->rkt), m->partition};
+    auto r = remaining.find(tp);
+    if (r == remaining.end())
+      continue;
+    std::string_view body{static_cast<const char*>(m->payload), m->len};
+    auto rec = dead_letter_from_json(body);
+    if (!rec)
+      return make_error(errc::decode_error,
+                        "kafka: " + position_of(tp.first, tp.second, m->offset)
+                          + " is not a dead-letter record: "
+                          + render(rec.error()));
+    by_part[tp].push_back(std::move(*rec));
+    ++total;
+    if (m->offset + 1 >= r->second)
+      remaining.erase(r);
+  }
+  rd_kafka_consumer_close(rk);
+  if (!remaining.empty() && total < max)
+    return make_error(errc::unavailable, "kafka: reading the DLQ topics of "
+                                           + s.shown
+                                           + " did not finish in time");
+  for (auto& [tp, recs] : by_part)
+    for (auto& r : recs)
+      if (result.size() < max)
+        result.push_back(std::move(r));
+  return result;
+}
+
+} // namespace evmesh

@@ -389,10 +389,10 @@ uint32_t delivery_count(const amqp_basic_properties_t& p, bool redelivered) {
 
 /// Gives a message published by another client (NestJS, a shell script)
 /// what its AMQP properties say and its body lacks: `id` from message_id,
-/// `headers` from string headers and correlation_id. evmesh's own messages
-/// carry the marker header and are left verbatim.
+/// `headers` from string headers and correlation_id. evmesh's own native
+/// messages carry everything in the body and are left verbatim.
 void merge_properties(const amqp_basic_properties_t& p, std::string& body) {
-  if (find_header(p, marker_header) != nullptr)
+  if (field_string(find_header(p, marker_header)) == "native")
     return;
   std::string message_id;
   if (p._flags & AMQP_BASIC_MESSAGE_ID_FLAG)
@@ -458,14 +458,16 @@ std::string binding_key(const std::string& pattern) {
 }
 
 /// The envelope as a NestJS event: `{"pattern": topic, "data": payload}`
-/// plus the envelope's other fields (the codec reads them back).
+/// plus the envelope's other fields (the codec reads them back) except `id`:
+/// NestJS takes a packet with an `id` for a request and answers to its
+/// reply queue. The id travels as the AMQP message_id instead.
 std::string encode_nestjs(const envelope& env) {
   auto native = boost::json::parse(encode_envelope(env));
   boost::json::object out;
   out["pattern"] = env.topic;
   out["data"] = env.payload;
   for (auto& kv : native.as_object())
-    if (kv.key() != "topic" && kv.key() != "payload")
+    if (kv.key() != "topic" && kv.key() != "payload" && kv.key() != "id")
       out[kv.key()] = kv.value();
   return boost::json::serialize(out);
 }
@@ -814,7 +816,8 @@ public:
     out.type = env.topic;
     if (auto i = env.headers.find("correlation_id"); i != env.headers.end())
       out.correlation_id = i->second;
-    out.headers.emplace_back(marker_header, "1");
+    out.headers.emplace_back(marker_header,
+                             settings_.nestjs ? "nestjs" : "native");
     if (!env.traceparent.empty())
       out.headers.emplace_back("traceparent", env.traceparent);
     if (!env.tracestate.empty())

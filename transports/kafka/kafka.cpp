@@ -1166,7 +1166,11 @@ private:
       return;
     }
     // Revoked (or lost): stop handing out, let handed-out messages finish
-    // within revoke_wait, commit the watermark, forget what was queued.
+    // within revoke_wait, commit the watermark, forget what was queued. A
+    // lost assignment (session timed out, generation fenced) cannot commit:
+    // the group has moved on.
+    auto lost = err != RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS
+                || rd_kafka_assignment_lost(rk) != 0;
     tplist_ptr list;
     {
       std::unique_lock lock{mtx_};
@@ -1190,19 +1194,17 @@ private:
           }
         return false;
       };
-      if (!stop_ && err == RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS)
+      if (!stop_ && !lost)
         settled_.wait_for(lock, settings_.revoke_wait,
                           [&] { return stop_ || !in_flight(); });
-      if (err == RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS)
+      if (!lost)
         list = commit_list(&tps);
     }
     // The mock cluster (and a real one mid-rebalance) may refuse this commit;
     // the new owner then starts from the last accepted watermark.
     commit(std::move(list), true);
     spdlog::info("kafka: group '{}' {} {} partition(s) of {}", settings_.group,
-                 err == RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS ? "revoked"
-                                                             : "lost",
-                 tps.size(), rd_kafka_name(rk));
+                 lost ? "lost" : "revoked", tps.size(), rd_kafka_name(rk));
     if (cooperative) {
       if (auto* e = rd_kafka_incremental_unassign(rk, parts))
         rd_kafka_error_destroy(e);

@@ -296,14 +296,17 @@ TEST(kafka_start, unknown_topics_missing_group_and_bad_ledger_are_errors) {
 
 // Issue 4, test 2: one member leaves and one joins while the stream flows;
 // every message ends handled or dead-lettered, each key in offset order.
-TEST(kafka_group, rebalance_mid_stream_loses_nothing_and_keeps_key_order) {
+// `strategy`: the group's partition.assignment.strategy.
+void rebalance_mid_stream(const std::string& strategy) {
   evmesh::register_kafka_transport();
   kafka_mock_cluster cluster;
   ASSERT_TRUE(cluster.create_topic("orders", 4));
   constexpr size_t count = 600;
   constexpr size_t keys = 24;
   auto url = cluster.url(std::string{kafka_fast_settings}
-                         + "&group=g&topics=orders&commit_interval=50ms");
+                         + "&group=g&topics=orders&commit_interval=50ms"
+                           "&partition.assignment.strategy="
+                         + strategy);
   auto producer = make(cluster.url(kafka_fast_settings), "producer");
   ASSERT_TRUE(producer);
   std::mutex mtx;
@@ -386,6 +389,15 @@ TEST(kafka_group, rebalance_mid_stream_loses_nothing_and_keeps_key_order) {
               1u)
       << "dead letter of " << n << " missing in orders.dlq";
   EXPECT_EQ(dead.size(), count / 40);
+}
+
+TEST(kafka_group, rebalance_mid_stream_loses_nothing_and_keeps_key_order) {
+  rebalance_mid_stream("range");
+}
+
+// Incremental rebalancing: the member that stays keeps its partitions.
+TEST(kafka_group, cooperative_rebalance_mid_stream_loses_nothing) {
+  rebalance_mid_stream("cooperative-sticky");
 }
 
 // Issue 4, test 3: a broker goes down and comes back mid-stream.

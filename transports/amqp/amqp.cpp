@@ -12,6 +12,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <thread>
 #include <unordered_map>
 
@@ -964,6 +965,7 @@ private:
       }
       for (auto& c : cmds)
         run(c);
+      flush_acks();
       if (stopping && commands_empty()) {
         shutdown();
         return;
@@ -1008,20 +1010,49 @@ private:
     switch (c.kind) {
       case command::ack:
         if (conn_ && c.gen == gen_)
-          if (auto rc = amqp_basic_ack(conn_.get(), consume_ch, c.dtag, 0);
-              rc != AMQP_STATUS_OK)
-            connection_lost(std::string{"ack: "} + amqp_error_string2(rc));
+          acks_.push_back(c.dtag);
         break;
       case command::nack:
-        if (conn_ && c.gen == gen_)
+        flush_acks();
+        if (conn_ && c.gen == gen_) {
+          unsettled_.erase(c.dtag);
           if (auto rc = amqp_basic_nack(conn_.get(), consume_ch, c.dtag, 0, 1);
               rc != AMQP_STATUS_OK)
             connection_lost(std::string{"nack: "} + amqp_error_string2(rc));
+        }
         break;
       case command::run:
+        flush_acks();
         c.fn();
         break;
     }
+  }
+
+  // Sends the acks collected from one batch of commands: one `multiple` ack
+  // for those below the lowest delivery still unsettled (nothing else below
+  // it is outstanding on the channel), single acks for the rest. Under load
+  // that is one frame (and one write) for a whole batch.
+  void flush_acks() {
+    if (acks_.empty())
+      return;
+    if (!conn_) {
+      acks_.clear();
+      return;
+    }
+    for (auto t : acks_)
+      unsettled_.erase(t);
+    std::sort(acks_.begin(), acks_.end());
+    auto low = unsettled_.empty() ? UINT64_MAX : *unsettled_.begin();
+    auto split = std::lower_bound(acks_.begin(), acks_.end(), low);
+    int rc = AMQP_STATUS_OK;
+    if (split != acks_.begin())
+      rc = amqp_basic_ack(conn_.get(), consume_ch, *(split - 1),
+                          split - acks_.begin() > 1 ? 1 : 0);
+    for (auto i = split; rc == AMQP_STATUS_OK && i != acks_.end(); ++i)
+      rc = amqp_basic_ack(conn_.get(), consume_ch, *i, 0);
+    acks_.clear();
+    if (rc != AMQP_STATUS_OK)
+      connection_lost(std::string{"ack: "} + amqp_error_string2(rc));
   }
 
   // Reads what the broker sent; waits up to `timeout_ms` for the socket or a
@@ -1146,6 +1177,7 @@ private:
                      + std::to_string(gen_.load()) + "." + std::to_string(dtag);
     merge_properties(p, r.raw.bytes);
     r.box = std::move(box);
+    unsettled_.insert(dtag);
     incoming_.push_back(std::move(r));
   }
 
@@ -1283,6 +1315,7 @@ private:
       if (!conn_ || gen != gen_)
         return;
       int rc = AMQP_STATUS_OK;
+      unsettled_.erase(dtag);
       if (err) {
         spdlog::warn("amqp: the retry copy was not confirmed ({}); the "
                      "message is redelivered at once instead",
@@ -1376,6 +1409,8 @@ private:
                         "confirmed: "
                           + why));
     incoming_.clear();
+    unsettled_.clear();
+    acks_.clear();
     std::deque<ready_message> dropped;
     {
       std::lock_guard guard{mtx_};
@@ -1445,6 +1480,8 @@ private:
   uint64_t next_seq_ = 1;
   std::map<uint64_t, pending_confirm> pending_;
   std::vector<ready_message> incoming_;
+  std::set<uint64_t> unsettled_; // delivery tags without a terminal action
+  std::vector<uint64_t> acks_;   // acks of the current command batch
   std::vector<std::string> bindings_;
   bool consuming_ = false;
 

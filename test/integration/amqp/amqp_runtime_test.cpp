@@ -294,6 +294,30 @@ TEST_F(amqp_runtime, envelope_headers_travel_as_amqp_properties) {
   EXPECT_FALSE((*c)->close());
 }
 
+TEST_F(amqp_runtime, an_idle_connection_stays_up_on_heartbeats) {
+  // heartbeat=1s: the broker closes a connection silent for two of them, so
+  // a consumer that only waits must still send heartbeats.
+  auto c = make_transport(url("&heartbeat=1s"), env());
+  ASSERT_TRUE(c) << render(c.error());
+  ASSERT_FALSE((*c)->subscribe({"idle.*"}));
+  auto until = std::chrono::steady_clock::now() + 4s;
+  bool always_up = true;
+  while (std::chrono::steady_clock::now() < until) {
+    std::vector<raw_message> out;
+    EXPECT_FALSE((*c)->poll(16, out));
+    EXPECT_TRUE(out.empty());
+    always_up = always_up && (*c)->connected();
+    std::this_thread::sleep_for(50ms);
+  }
+  EXPECT_TRUE(always_up) << "the connection dropped while idle";
+  ASSERT_FALSE((*c)->publish(make_env("idle.done", "i-1", "", 1)));
+  auto got = poll_until(**c, 1, 5s);
+  ASSERT_EQ(got.size(), 1u);
+  EXPECT_EQ(got.front().delivery_count, 1u) << "no reconnect redelivered it";
+  ASSERT_FALSE((*c)->ack(got.front().tag));
+  EXPECT_FALSE((*c)->close());
+}
+
 // -- issue 5, test 4: a poison message ------------------------------------------
 
 TEST_F(amqp_runtime,

@@ -33,10 +33,11 @@ namespace evmesh {
 ///   list every `discover` interval; topics ending in `.dlq` or `.retry` are
 ///   never consumed by a pattern.
 /// - `ledger`: a SQLite file of attempt counts per (group, topic, partition,
-///   offset), incremented when `poll` hands a message out. With it,
+///   offset), incremented when `poll` hands a message out, and of settled
+///   offsets (skipped when replayed after a crash). With it,
 ///   `raw_message::delivery_count` survives crashes and rebalances and
 ///   `capabilities().delivery_count` is true (crash_loop works); without it
-///   the count is per process.
+///   the count is per process. Counts are deliveries, not handler runs.
 /// - `connect_timeout`: how long the factory waits for the bootstrap servers'
 ///   metadata before failing with `unavailable`.
 /// - `publish_timeout`: how long `publish` and `dead_letter` wait for the

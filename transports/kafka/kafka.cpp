@@ -516,8 +516,9 @@ std::string header_of(rd_kafka_headers_t* h, const char* name) {
 // -- attempt ledger ------------------------------------------------------------
 
 // Durable attempt counts per (group, topic, partition, offset) in a SQLite
-// file: incremented when `poll` hands a message out, pruned below the
-// committed watermark.
+// file, and which of those offsets reached their terminal action (so a
+// replay after a crash skips them instead of counting them again). Rows
+// below the committed watermark are pruned.
 class attempt_ledger {
 public:
   struct position {
@@ -541,34 +542,42 @@ public:
       = "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"
         "CREATE TABLE IF NOT EXISTS kafka_attempts(grp TEXT NOT NULL,"
         " topic TEXT NOT NULL, part INTEGER NOT NULL, off INTEGER NOT NULL,"
-        " n INTEGER NOT NULL, PRIMARY KEY(grp, topic, part, off))"
-        " WITHOUT ROWID;";
+        " n INTEGER NOT NULL, done INTEGER NOT NULL DEFAULT 0,"
+        " PRIMARY KEY(grp, topic, part, off)) WITHOUT ROWID;";
     if (sqlite3_exec(raw, setup, nullptr, nullptr, nullptr) != SQLITE_OK)
       return l->fail("cannot prepare the attempt ledger '" + path + "'");
-    if (sqlite3_prepare_v2(
-          raw,
-          "INSERT INTO kafka_attempts(grp, topic, part, off, n)"
-          " VALUES(?1, ?2, ?3, ?4, 1) ON CONFLICT(grp, topic, part, off)"
-          " DO UPDATE SET n = n + 1 RETURNING n",
-          -1, &l->bump_, nullptr)
-          != SQLITE_OK
-        || sqlite3_prepare_v2(raw,
-                              "DELETE FROM kafka_attempts WHERE grp = ?1 AND "
-                              "topic = ?2 AND part = ?3 AND off < ?4",
-                              -1, &l->prune_, nullptr)
-             != SQLITE_OK)
+    const char* where = " WHERE grp = ?1 AND topic = ?2 AND part = ?3";
+    auto prep = [&](std::string sql, sqlite3_stmt** out) {
+      return sqlite3_prepare_v2(raw, sql.c_str(), -1, out, nullptr)
+             == SQLITE_OK;
+    };
+    if (!prep("INSERT INTO kafka_attempts(grp, topic, part, off, n)"
+              " VALUES(?1, ?2, ?3, ?4, 1) ON CONFLICT(grp, topic, part, off)"
+              " DO UPDATE SET n = n + 1 RETURNING n",
+              &l->bump_)
+        || !prep(std::string{"SELECT n, done FROM kafka_attempts"} + where
+                   + " AND off = ?4",
+                 &l->get_)
+        || !prep("INSERT INTO kafka_attempts(grp, topic, part, off, n, done)"
+                 " VALUES(?1, ?2, ?3, ?4, 0, 1) ON CONFLICT(grp, topic, part,"
+                 " off) DO UPDATE SET done = 1",
+                 &l->done_)
+        || !prep(std::string{"DELETE FROM kafka_attempts"} + where
+                   + " AND off < ?4",
+                 &l->prune_))
       return l->fail("cannot prepare the attempt ledger '" + path + "'");
     l->path_ = path;
     return l;
   }
 
   ~attempt_ledger() {
-    sqlite3_finalize(bump_);
-    sqlite3_finalize(prune_);
+    for (auto* x : {bump_, get_, done_, prune_})
+      sqlite3_finalize(x);
     sqlite3_close(db_);
   }
 
-  /// Increments the counts of `xs` in one transaction; returns them.
+  /// Counts an attempt of each of `xs` in one transaction; returns the
+  /// counts.
   caf::expected<std::vector<uint32_t>> bump(const std::vector<position>& xs) {
     std::lock_guard guard{mtx_};
     std::vector<uint32_t> result;
@@ -577,11 +586,7 @@ public:
         != SQLITE_OK)
       return error("cannot begin a transaction");
     for (auto& x : xs) {
-      sqlite3_reset(bump_);
-      sqlite3_bind_text(bump_, 1, group_.c_str(), -1, SQLITE_STATIC);
-      sqlite3_bind_text(bump_, 2, x.topic.c_str(), -1, SQLITE_STATIC);
-      sqlite3_bind_int(bump_, 3, x.partition);
-      sqlite3_bind_int64(bump_, 4, x.offset);
+      bind(bump_, x.topic, x.partition, x.offset);
       if (sqlite3_step(bump_) != SQLITE_ROW) {
         auto err = error("cannot count an attempt");
         sqlite3_reset(bump_);
@@ -589,9 +594,8 @@ public:
         return err;
       }
       result.push_back(static_cast<uint32_t>(sqlite3_column_int64(bump_, 0)));
-      sqlite3_step(bump_); // finishes the RETURNING statement
+      sqlite3_reset(bump_);
     }
-    sqlite3_reset(bump_);
     if (sqlite3_exec(db_, "COMMIT", nullptr, nullptr, nullptr) != SQLITE_OK) {
       auto err = error("cannot commit attempt counts");
       sqlite3_exec(db_, "ROLLBACK", nullptr, nullptr, nullptr);
@@ -600,14 +604,38 @@ public:
     return result;
   }
 
-  /// Forgets the counts of offsets below `offset` (committed).
+  /// Records that `xs` reached their terminal action.
+  void mark_done(const std::vector<position>& xs) {
+    if (xs.empty())
+      return;
+    std::lock_guard guard{mtx_};
+    sqlite3_exec(db_, "BEGIN IMMEDIATE", nullptr, nullptr, nullptr);
+    for (auto& x : xs) {
+      bind(done_, x.topic, x.partition, x.offset);
+      if (sqlite3_step(done_) != SQLITE_DONE)
+        spdlog::warn("kafka: {}", render(error("cannot record a settle")));
+      sqlite3_reset(done_);
+    }
+    if (sqlite3_exec(db_, "COMMIT", nullptr, nullptr, nullptr) != SQLITE_OK) {
+      spdlog::warn("kafka: {}", render(error("cannot record settles")));
+      sqlite3_exec(db_, "ROLLBACK", nullptr, nullptr, nullptr);
+    }
+  }
+
+  /// Whether the offset reached its terminal action (in any process).
+  bool done(const std::string& topic, int32_t partition, int64_t offset) {
+    std::lock_guard guard{mtx_};
+    bind(get_, topic, partition, offset);
+    auto result = sqlite3_step(get_) == SQLITE_ROW
+                  && sqlite3_column_int64(get_, 1) != 0;
+    sqlite3_reset(get_);
+    return result;
+  }
+
+  /// Forgets the rows of offsets below `offset` (committed).
   void prune(const std::string& topic, int32_t partition, int64_t offset) {
     std::lock_guard guard{mtx_};
-    sqlite3_reset(prune_);
-    sqlite3_bind_text(prune_, 1, group_.c_str(), -1, SQLITE_STATIC);
-    sqlite3_bind_text(prune_, 2, topic.c_str(), -1, SQLITE_TRANSIENT);
-    sqlite3_bind_int(prune_, 3, partition);
-    sqlite3_bind_int64(prune_, 4, offset);
+    bind(prune_, topic, partition, offset);
     if (sqlite3_step(prune_) != SQLITE_DONE)
       spdlog::warn("kafka: {}", render(error("cannot prune the ledger")));
     sqlite3_reset(prune_);
@@ -616,6 +644,14 @@ public:
 private:
   attempt_ledger(sqlite3* db, std::string group)
     : db_(db), group_(std::move(group)) {
+  }
+
+  void bind(sqlite3_stmt* st, const std::string& topic, int32_t partition,
+            int64_t offset) {
+    sqlite3_bind_text(st, 1, group_.c_str(), -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 2, topic.c_str(), -1, SQLITE_TRANSIENT);
+    sqlite3_bind_int(st, 3, partition);
+    sqlite3_bind_int64(st, 4, offset);
   }
 
   caf::error fail(std::string what) {
@@ -634,6 +670,8 @@ private:
   std::mutex mtx_;
   sqlite3* db_;
   sqlite3_stmt* bump_ = nullptr;
+  sqlite3_stmt* get_ = nullptr;
+  sqlite3_stmt* done_ = nullptr;
   sqlite3_stmt* prune_ = nullptr;
   std::string group_;
   std::string path_;
@@ -868,7 +906,7 @@ public:
   }
 
   caf::error ack(uint64_t tag) override {
-    std::lock_guard guard{mtx_};
+    std::unique_lock lock{mtx_};
     auto i = unacked_.find(tag);
     if (i == unacked_.end())
       return not_ours("ack", tag);
@@ -876,6 +914,8 @@ public:
     unacked_.erase(i);
     mark(*e, tag);
     settled_.notify_all();
+    lock.unlock();
+    record_settled();
     return {};
   }
 
@@ -933,12 +973,15 @@ public:
                           + " was not confirmed by '" + dlq
                           + "' (the original stays uncommitted): "
                           + render(err));
-    std::lock_guard guard{mtx_};
-    // Confirmed: the original's offset may now pass the watermark.
-    if (unacked_.count(tag) != 0) {
-      e->dead_lettered = true;
-      mark(*e, tag);
+    {
+      std::lock_guard guard{mtx_};
+      // Confirmed: the original's offset may now pass the watermark.
+      if (unacked_.count(tag) != 0) {
+        e->dead_lettered = true;
+        mark(*e, tag);
+      }
     }
+    record_settled();
     return {};
   }
 
@@ -1007,6 +1050,8 @@ private:
 
   // Records the terminal action of `e` (delivered as `tag`). Requires mtx_.
   void mark(const entry& e, uint64_t tag) {
+    if (ledger_)
+      done_pending_.push_back({e.topic, e.partition, e.offset});
     auto& p = parts_[tp_key{e.topic, e.partition}];
     auto o = p.offsets.find(e.offset);
     if (o != p.offsets.end() && o->second.tag == tag)
@@ -1014,6 +1059,19 @@ private:
     else if (o == p.offsets.end() && e.offset >= p.low && p.assigned
              && p.gen == e.gen)
       p.offsets[e.offset] = offset_info{offset_state::terminal, 0};
+  }
+
+  // Writes the settled offsets to the ledger right away: a crash just after
+  // an ack must not count the message again when it is replayed.
+  void record_settled() {
+    if (!ledger_)
+      return;
+    std::vector<attempt_ledger::position> settled;
+    {
+      std::lock_guard guard{mtx_};
+      settled.swap(done_pending_);
+    }
+    ledger_->mark_done(settled);
   }
 
   void count_attempts(const std::vector<attempt_ledger::position>& positions,
@@ -1230,7 +1288,7 @@ private:
   }
 
   // Takes one fetched record. Requires mtx_. Returns whether it was queued.
-  bool take(const rd_kafka_message_t* m) {
+  bool take(const rd_kafka_message_t* m, bool done) {
     auto topic = std::string{rd_kafka_topic_name(m->rkt)};
     auto& p = parts_[tp_key{topic, m->partition}];
     if (!p.assigned)
@@ -1252,6 +1310,12 @@ private:
     if (off < p.end)
       return false; // terminal here
     p.end = off + 1;
+    if (done) {
+      // Settled before a crash or rebalance, not yet committed: the ledger
+      // remembers it.
+      p.offsets[off] = offset_info{offset_state::terminal, 0};
+      return false;
+    }
     auto e = std::make_shared<entry>();
     e->topic = std::move(topic);
     e->partition = m->partition;
@@ -1380,10 +1444,14 @@ private:
       }
       if (now >= next_commit) {
         tplist_ptr list;
+        std::vector<attempt_ledger::position> settled;
         {
           std::lock_guard guard{mtx_};
           list = commit_list();
+          settled.swap(done_pending_);
         }
+        if (ledger_)
+          ledger_->mark_done(settled);
         commit(std::move(list), false);
         next_commit = now + settings_.commit_interval;
       }
@@ -1393,8 +1461,11 @@ private:
       while (m != nullptr) {
         if (m->err == RD_KAFKA_RESP_ERR_NO_ERROR) {
           health_->connected = true;
+          auto done = ledger_
+                      && ledger_->done(rd_kafka_topic_name(m->rkt),
+                                       m->partition, m->offset);
           std::lock_guard guard{mtx_};
-          take(m);
+          take(m, done);
         } else if (m->err != RD_KAFKA_RESP_ERR__PARTITION_EOF) {
           spdlog::warn("kafka: group '{}': {}", settings_.group,
                        rd_kafka_message_errstr(m));
@@ -1420,10 +1491,14 @@ private:
     // Final commit of what is terminal; unsettled messages stay uncommitted
     // and go to the group's next owner.
     tplist_ptr list;
+    std::vector<attempt_ledger::position> settled;
     {
       std::lock_guard guard{mtx_};
       list = commit_list();
+      settled.swap(done_pending_);
     }
+    if (ledger_)
+      ledger_->mark_done(settled);
     commit(std::move(list), true);
     rd_kafka_consumer_close(consumer_);
     rd_kafka_destroy(consumer_);
@@ -1450,6 +1525,8 @@ private:
   std::map<uint64_t, entry_ptr> ready_; // by fetch order
   std::multimap<clock_type::time_point, entry_ptr> delayed_;
   std::unordered_map<uint64_t, entry_ptr> unacked_;
+  // With a ledger: settled offsets not yet recorded in it.
+  std::vector<attempt_ledger::position> done_pending_;
   uint64_t next_seq_ = 1;
   bool waiting_ = false;
   bool paused_ = false;

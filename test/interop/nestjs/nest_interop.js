@@ -33,7 +33,8 @@ async function emit() {
   });
   await client.connect();
   for (let i = 0; i < count; ++i) {
-    const record = new RmqRecordBuilder({ order_id: `o-${i}`, quantity: i })
+    const data = { order_id: `o-${i}`, sku: 'SKU-MUG', quantity: 1 + (i % 3) };
+    const record = new RmqRecordBuilder(data)
       .setOptions({
         messageId: `nest-${i}`,
         headers: { traceparent, region: 'eu' },

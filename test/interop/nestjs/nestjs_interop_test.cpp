@@ -29,6 +29,8 @@
 #include <thread>
 #include <vector>
 
+#include <amqp.h>
+#include <amqp_tcp_socket.h>
 #include <boost/json.hpp>
 #include <gtest/gtest.h>
 
@@ -68,6 +70,100 @@ std::string read_file(const std::string& path) {
   std::ifstream in{path};
   return {std::istreambuf_iterator<char>{in}, {}};
 }
+
+// Messages ready (not delivered) in `queue`, by a passive declare; -1 when
+// the broker does not answer.
+int64_t ready_messages(uint16_t port, const std::string& queue) {
+  auto* c = amqp_new_connection();
+  auto* sock = amqp_tcp_socket_new(c);
+  int64_t result = -1;
+  if (sock != nullptr && amqp_socket_open(sock, "127.0.0.1", port) == 0
+      && amqp_login(c, "/", 0, 131072, 0, AMQP_SASL_METHOD_PLAIN, "guest",
+                    "guest")
+             .reply_type
+           == AMQP_RESPONSE_NORMAL
+      && amqp_channel_open(c, 1) != nullptr) {
+    auto* ok = amqp_queue_declare(c, 1, amqp_cstring_bytes(queue.c_str()), 1, 0,
+                                  0, 0, amqp_empty_table);
+    if (ok != nullptr)
+      result = ok->message_count;
+    amqp_connection_close(c, AMQP_REPLY_SUCCESS);
+  }
+  amqp_destroy_connection(c);
+  return result;
+}
+
+// A child process running `args`; SIGKILLed and reaped by the destructor,
+// killed by the kernel if the test binary dies.
+class child_process {
+public:
+  child_process(std::vector<std::string> args, std::string log)
+    : log_(std::move(log)) {
+    std::vector<char*> argv;
+    for (auto& a : args)
+      argv.push_back(a.data());
+    argv.push_back(nullptr);
+    auto parent = getpid();
+    pid_ = fork();
+    if (pid_ < 0)
+      throw std::runtime_error("fork failed");
+    if (pid_ == 0) {
+      prctl(PR_SET_PDEATHSIG, SIGKILL);
+      if (getppid() != parent)
+        _exit(1);
+      int fd = open(log_.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
+      if (fd >= 0) {
+        dup2(fd, 1);
+        dup2(fd, 2);
+      }
+      execvp(argv[0], argv.data());
+      _exit(127);
+    }
+  }
+
+  child_process(const child_process&) = delete;
+  child_process& operator=(const child_process&) = delete;
+
+  ~child_process() {
+    if (pid_ > 0) {
+      kill(pid_, SIGKILL);
+      waitpid(pid_, &status_, 0);
+    }
+  }
+
+  void signal(int sig) {
+    if (pid_ > 0)
+      kill(pid_, sig);
+  }
+
+  /// Waits up to `limit` for the exit; returns the exit code (-1: still
+  /// running or killed by a signal).
+  int wait(std::chrono::milliseconds limit) {
+    auto exited = wait_for(
+      [&] {
+        if (pid_ <= 0)
+          return true;
+        if (waitpid(pid_, &status_, WNOHANG) == pid_) {
+          pid_ = -1;
+          return true;
+        }
+        return false;
+      },
+      limit);
+    if (!exited || !WIFEXITED(status_))
+      return -1;
+    return WEXITSTATUS(status_);
+  }
+
+  std::string log() const {
+    return read_file(log_);
+  }
+
+private:
+  std::string log_;
+  pid_t pid_ = -1;
+  int status_ = 0;
+};
 
 // One `node nest_interop.js ...` child; SIGKILLed and reaped by the
 // destructor, killed by the kernel if the test binary dies.
@@ -247,13 +343,53 @@ TEST_F(nestjs_interop, a_nestjs_client_emit_is_handled_by_evmesh) {
     EXPECT_EQ(e.format, wire_format::nestjs);
     ASSERT_EQ(e.order_id.rfind("o-", 0), 0u) << "data -> payload";
     auto i = std::stoi(e.order_id.substr(2));
-    EXPECT_EQ(e.quantity, i);
+    EXPECT_EQ(e.quantity, 1 + i % 3);
     EXPECT_EQ(e.id, "nest-" + std::to_string(i)) << "message_id -> id";
     EXPECT_EQ(e.traceparent, nest_traceparent) << "traceparent header";
     EXPECT_EQ(e.region, "eu") << "AMQP headers -> envelope headers";
     orders.insert(e.order_id);
   }
   EXPECT_EQ(orders.size(), size_t{count}) << "every event exactly once";
+}
+
+TEST_F(nestjs_interop, the_order_service_example_handles_nestjs_emits) {
+  auto* service = std::getenv("EVMESH_ORDER_SERVICE");
+  if (service == nullptr)
+    GTEST_SKIP() << "EVMESH_ORDER_SERVICE is not set (the order_service "
+                    "example is not built)";
+  // examples/order_service, unchanged, takes over the NestJS queue: its
+  // order.confirmed handler reserves stock, its order.* audit consumer sees
+  // every event (two handler runs per event).
+  auto url = server().url() + "?queue=orders_svc&exchange=&prefetch=1";
+  child_process svc{{service, "--transport.url", url, "--dedupe.url",
+                     "memory://", "--dead_letter.url",
+                     "sqlite://" + dir_.path + "/dlq.db", "--runtime.log_level",
+                     "warn"},
+                    dir_.path + "/order_service.log"};
+  ASSERT_TRUE(wait_for(
+    [&] {
+      return svc.log().find("order_service consuming from")
+             != std::string::npos;
+    },
+    60s))
+    << svc.log();
+  constexpr int count = 20;
+  node_process nest{{"emit", server().url(), "orders_svc",
+                     std::to_string(count)},
+                    dir_.path + "/emit.log"};
+  EXPECT_EQ(nest.wait(90s), 0) << "the NestJS client failed:\n" << nest.log();
+  // prefetch=1: once nothing is ready in the queue, the service holds at
+  // most the last event; it finishes it on SIGTERM (graceful drain).
+  EXPECT_TRUE(wait_for(
+    [&] { return ready_messages(server().port(), "orders_svc") == 0; }, 60s));
+  std::this_thread::sleep_for(1s);
+  svc.signal(SIGTERM);
+  EXPECT_EQ(svc.wait(30s), 0) << svc.log();
+  auto log = svc.log();
+  EXPECT_NE(log.find("received 20, handled 40, duplicates 0, retried 0, "
+                     "dead-lettered 0"),
+            std::string::npos)
+    << log;
 }
 
 TEST_F(nestjs_interop, evmesh_events_reach_a_nestjs_event_pattern_handler) {

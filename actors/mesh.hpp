@@ -47,6 +47,8 @@ struct stats_block {
   std::atomic<uint64_t> in_flight{0};
   std::atomic<uint64_t> max_concurrent{0};
   std::atomic<uint64_t> paused{0};
+  /// Attempts re-dispatched because the cluster node running them was lost.
+  std::atomic<uint64_t> redispatched{0};
   std::atomic<uint8_t> health{static_cast<uint8_t>(health_status::starting)};
   std::atomic<bool> stopped{false};
 
@@ -83,6 +85,10 @@ struct runtime_env {
   std::shared_ptr<stats_block> stats;
   std::string node;
   bool detach_io = true;
+  /// Whether this node consumes from the transport (`cluster.role` ingress).
+  bool ingress = true;
+  /// The cluster node actor (DESIGN.md §3 "node"); invalid without [cluster].
+  caf::actor cluster;
 };
 
 using runtime_env_ptr = std::shared_ptr<const runtime_env>;
@@ -196,6 +202,13 @@ using stop_atom = caf::atom_constant<caf::atom("stop")>;
 using write_atom = caf::atom_constant<caf::atom("write")>;
 using resume_atom = caf::atom_constant<caf::atom("resume")>;
 using stopped_atom = caf::atom_constant<caf::atom("stopped")>;
+/// Cluster node -> topic supervisor: `(node_up_atom, node, lane proxy,
+/// lanes)` adds a peer's lanes; `(node_down_atom, node, lane proxy)` removes
+/// them and re-dispatches their in-flight attempts.
+using node_up_atom = caf::atom_constant<caf::atom("node_up")>;
+using node_down_atom = caf::atom_constant<caf::atom("node_down")>;
+/// Mesh supervisor -> cluster node: `(join_sup_atom, sub, supervisor)`.
+using join_sup_atom = caf::atom_constant<caf::atom("sup_join")>;
 
 // -- plain functions (unit-tested) ---------------------------------------------
 
@@ -230,6 +243,12 @@ std::string mask_fields(std::string_view original,
 /// only after the record is durable. With no store it answers 0 at once.
 caf::behavior dead_letter_writer(caf::event_based_actor* self,
                                  runtime_env_ptr env);
+
+/// Spawns a handler lane for subscription `sub`, linked to `parent`: an
+/// actor lane for actor handlers, a function lane otherwise; on its own
+/// thread when the handler blocks or the idempotency store is remote.
+caf::actor spawn_handler_lane(caf::event_based_actor* parent,
+                              const runtime_env_ptr& env, uint32_t sub);
 
 /// Runs attempts of a function handler: `(run_atom, attempt_msg) ->
 /// attempt_result`.

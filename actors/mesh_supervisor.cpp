@@ -33,9 +33,13 @@ caf::behavior mesh_supervisor(caf::event_based_actor* self,
                                         st->dead_letter);
     st->supervisors.push_back(sup);
     self->send(st->source, i, sup);
+    if (env->cluster)
+      self->send(env->cluster, join_sup_atom::value, i, sup);
   }
   self->send(st->source, caf::actor_cast<caf::actor>(self), stop_atom::value);
-  self->send(st->source, poll_atom::value);
+  // A cluster worker never consumes: it only runs its peers' attempts.
+  if (env->ingress)
+    self->send(st->source, poll_atom::value);
   env->stats->health.store(static_cast<uint8_t>(health_status::healthy));
   // A child that dies abnormally takes the mesh down with it (links): the
   // process must never look healthy while a consumer is dead.
@@ -47,6 +51,8 @@ caf::behavior mesh_supervisor(caf::event_based_actor* self,
                      caf::to_string(msg.reason));
     env->stats->health.store(static_cast<uint8_t>(health_status::stopped));
     env->stats->stopped.store(true);
+    if (env->cluster)
+      self->send_exit(env->cluster, msg.reason);
     self->quit(msg.reason);
   });
   return {
@@ -71,6 +77,8 @@ caf::behavior mesh_supervisor(caf::event_based_actor* self,
         self->send_exit(sup, caf::exit_reason::user_shutdown);
       self->send_exit(st->source, caf::exit_reason::user_shutdown);
       self->send_exit(st->dead_letter, caf::exit_reason::user_shutdown);
+      if (env->cluster)
+        self->send_exit(env->cluster, caf::exit_reason::user_shutdown);
       env->stats->health.store(static_cast<uint8_t>(health_status::stopped));
       env->stats->stopped.store(true);
       self->quit();

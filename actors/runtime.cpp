@@ -1,5 +1,6 @@
 #include "evmesh/runtime.hpp"
 
+#include <functional>
 #include <thread>
 
 #include <caf/all.hpp>
@@ -22,6 +23,9 @@
 #endif
 
 #include "actors/mesh.hpp"
+#ifdef EVMESH_HAS_CLUSTER
+#  include "cluster/node.hpp"
+#endif
 
 namespace evmesh {
 
@@ -54,6 +58,8 @@ struct consumer_runtime::impl {
   std::shared_ptr<internal::stats_block> stats
     = std::make_shared<internal::stats_block>();
   caf::actor mesh;
+  /// The cluster's status board (DESIGN.md §8), when [cluster] is enabled.
+  std::function<cluster_status()> cluster_snapshot;
   bool started = false;
   bool stop_requested = false;
 };
@@ -78,6 +84,8 @@ consumer_runtime::~consumer_runtime() {
       request_stop(impl_->config.stop_timeout);
   }
   impl_->mesh = nullptr;
+  if (impl_->env)
+    impl_->env->cluster = nullptr; // the node actor holds the env
   impl_->own_sys.reset();
 }
 
@@ -128,6 +136,18 @@ caf::error consumer_runtime::start() {
   env->stats = d.stats;
   env->detach_io = d.detach_io;
   env->node = d.config.node_name.empty() ? host_name() : d.config.node_name;
+  env->ingress = d.config.cluster_role != "worker";
+  if (d.config.cluster_enabled()) {
+#ifdef EVMESH_HAS_CLUSTER
+    if (auto err = internal::check_cluster_config(d.config))
+      return err;
+#else
+    return make_error(errc::invalid_config,
+                      "[cluster] is configured but this build of evmesh has "
+                      "no cluster support (it needs libcaf-openssl and "
+                      "libssl-dev at build time)");
+#endif
+  }
   // 1. Freeze the dispatch table.
   auto handlers = d.handlers ? *d.handlers : registered_handlers();
   auto table = freeze_handlers(handlers, d.config.defaults);
@@ -183,6 +203,10 @@ caf::error consumer_runtime::start() {
   if (d.sys == nullptr) {
     d.own_cfg = std::make_unique<caf::actor_system_config>();
     d.own_cfg->set("logger.verbosity", caf::atom("quiet"));
+#ifdef EVMESH_HAS_CLUSTER
+    if (d.config.cluster_enabled())
+      internal::prepare_cluster_system(*d.own_cfg, d.config);
+#endif
     d.own_sys = std::make_unique<caf::actor_system>(*d.own_cfg);
     d.sys = d.own_sys.get();
   }
@@ -207,9 +231,27 @@ caf::error consumer_runtime::start() {
   std::vector<std::string> patterns;
   for (auto& sub : env->table.subscriptions)
     patterns.emplace_back(sub.handler->pattern);
-  if (auto err = env->transport->subscribe(patterns))
-    return err;
+  // A cluster worker publishes through the transport but never consumes.
+  if (env->ingress)
+    if (auto err = env->transport->subscribe(patterns))
+      return err;
   env->out = std::make_shared<internal::transport_publisher>(env->transport);
+#ifdef EVMESH_HAS_CLUSTER
+  if (d.config.cluster_enabled()) {
+    auto node = internal::start_cluster_node(*d.sys, env,
+                                             &internal::spawn_handler_lane);
+    if (!node)
+      return node.error();
+    env->cluster = node->actor;
+    auto board = node->board;
+    auto stats = d.stats;
+    d.cluster_snapshot = [board, stats] {
+      auto result = board->snapshot();
+      result.redispatched = stats->redispatched.load();
+      return result;
+    };
+  }
+#endif
   d.env = env;
   // 4. The actor tree.
   d.mesh = d.sys->spawn(internal::mesh_supervisor,
@@ -293,6 +335,14 @@ caf::error consumer_runtime::publish(envelope env) {
 const dispatch_table& consumer_runtime::table() const {
   static const dispatch_table empty;
   return impl_->env ? impl_->env->table : empty;
+}
+
+cluster_status consumer_runtime::cluster() const {
+  if (impl_->cluster_snapshot)
+    return impl_->cluster_snapshot();
+  cluster_status result;
+  result.node = impl_->env ? impl_->env->node : impl_->config.node_name;
+  return result;
 }
 
 const runtime_config& consumer_runtime::config() const noexcept {

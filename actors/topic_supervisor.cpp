@@ -39,6 +39,12 @@ struct lane_slot {
   caf::actor handle;
   uint64_t running = 0; // delivery id, 0 = idle
   time_point started;
+  /// A peer's lane (handle = the cluster node's lane proxy for that peer).
+  bool remote = false;
+  /// A remote lane whose node was lost; reused when a node joins.
+  bool gone = false;
+  /// The peer's node name; empty for local lanes.
+  std::string node;
 };
 
 struct key_queue {
@@ -64,6 +70,8 @@ struct supervisor_state {
   bool draining = false;
   bool tick_scheduled = false;
   size_t running = 0;
+  /// Remote lanes currently usable.
+  size_t remote_slots = 0;
 };
 
 using state_ptr = std::shared_ptr<supervisor_state>;
@@ -85,21 +93,7 @@ public:
   // -- lanes -------------------------------------------------------------------
 
   caf::actor spawn_lane() {
-    auto& env = st_->env;
-    bool actor_handler = st_->sub->handler->factory != nullptr;
-    // Blocking handlers, and lanes that wait on a remote idempotency store,
-    // get their own threads: CAF's cooperative threads never block on I/O.
-    bool blocking = opts().execution == execution::blocking
-                    || (env->dedupe && env->dedupe->remote());
-    bool detach = blocking && env->detach_io;
-    if (actor_handler) {
-      return detach ? self_->spawn<caf::linked + caf::detached>(actor_lane, env,
-                                                                st_->index)
-                    : self_->spawn<caf::linked>(actor_lane, env, st_->index);
-    }
-    return detach ? self_->spawn<caf::linked + caf::detached>(function_lane,
-                                                              env, st_->index)
-                  : self_->spawn<caf::linked>(function_lane, env, st_->index);
+    return spawn_handler_lane(self_, st_->env, st_->index);
   }
 
   void start_lanes() {
@@ -252,10 +246,96 @@ public:
         crash_loop(id, *r);
         continue;
       }
-      auto lane = st_->idle.back();
-      st_->idle.pop_back();
-      run(id, *r, lane);
+      run(id, *r, pick_lane());
     }
+  }
+
+  /// Takes an idle lane of the least loaded node (running / lanes); local
+  /// lanes form the node "". Without remote lanes: the last idle one.
+  size_t pick_lane() {
+    auto& idle = st_->idle;
+    size_t best = idle.size() - 1;
+    if (st_->remote_slots > 0) {
+      std::unordered_map<std::string_view, std::pair<size_t, size_t>> load;
+      for (auto& slot : st_->lanes) {
+        if (slot.gone)
+          continue;
+        auto& l = load[slot.node];
+        ++l.second;
+        if (slot.running != 0)
+          ++l.first;
+      }
+      double best_score = 2.0;
+      for (size_t j = 0; j < idle.size(); ++j) {
+        auto& l = load[st_->lanes[idle[j]].node];
+        auto score = static_cast<double>(l.first)
+                     / static_cast<double>(std::max<size_t>(l.second, 1));
+        if (score < best_score) {
+          best_score = score;
+          best = j;
+        }
+      }
+    }
+    auto lane = idle[best];
+    idle.erase(idle.begin() + static_cast<ptrdiff_t>(best));
+    return lane;
+  }
+
+  // -- remote lanes (cluster) --------------------------------------------------
+
+  void node_up(const std::string& node, const caf::actor& proxy, uint32_t n) {
+    for (uint32_t k = 0; k < n; ++k) {
+      size_t i = 0;
+      while (i < st_->lanes.size() && !st_->lanes[i].gone)
+        ++i;
+      if (i == st_->lanes.size())
+        st_->lanes.emplace_back();
+      auto& slot = st_->lanes[i];
+      slot.handle = proxy;
+      slot.running = 0;
+      slot.remote = true;
+      slot.gone = false;
+      slot.node = node;
+      st_->idle.push_back(i);
+      ++st_->remote_slots;
+    }
+    spdlog::info("{}: {} lane(s) on node '{}' added", st_->sub->name, n, node);
+    dispatch();
+  }
+
+  /// The node behind `proxy` was lost: its lanes go, and the attempts they
+  /// ran are re-dispatched at once (counted: a message that keeps killing
+  /// nodes ends as retries_exhausted). Its late answers carry stale sequence
+  /// numbers and are ignored; the keys stay held by their records.
+  void node_down(const std::string& node, const caf::actor& proxy) {
+    size_t lost = 0;
+    for (size_t i = 0; i < st_->lanes.size(); ++i) {
+      auto& slot = st_->lanes[i];
+      if (!slot.remote || slot.gone || slot.handle != proxy)
+        continue;
+      slot.gone = true;
+      slot.handle = nullptr;
+      --st_->remote_slots;
+      if (slot.running == 0) {
+        auto j = std::find(st_->idle.begin(), st_->idle.end(), i);
+        if (j != st_->idle.end())
+          st_->idle.erase(j);
+        continue;
+      }
+      auto id = slot.running;
+      slot.running = 0;
+      auto r = find(id);
+      if (r && r->state == record_state::running && r->lane == i) {
+        ++lost;
+        stats_block::inc(stats().redispatched);
+        failed_attempt(id, *r,
+                       "node '" + node + "' was lost while running the attempt",
+                       caf::timespan{0}, true);
+      }
+    }
+    spdlog::warn("{}: node '{}' lost; {} in-flight attempt(s) re-dispatched",
+                 st_->sub->name, node, lost);
+    dispatch();
   }
 
   /// A message delivered more often than it may run: an earlier consumer most
@@ -509,6 +589,25 @@ public:
     auto now = self_->clock().now();
     for (size_t i = 0; i < st_->lanes.size(); ++i) {
       auto& slot = st_->lanes[i];
+      if (slot.remote) {
+        // The remote node enforces the timeout itself and answers; only an
+        // answer lost on the way (beyond the heartbeat timeout) counts here.
+        auto grace = opts().timeout
+                     + st_->env->config.cluster_heartbeat_timeout;
+        if (slot.gone || slot.running == 0 || now - slot.started < grace)
+          continue;
+        auto id = slot.running;
+        slot.running = 0;
+        st_->idle.push_back(i);
+        if (auto r = find(id); r && r->state == record_state::running) {
+          stats_block::inc(stats().timeouts);
+          failed_attempt(id, *r,
+                         "no answer from node '" + slot.node
+                           + "' within the handler timeout",
+                         std::nullopt, true);
+        }
+        continue;
+      }
       if (slot.running == 0 || now - slot.started < opts().timeout)
         continue;
       auto id = slot.running;
@@ -596,6 +695,25 @@ private:
 
 } // namespace
 
+caf::actor spawn_handler_lane(caf::event_based_actor* parent,
+                              const runtime_env_ptr& env, uint32_t sub) {
+  auto& s = env->table.subscriptions[sub];
+  bool actor_handler = s.handler->factory != nullptr;
+  // Blocking handlers, and lanes that wait on a remote idempotency store,
+  // get their own threads: CAF's cooperative threads never block on I/O.
+  bool blocking = s.options.execution == execution::blocking
+                  || (env->dedupe && env->dedupe->remote());
+  bool detach = blocking && env->detach_io;
+  if (actor_handler) {
+    return detach
+             ? parent->spawn<caf::linked + caf::detached>(actor_lane, env, sub)
+             : parent->spawn<caf::linked>(actor_lane, env, sub);
+  }
+  return detach
+           ? parent->spawn<caf::linked + caf::detached>(function_lane, env, sub)
+           : parent->spawn<caf::linked>(function_lane, env, sub);
+}
+
 caf::behavior topic_supervisor(caf::event_based_actor* self,
                                runtime_env_ptr env, uint32_t sub,
                                caf::actor source, caf::actor dead_letter) {
@@ -627,6 +745,11 @@ caf::behavior topic_supervisor(caf::event_based_actor* self,
     [impl](resume_atom) { impl->resume(); },
     [impl](drain_atom) { impl->drain(); },
     [impl](abandon_atom) { impl->abandon(); },
+    [impl](node_up_atom, const std::string& node, const caf::actor& proxy,
+           uint32_t lanes) { impl->node_up(node, proxy, lanes); },
+    [impl](node_down_atom, const std::string& node, const caf::actor& proxy) {
+      impl->node_down(node, proxy);
+    },
   };
 }
 

@@ -9,6 +9,7 @@
 #include <caf/error.hpp>
 #include <caf/timespan.hpp>
 
+#include "evmesh/cluster.hpp"
 #include "evmesh/config.hpp"
 #include "evmesh/container.hpp"
 #include "evmesh/envelope.hpp"
@@ -121,6 +122,11 @@ public:
 
   /// Publishes `env` on the runtime's transport (stamps id and produced_at).
   caf::error publish(envelope env);
+
+  /// Cluster membership as this node sees it: peers, their lanes, attempts
+  /// in flight on each, last heartbeat (`enabled` is false without
+  /// [cluster]).
+  cluster_status cluster() const;
 
   /// The frozen dispatch table (valid after a successful start).
   const dispatch_table& table() const;

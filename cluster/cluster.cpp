@@ -1,0 +1,170 @@
+// Cluster setup (config checks, actor system modules) and the status board.
+#include <algorithm>
+#include <fstream>
+
+#include <boost/json.hpp>
+#include <caf/io/middleman.hpp>
+#include <caf/openssl/manager.hpp>
+
+#include "evmesh/error.hpp"
+
+#include "cluster/node.hpp"
+#include "cluster/wire.hpp"
+
+namespace evmesh {
+
+std::string to_json(const cluster_status& status) {
+  boost::json::object out;
+  out["enabled"] = status.enabled;
+  out["node"] = status.node;
+  out["role"] = status.role;
+  out["port"] = status.port;
+  out["tls"] = status.tls;
+  out["refused"] = status.refused;
+  out["redispatched"] = status.redispatched;
+  boost::json::array peers;
+  for (auto& p : status.peers) {
+    boost::json::object x;
+    x["name"] = p.name;
+    x["state"] = p.state;
+    x["address"] = p.address;
+    x["incarnation"] = p.incarnation;
+    x["lanes"] = p.lanes;
+    boost::json::array subs;
+    for (auto& s : p.subscriptions)
+      subs.emplace_back(s);
+    x["subscriptions"] = std::move(subs);
+    x["in_flight"] = p.in_flight;
+    x["dispatched"] = p.dispatched;
+    x["completed"] = p.completed;
+    x["last_heartbeat_ms"] = p.last_heartbeat_ms;
+    peers.emplace_back(std::move(x));
+  }
+  out["peers"] = std::move(peers);
+  return boost::json::serialize(out);
+}
+
+} // namespace evmesh
+
+namespace evmesh::internal {
+
+void cluster_board::set_self(std::string node, std::string role, uint16_t port,
+                             bool tls) {
+  std::lock_guard<std::mutex> guard{mtx_};
+  self_.enabled = true;
+  self_.node = std::move(node);
+  self_.role = std::move(role);
+  self_.port = port;
+  self_.tls = tls;
+}
+
+void cluster_board::put(peer p) {
+  std::lock_guard<std::mutex> guard{mtx_};
+  for (auto& x : peers_)
+    if (x.status.name == p.status.name) {
+      x = std::move(p);
+      return;
+    }
+  peers_.push_back(std::move(p));
+}
+
+void cluster_board::heartbeat(const std::string& name, int64_t wall_ms) {
+  std::lock_guard<std::mutex> guard{mtx_};
+  for (auto& x : peers_)
+    if (x.status.name == name)
+      x.last_heartbeat = wall_ms;
+}
+
+void cluster_board::mark_dead(const std::string& name) {
+  std::lock_guard<std::mutex> guard{mtx_};
+  for (auto& x : peers_)
+    if (x.status.name == name)
+      x.status.state = "dead";
+}
+
+void cluster_board::count_refused() {
+  std::lock_guard<std::mutex> guard{mtx_};
+  ++self_.refused;
+}
+
+void cluster_board::count_redispatched(uint64_t n) {
+  std::lock_guard<std::mutex> guard{mtx_};
+  self_.redispatched += n;
+}
+
+cluster_status cluster_board::snapshot() const {
+  std::lock_guard<std::mutex> guard{mtx_};
+  auto result = self_;
+  auto now = unix_ms();
+  for (auto& x : peers_) {
+    auto s = x.status;
+    if (x.counters) {
+      s.in_flight = x.counters->in_flight.load();
+      s.dispatched = x.counters->dispatched.load();
+      s.completed = x.counters->completed.load();
+    }
+    s.last_heartbeat_ms = x.last_heartbeat == 0 ? -1 : now - x.last_heartbeat;
+    result.peers.push_back(std::move(s));
+  }
+  std::stable_sort(result.peers.begin(), result.peers.end(),
+                   [](auto& a, auto& b) {
+                     return a.state == "alive" && b.state != "alive";
+                   });
+  return result;
+}
+
+namespace {
+
+caf::error check_pem(const std::string& key, const std::string& path,
+                     std::string_view marker) {
+  std::ifstream in{path};
+  if (!in)
+    return make_error(errc::invalid_config,
+                      key + " = '" + path
+                        + "': cannot read the file — check the path and its "
+                          "permissions");
+  std::string text{std::istreambuf_iterator<char>{in}, {}};
+  if (text.find(marker) == std::string::npos)
+    return make_error(errc::invalid_config,
+                      key + " = '" + path + "' holds no PEM block ("
+                        + std::string{marker}
+                        + "...) — pass a PEM file, not DER");
+  return {};
+}
+
+} // namespace
+
+caf::error check_cluster_config(const runtime_config& cfg) {
+  if (!cfg.cluster_enabled())
+    return {};
+  if (cfg.cluster_secret.empty())
+    return make_error(errc::invalid_config,
+                      "cluster.secret is empty: every node of a cluster must "
+                      "prove the same shared secret (>= 16 characters); set "
+                      "it in [cluster] or with --cluster.secret");
+  if (cfg.cluster_tls_ca.empty())
+    return {};
+  // CAF reads these files only at the first connection and aborts the
+  // process when they are bad: check them now.
+  if (auto err = check_pem("cluster.tls_ca", cfg.cluster_tls_ca,
+                           "-----BEGIN CERTIFICATE-----"))
+    return err;
+  if (auto err = check_pem("cluster.tls_cert", cfg.cluster_tls_cert,
+                           "-----BEGIN CERTIFICATE-----"))
+    return err;
+  return check_pem("cluster.tls_key", cfg.cluster_tls_key, "PRIVATE KEY-----");
+}
+
+void prepare_cluster_system(caf::actor_system_config& cfg,
+                            const runtime_config& rc) {
+  cfg.load<caf::io::middleman>();
+  if (!rc.cluster_tls_ca.empty()) {
+    cfg.load<caf::openssl::manager>();
+    cfg.openssl_cafile = rc.cluster_tls_ca;
+    cfg.openssl_certificate = rc.cluster_tls_cert;
+    cfg.openssl_key = rc.cluster_tls_key;
+  }
+  cfg.add_message_types<caf::id_block::evmesh_cluster>();
+}
+
+} // namespace evmesh::internal

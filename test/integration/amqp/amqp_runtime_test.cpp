@@ -275,6 +275,36 @@ TEST_F(amqp_runtime, delayed_nacks_go_through_the_retry_queue_and_count) {
   EXPECT_FALSE((*c)->close());
 }
 
+TEST_F(amqp_runtime, quorum_queues_count_redeliveries_across_consumers) {
+  // x-delivery-count survives a consumer that dies holding the message: the
+  // count a crash loop is caught by.
+  auto u = url("&queue_type=quorum");
+  auto a = make_transport(u, env());
+  ASSERT_TRUE(a) << render(a.error());
+  ASSERT_FALSE((*a)->subscribe({"quorum.*"}));
+  ASSERT_FALSE((*a)->publish(make_env("quorum.q", "q-1", "", 1)));
+  std::vector<uint32_t> counts;
+  for (int round = 0; round < 2; ++round) {
+    auto got = poll_until(**a, 1, 5s);
+    ASSERT_EQ(got.size(), 1u) << "round " << round;
+    counts.push_back(got.front().delivery_count);
+    ASSERT_FALSE((*a)->nack(got.front().tag, caf::timespan{0}));
+  }
+  auto held = poll_until(**a, 1, 5s);
+  ASSERT_EQ(held.size(), 1u);
+  counts.push_back(held.front().delivery_count);
+  EXPECT_FALSE((*a)->close()); // unacked: back to the queue
+  auto b = make_transport(u, env());
+  ASSERT_TRUE(b) << render(b.error());
+  ASSERT_FALSE((*b)->subscribe({"quorum.*"}));
+  auto again = poll_until(**b, 1, 5s);
+  ASSERT_EQ(again.size(), 1u);
+  counts.push_back(again.front().delivery_count);
+  EXPECT_EQ(counts, (std::vector<uint32_t>{1, 2, 3, 4}));
+  ASSERT_FALSE((*b)->ack(again.front().tag));
+  EXPECT_FALSE((*b)->close());
+}
+
 TEST_F(amqp_runtime, envelope_headers_travel_as_amqp_properties) {
   auto c = make_transport(url(), env());
   ASSERT_TRUE(c) << render(c.error());

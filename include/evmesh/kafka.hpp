@@ -17,12 +17,16 @@ namespace evmesh {
 ///
 /// URL:
 ///
-///     kafka://HOST[:PORT][,HOST[:PORT]...]?group=G[&topics=a,b.*]
+///     kafka://[USER:PASSWORD@]HOST[:PORT][,HOST[:PORT]...]?group=G
+///             [&topics=a,b.*]
 ///             [&ledger=PATH][&discover=5s][&connect_timeout=5s]
 ///             [&publish_timeout=10s][&revoke_wait=2s][&commit_interval=100ms]
 ///             [&max_buffered=1000][&LIBRDKAFKA.PROPERTY=VALUE...]
 ///
 /// - Hosts are the bootstrap servers (port 9092 when omitted).
+///   `USER:PASSWORD@` are SASL credentials (PLAIN over `sasl_ssl` unless the
+///   query sets `sasl.mechanisms` / `security.protocol`); error messages never
+///   show them.
 /// - `group` (required to consume, not to publish): the consumer group every
 ///   process of one service shares. Offsets are managed by the transport (a
 ///   per-partition commit watermark); auto-commit is always off.

@@ -114,9 +114,18 @@ caf::expected<kafka_settings> parse_kafka_url(std::string_view url) {
   auto authority = rest.substr(0, q);
   if (!authority.empty() && authority.back() == '/')
     authority.remove_suffix(1);
-  if (authority.find('@') != std::string_view::npos)
-    return url_error(url, "credentials go into sasl.username/sasl.password, "
-                          "not user@host");
+  // SASL credentials as user info: the runtime masks them in its logs (a
+  // sasl.password in the query would be shown).
+  std::vector<std::pair<std::string, std::string>> sasl;
+  if (auto at = authority.rfind('@'); at != std::string_view::npos) {
+    auto cred = authority.substr(0, at);
+    authority = authority.substr(at + 1);
+    auto colon = cred.find(':');
+    if (colon == std::string_view::npos || colon == 0)
+      return url_error(url, "credentials must be user:password@ (SASL)");
+    sasl.emplace_back("sasl.username", percent_decode(cred.substr(0, colon)));
+    sasl.emplace_back("sasl.password", percent_decode(cred.substr(colon + 1)));
+  }
   while (!authority.empty()) {
     auto comma = authority.find(',');
     auto host = std::string{authority.substr(0, comma)};
@@ -216,6 +225,21 @@ caf::expected<kafka_settings> parse_kafka_url(std::string_view url) {
     if (err)
       return err;
   }
+  if (!sasl.empty()) {
+    auto given = [&](std::string_view k) {
+      return std::any_of(s.props.begin(), s.props.end(),
+                         [k](auto& kv) { return kv.first == k; });
+    };
+    if (given("sasl.username") || given("sasl.password"))
+      return url_error(url, "credentials given twice (user:password@ and "
+                            "sasl.username/sasl.password)");
+    // Secure defaults for credentials; the query may say otherwise.
+    if (!given("sasl.mechanisms") && !given("sasl.mechanism"))
+      sasl.emplace_back("sasl.mechanisms", "PLAIN");
+    if (!given("security.protocol"))
+      sasl.emplace_back("security.protocol", "sasl_ssl");
+    s.props.insert(s.props.begin(), sasl.begin(), sasl.end());
+  }
   // Reject unknown librdkafka properties and bad values now, not at subscribe.
   auto* conf = rd_kafka_conf_new();
   char errstr[512];
@@ -223,7 +247,8 @@ caf::expected<kafka_settings> parse_kafka_url(std::string_view url) {
     if (rd_kafka_conf_set(conf, k.c_str(), v.c_str(), errstr, sizeof errstr)
         != RD_KAFKA_CONF_OK) {
       rd_kafka_conf_destroy(conf);
-      return url_error(url, "librdkafka property " + k + ": " + errstr);
+      return url_error(url, "librdkafka property " + k + ": "
+                              + (k == "sasl.password" ? "(invalid)" : errstr));
     }
   }
   rd_kafka_conf_destroy(conf);
@@ -283,7 +308,12 @@ caf::error set_prop(rd_kafka_conf_t* conf, const std::string& k,
   if (rd_kafka_conf_set(conf, k.c_str(), v.c_str(), errstr, sizeof errstr)
       != RD_KAFKA_CONF_OK)
     return make_error(errc::invalid_config,
-                      "kafka: property " + k + "=" + v + ": " + errstr);
+                      "kafka: property " + k + "="
+                        + (k.find("password") != std::string::npos
+                               || k.find("secret") != std::string::npos
+                             ? "***"
+                             : v)
+                        + ": " + errstr);
   return {};
 }
 

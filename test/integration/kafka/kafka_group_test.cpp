@@ -226,6 +226,16 @@ TEST(kafka_start, unreachable_bootstrap_servers_fail_fast_and_clearly) {
   EXPECT_NE(msg.find("127.0.0.1:1"), std::string::npos) << msg;
   EXPECT_NE(msg.find("is a broker running"), std::string::npos) << msg;
   EXPECT_LT(took, 5s) << "the metadata request was not bounded";
+  // SASL credentials go into the user info (masked by the runtime's log)
+  // and never into error messages.
+  auto secret = evmesh::make_transport(
+    "kafka://svc:s3cr3t%40x@127.0.0.1:1?group=g&connect_timeout=500ms"
+    "&security.protocol=sasl_plaintext",
+    env("n"));
+  ASSERT_FALSE(secret);
+  EXPECT_EQ(code_of(secret.error()), evmesh::errc::unavailable);
+  EXPECT_EQ(text_of(secret.error()).find("s3cr3t"), std::string::npos)
+    << text_of(secret.error());
 }
 
 TEST(kafka_start, bad_urls_name_the_problem) {
@@ -242,7 +252,8 @@ TEST(kafka_start, bad_urls_name_the_problem) {
     {"kafka://h:1?group=g&discover=soon", "not a duration"},
     {"kafka://h:1?group=g&topics=a.>.b", "topic pattern"},
     {"kafka://h:1?group=g&colour=blue", "unknown parameter 'colour'"},
-    {"kafka://user:pw@h:1?group=g", "sasl.username"},
+    {"kafka://user@h:1?group=g", "user:password@"},
+    {"kafka://user:pw@h:1?group=g&sasl.username=x", "credentials given twice"},
   };
   for (auto& r : rows) {
     auto t = evmesh::make_transport(r.url, env("n"));

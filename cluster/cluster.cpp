@@ -78,8 +78,12 @@ void cluster_board::heartbeat(const std::string& name, int64_t wall_ms) {
 void cluster_board::mark_dead(const std::string& name) {
   std::lock_guard<std::mutex> guard{mtx_};
   for (auto& x : peers_)
-    if (x.status.name == name)
+    if (x.status.name == name) {
       x.status.state = "dead";
+      // Its unanswered attempts were re-dispatched; none is in flight there.
+      if (x.counters)
+        x.counters->in_flight.store(0);
+    }
 }
 
 void cluster_board::count_refused() {

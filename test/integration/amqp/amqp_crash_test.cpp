@@ -64,10 +64,14 @@ TEST(amqp_crash, kill_9_of_consumer_processes_mid_stream_loses_nothing) {
   auto url = server.url() + "?queue=work-svc&prefetch=128";
   constexpr int count = 3000;
   {
-    // The first consumer declares and binds the queue; then the stream.
+    // A first consumer declares and binds the queue and leaves before the
+    // stream is published (it would hold and return some of it).
     auto setup = make_transport(url, {{}, "setup"});
     ASSERT_TRUE(setup) << render(setup.error());
     ASSERT_FALSE((*setup)->subscribe({"work.*"}));
+    ASSERT_FALSE((*setup)->close());
+    setup = make_transport(server.url(), {{}, "producer"});
+    ASSERT_TRUE(setup) << render(setup.error());
     for (int i = 0; i < count; ++i) {
       envelope e;
       e.topic = "work.item";
@@ -139,6 +143,69 @@ TEST(amqp_crash, kill_9_of_consumer_processes_mid_stream_loses_nothing) {
             << " handled, " << dead.size() << " dead-lettered, "
             << total - ids.size()
             << " duplicate handles (redeliveries after SIGKILL)\n";
+}
+
+TEST(amqp_crash,
+     a_message_that_kills_every_consumer_is_dead_lettered_as_crash_loop) {
+  if (!rabbitmq_server::available())
+    GTEST_SKIP() << "rabbitmq-server is not installed (scripts/install-deps.sh "
+                    "--with-servers)";
+  register_amqp_transport();
+  rabbitmq_server server;
+  temp_dir dir;
+  // A quorum queue counts deliveries across process deaths; prefetch=1 keeps
+  // the other messages out of the crashing processes' hands.
+  auto url = server.url() + "?queue=loop-svc&queue_type=quorum&prefetch=1";
+  constexpr int max_attempts = 3;
+  constexpr int others = 20;
+  {
+    auto setup = make_transport(url, {{}, "setup"});
+    ASSERT_TRUE(setup) << render(setup.error());
+    ASSERT_FALSE((*setup)->subscribe({"work.*"}));
+    // Closed before publishing: a delivery to it would count.
+    ASSERT_FALSE((*setup)->close());
+    setup = make_transport(server.url(), {{}, "producer"});
+    ASSERT_TRUE(setup) << render(setup.error());
+    envelope crash;
+    crash.topic = "work.item";
+    crash.id = "crash";
+    crash.payload = boost::json::object{{"n", -1}};
+    ASSERT_FALSE((*setup)->publish(crash));
+    for (int i = 0; i < others; ++i) {
+      envelope e;
+      e.topic = "work.item";
+      e.id = "ok-" + std::to_string(i);
+      e.payload = boost::json::object{{"n", i}};
+      ASSERT_FALSE((*setup)->publish(e));
+    }
+    ASSERT_FALSE((*setup)->close());
+  }
+  // max_attempts executions, each one killing its process ...
+  for (int w = 0; w < max_attempts; ++w) {
+    amqp_worker worker{url, dir.path + "/w" + std::to_string(w), max_attempts};
+    ASSERT_TRUE(wait_for([&] { return worker.exited(); }, 60s))
+      << "worker " << w << " survived the crashing message";
+    EXPECT_EQ(worker.exit_code(), 42) << worker.log_tail();
+  }
+  // ... then the next process dead-letters it on arrival instead of running
+  // it again, and handles the rest.
+  auto journal = dir.path + "/w" + std::to_string(max_attempts);
+  amqp_worker last{url, journal, max_attempts};
+  auto done = wait_for(
+    [&] {
+      return journal_lines(journal).size() >= size_t{others} || last.exited();
+    },
+    60s);
+  ASSERT_FALSE(last.exited()) << "the last worker died:\n" << last.log_tail();
+  EXPECT_TRUE(done) << journal_lines(journal).size() << " of " << others;
+  EXPECT_TRUE(last.terminate(15s)) << last.log_tail();
+  auto records = amqp_dead_letters(url);
+  ASSERT_TRUE(records) << render(records.error());
+  ASSERT_EQ(records->size(), 1u);
+  EXPECT_EQ(records->front().category, "crash_loop");
+  auto original = decode_envelope(records->front().original, {});
+  ASSERT_TRUE(original);
+  EXPECT_EQ(original->id, "crash");
 }
 
 int main(int argc, char** argv) {

@@ -44,6 +44,9 @@ inline int& amqp_worker_journal() {
 }
 
 inline outcome amqp_worker_handler(event_context& ctx) {
+  // The message that takes the process down, every time (crash-loop test).
+  if (ctx.message().id == "crash")
+    ::_exit(42);
   std::this_thread::sleep_for(std::chrono::milliseconds{2});
   auto line = ctx.message().id + "\n";
   auto rc = ::write(amqp_worker_journal(), line.data(), line.size());
@@ -55,11 +58,12 @@ inline bool is_amqp_worker(int argc, char** argv) {
   return argc > 1 && std::string_view{argv[1]} == amqp_worker_flag;
 }
 
-/// argv: EXE --evmesh-amqp-worker URL JOURNAL. Handles `work.*` (2 ms per
-/// message), writes JOURNAL.ready once consuming.
+/// argv: EXE --evmesh-amqp-worker URL JOURNAL [MAX_ATTEMPTS]. Handles
+/// `work.*` (2 ms per message; the message with id `crash` exits the process
+/// at once), writes JOURNAL.ready once consuming.
 inline int run_amqp_worker(int argc, char** argv) {
-  if (argc != 4) {
-    std::cerr << "worker: expected URL JOURNAL\n";
+  if (argc != 4 && argc != 5) {
+    std::cerr << "worker: expected URL JOURNAL [MAX_ATTEMPTS]\n";
     return 2;
   }
   sigset_t stop_signals;
@@ -88,7 +92,7 @@ inline int run_amqp_worker(int argc, char** argv) {
   cfg.max_in_flight = 128;
   cfg.poll_batch = 64;
   cfg.stop_timeout = std::chrono::seconds{5};
-  cfg.defaults.max_attempts = 10;
+  cfg.defaults.max_attempts = argc == 5 ? std::stoi(argv[4]) : 10;
   cfg.defaults.concurrency = 2;
   consumer_runtime rt{cfg};
   rt.set_handlers({&h});
@@ -107,14 +111,16 @@ inline int run_amqp_worker(int argc, char** argv) {
 /// One worker child process; SIGKILLed and reaped by the destructor.
 class amqp_worker {
 public:
-  amqp_worker(const std::string& url, const std::string& journal)
+  amqp_worker(const std::string& url, const std::string& journal,
+              int max_attempts = 10)
     : journal_(journal) {
     char exe[PATH_MAX] = {};
     auto n = ::readlink("/proc/self/exe", exe, sizeof(exe) - 1);
     if (n <= 0)
       throw std::runtime_error("readlink /proc/self/exe failed");
     std::vector<std::string> args{std::string{exe, static_cast<size_t>(n)},
-                                  std::string{amqp_worker_flag}, url, journal};
+                                  std::string{amqp_worker_flag}, url, journal,
+                                  std::to_string(max_attempts)};
     std::vector<char*> argv;
     for (auto& a : args)
       argv.push_back(a.data());
@@ -143,6 +149,11 @@ public:
 
   ~amqp_worker() {
     kill9();
+  }
+
+  /// The exit status once `exited()` (-1 when killed by a signal).
+  int exit_code() const {
+    return WIFEXITED(status_) ? WEXITSTATUS(status_) : -1;
   }
 
   /// Whether the child has exited (reaps it).

@@ -419,6 +419,9 @@ TEST_F(cluster_test, tls_admits_nodes_of_the_cluster_ca_only) {
   EXPECT_TRUE(st.tls);
   EXPECT_FALSE(plain->ready()) << plain->log_tail();
   EXPECT_FALSE(rogue->ready()) << rogue->log_tail();
+  // Their retries would keep disturbing the good link (see above).
+  plain->kill9();
+  rogue->kill9();
   publish(20, 0, 20);
   ASSERT_TRUE(wait_settled(60s));
   auto v = verify(20, 20);

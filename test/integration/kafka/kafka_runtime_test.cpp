@@ -151,9 +151,20 @@ TEST(kafka_runtime,
   evmesh::register_kafka_transport();
   kafka_mock_cluster cluster;
   ASSERT_TRUE(cluster.create_topic("orders", 2));
-  auto dir = std::filesystem::temp_directory_path()
-             / ("evmesh-kafka-runtime-" + std::to_string(::getpid()));
-  std::filesystem::create_directories(dir);
+  // Removed however the test ends.
+  struct temp_dir {
+    std::filesystem::path path
+      = std::filesystem::temp_directory_path()
+        / ("evmesh-kafka-runtime-" + std::to_string(::getpid()));
+    temp_dir() {
+      std::filesystem::create_directories(path);
+    }
+    ~temp_dir() {
+      std::error_code ignored;
+      std::filesystem::remove_all(path, ignored);
+    }
+  } tmp;
+  const auto& dir = tmp.path;
   auto producer = evmesh::make_transport(cluster.url(kafka_fast_settings),
                                          {{}, "producer"});
   ASSERT_TRUE(producer) << evmesh::render(producer.error());
@@ -243,8 +254,6 @@ TEST(kafka_runtime,
             << " others handled; " << crash_looped_innocents
             << " others dead-lettered as crash_loop (delivered in every "
                "crashed run)\n";
-  std::error_code ignored;
-  std::filesystem::remove_all(dir, ignored);
 }
 
 } // namespace

@@ -265,7 +265,7 @@ TEST(kafka_start, bad_urls_name_the_problem) {
   }
 }
 
-TEST(kafka_start, unknown_topics_missing_group_and_bad_ledger_are_errors) {
+TEST(kafka_start, unknown_topics_group_problems_and_bad_ledger_are_errors) {
   evmesh::register_kafka_transport();
   kafka_mock_cluster cluster;
   ASSERT_TRUE(cluster.create_topic("known", 2));
@@ -292,6 +292,23 @@ TEST(kafka_start, unknown_topics_missing_group_and_bad_ledger_are_errors) {
     // Publishing needs no group.
     EXPECT_FALSE(t->publish(event("known", 1, 1)));
     EXPECT_FALSE(t->close());
+  }
+  {
+    // A group configuration librdkafka refuses: an error at subscribe.
+    auto t = evmesh::make_transport(
+      cluster.url(
+        base + "&group=g&topics=known&partition.assignment.strategy=bogus"),
+      env("n"));
+    caf::error err;
+    if (t)
+      err = (*t)->subscribe({});
+    else
+      err = t.error();
+    ASSERT_TRUE(err) << "an unknown assignment strategy was accepted";
+    EXPECT_NE(text_of(err).find("bogus"), std::string::npos) << text_of(err);
+    if (t) {
+      EXPECT_FALSE((*t)->close());
+    }
   }
   {
     auto t = evmesh::make_transport(

@@ -8,6 +8,7 @@
 // `keys` keys, concurrency 2x cores) -> settle -> ack.
 // Baseline: source -> supervisor -> worker -> supervisor -> sink, one shared
 // 200-byte payload per message, no framework work, no batching.
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
@@ -19,14 +20,19 @@
 #include "evmesh/consumer.hpp"
 #include "evmesh/memory_store.hpp"
 
+#include "latency.hpp"
+
 using namespace std::chrono;
 
 namespace {
 
 std::atomic<uint64_t> handled{0};
+std::atomic<evmesh::bench::latency_recorder*> recorder{nullptr};
 
-evmesh::outcome bench_handler(evmesh::event_context&) {
+evmesh::outcome bench_handler(evmesh::event_context& ctx) {
   handled.fetch_add(1, std::memory_order_relaxed);
+  if (auto* r = recorder.load(std::memory_order_relaxed))
+    r->seen(ctx.message().id);
   return evmesh::ok();
 }
 
@@ -38,7 +44,11 @@ public:
   }
 };
 
-double run_mesh(uint64_t n, uint64_t keys) {
+/// Throughput (msg/s) of draining `n` messages; with `rate` > 0 the
+/// messages are published at that rate instead of all at once and `lat`
+/// records their latency.
+double run_mesh(uint64_t n, uint64_t keys, double rate = 0,
+                evmesh::bench::latency_recorder* lat = nullptr) {
   handled = 0;
   evmesh::inproc_broker::get("bench")->reset();
   evmesh::runtime_config cfg;
@@ -79,13 +89,22 @@ double run_mesh(uint64_t n, uint64_t keys) {
     e.payload = boost::json::object{{"order_id", e.id}, {"quantity", 1}};
     bytes.push_back(evmesh::encode_envelope(e));
   }
+  recorder = lat;
   auto start = steady_clock::now();
-  for (auto& x : bytes)
-    broker->publish_raw("bench.created", std::move(x));
+  if (rate > 0) {
+    evmesh::bench::paced(n, rate, [&](size_t i) {
+      lat->sent(i);
+      broker->publish_raw("bench.created", std::move(bytes[i]));
+    });
+  } else {
+    for (auto& x : bytes)
+      broker->publish_raw("bench.created", std::move(x));
+  }
   while (broker->stats().acked < n)
     std::this_thread::sleep_for(microseconds{200});
   auto secs = duration<double>(steady_clock::now() - start).count();
   rt.stop(seconds{5});
+  recorder = nullptr;
   if (handled != n || sink->spans < n)
     std::fprintf(stderr, "mismatch: handled %llu spans %llu\n",
                  static_cast<unsigned long long>(handled.load()),
@@ -148,5 +167,14 @@ int main(int argc, char** argv) {
   std::printf("evmesh inproc, guarantees on:                   %10.0f msg/s "
               "(%.0f%% of naive)\n",
               mesh, 100.0 * mesh / naive);
+  // Latency at half the measured maximum rate, over about 3 seconds.
+  auto half = mesh / 2;
+  auto lat_n = static_cast<uint64_t>(std::max(1000.0, half * 3));
+  evmesh::bench::latency_recorder lat{lat_n};
+  run_mesh(lat_n, keys, half, &lat);
+  auto p = lat.percentiles();
+  std::printf("latency at %.0f msg/s (half of max), %llu messages: p50 %.0f "
+              "µs, p99 %.0f µs, p99.9 %.0f µs\n",
+              half, static_cast<unsigned long long>(lat_n), p[0], p[1], p[2]);
   return 0;
 }

@@ -37,6 +37,7 @@
 #  include "evmesh/redis_store.hpp"
 #endif
 
+#include "latency.hpp"
 #include "nats/nats_server.hpp"
 #include "nats/redis_server.hpp"
 
@@ -45,9 +46,12 @@ using namespace std::chrono;
 namespace {
 
 std::atomic<uint64_t> handled{0};
+std::atomic<evmesh::bench::latency_recorder*> recorder{nullptr};
 
-evmesh::outcome bench_handler(evmesh::event_context&) {
+evmesh::outcome bench_handler(evmesh::event_context& ctx) {
   handled.fetch_add(1, std::memory_order_relaxed);
+  if (auto* r = recorder.load(std::memory_order_relaxed))
+    r->seen(ctx.message().id);
   return evmesh::ok();
 }
 
@@ -187,14 +191,19 @@ result run_bare(const std::string& url, const std::string& stream,
   return {static_cast<double>(n) / secs, 1e6 * cpu / static_cast<double>(n)};
 }
 
+/// Drains a preloaded stream; with `rate` > 0 the stream starts empty and a
+/// second connection publishes the payloads at that rate while the runtime
+/// consumes, and `lat` records each message's latency.
 result run_evmesh(const std::string& url, const std::string& stream,
                   const std::vector<std::string>& payloads,
-                  std::shared_ptr<evmesh::idempotency_store> store) {
+                  std::shared_ptr<evmesh::idempotency_store> store,
+                  double rate = 0,
+                  evmesh::bench::latency_recorder* lat = nullptr) {
   auto subject = "s" + stream;
-  {
-    js_conn c{url};
-    c.preload(stream, subject, payloads);
-  }
+  auto producer = std::make_unique<js_conn>(url);
+  producer->preload(stream, subject,
+                    rate > 0 ? std::vector<std::string>{} : payloads);
+  recorder = lat;
   handled = 0;
   const uint64_t n = payloads.size();
   evmesh::runtime_config cfg;
@@ -224,6 +233,21 @@ result run_evmesh(const std::string& url, const std::string& stream,
   rt.set_handlers({&h});
   if (auto err = rt.start())
     die("start failed: " + evmesh::render(err));
+  std::thread pacer;
+  if (rate > 0)
+    pacer = std::thread{[&] {
+      auto topic = subject + ".created";
+      evmesh::bench::paced(payloads.size(), rate, [&](size_t i) {
+        lat->sent(i);
+        check(js_PublishAsync(producer->js, topic.c_str(), payloads[i].data(),
+                              static_cast<int>(payloads[i].size()), nullptr),
+              "publish");
+      });
+      jsPubOptions po;
+      jsPubOptions_Init(&po);
+      po.MaxWait = 60'000;
+      check(js_PublishAsyncComplete(producer->js, &po), "publish complete");
+    }};
   auto deadline = steady_clock::now() + minutes{5};
   while (rt.stats().acked < n) {
     if (steady_clock::now() > deadline)
@@ -232,7 +256,10 @@ result run_evmesh(const std::string& url, const std::string& stream,
   }
   auto secs = duration<double>(steady_clock::now() - start).count();
   auto cpu = cpu_seconds() - cpu0;
+  if (pacer.joinable())
+    pacer.join();
   rt.stop(seconds{5});
+  recorder = nullptr;
   if (handled < n || sink->spans < n)
     std::fprintf(stderr, "mismatch: handled %llu spans %llu of %llu\n",
                  static_cast<unsigned long long>(handled.load()),
@@ -313,5 +340,21 @@ int main(int argc, char** argv) {
     print_row("evmesh nats, redis dedupe", red, base);
   else
     std::printf("evmesh nats, redis dedupe: skipped (no redis-server)\n");
+  // Latency with memory dedupe at half its measured maximum, ~3 s of load.
+  std::vector<double> mem_rates;
+  for (auto& r : mem)
+    mem_rates.push_back(r.rate);
+  auto half = median(mem_rates) / 2;
+  auto lat_n = static_cast<uint64_t>(std::max(1000.0, half * 3));
+  evmesh::bench::latency_recorder lat{lat_n};
+  auto s_lat = "B" + std::to_string(++stream_no);
+  run_evmesh(server.url(), s_lat,
+             make_payloads("s" + s_lat + ".created", lat_n, keys),
+             std::make_shared<evmesh::memory_idempotency_store>(16), half,
+             &lat);
+  auto p = lat.percentiles();
+  std::printf("evmesh nats latency at %.0f msg/s (half of max), %llu "
+              "messages: p50 %.0f µs, p99 %.0f µs, p99.9 %.0f µs\n",
+              half, static_cast<unsigned long long>(lat_n), p[0], p[1], p[2]);
   return 0;
 }

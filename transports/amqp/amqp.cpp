@@ -867,6 +867,7 @@ private:
   };
 
   struct pending_confirm {
+    std::string exchange;
     std::string routing_key;
     bool returned = false;
     std::function<void(caf::error)> done;
@@ -1216,8 +1217,9 @@ private:
       else if (p.returned)
         p.done(make_error(errc::invalid_config,
                           "no queue is bound for routing key '" + p.routing_key
-                            + "' on exchange '" + settings_.exchange + "' of "
-                            + settings_.shown
+                            + "' on exchange '"
+                            + (p.exchange.empty() ? "(default)" : p.exchange)
+                            + "' of " + settings_.shown
                             + " — the message was returned unroutable; start "
                               "a consumer (which binds its queue) first"));
       else
@@ -1290,8 +1292,8 @@ private:
       connection_lost(std::string{"publish: "} + amqp_error_string2(rc));
       return;
     }
-    pending_.emplace(seq,
-                     pending_confirm{out.routing_key, false, std::move(done)});
+    pending_.emplace(seq, pending_confirm{out.exchange, out.routing_key, false,
+                                          std::move(done)});
   }
 
   // nack with a delay: a copy goes to the retry queue with the delay as

@@ -3,7 +3,8 @@
 #
 #   scripts/install-deps.sh                 # compiler, CMake, libraries, test tools
 #   scripts/install-deps.sh --with-servers  # + Redis, NATS and RabbitMQ servers, their
-#                                           #   client libraries and librdkafka (tests)
+#                                           #   client libraries, librdkafka, and
+#                                           #   node + npm (NestJS interop test)
 #
 # Idempotent: when every package is already installed it does nothing (and
 # needs no root). Otherwise it runs apt-get as root.
@@ -65,6 +66,14 @@ for arg in "$@"; do
 done
 
 missing=()
+# The NestJS interop test needs node and npm. Debian's `nodejs` + `npm` when
+# neither is on the PATH; a node from elsewhere (e.g. NodeSource, which
+# bundles npm and conflicts with Debian's npm package) is used as it is.
+for arg in "$@"; do
+  if [[ "$arg" == --with-servers ]] && ! command -v npm >/dev/null 2>&1; then
+    missing+=(nodejs npm)
+  fi
+done
 for pkg in "${packages[@]}"; do
   status="$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null || true)"
   if [[ "$status" != "install ok installed" ]]; then

@@ -1,10 +1,14 @@
 // Cluster setup (config checks, actor system modules) and the status board.
 #include <algorithm>
+#include <chrono>
 #include <fstream>
+#include <thread>
 
 #include <boost/json.hpp>
+#include <caf/all.hpp>
 #include <caf/io/middleman.hpp>
 #include <caf/openssl/manager.hpp>
+#include <unistd.h>
 
 #include "evmesh/error.hpp"
 
@@ -42,6 +46,58 @@ std::string to_json(const cluster_status& status) {
   }
   out["peers"] = std::move(peers);
   return boost::json::serialize(out);
+}
+
+caf::expected<std::string> query_cluster_status(const runtime_config& cfg,
+                                                const std::string& seed) {
+  auto rc = cfg;
+  rc.cluster_seeds = {seed};
+  rc.cluster_listen.clear();
+  rc.cluster_role = "observer"; // offers no lanes
+  if (auto err = internal::check_cluster_config(rc))
+    return err;
+  caf::actor_system_config sys_cfg;
+  sys_cfg.set("logger.verbosity", caf::atom("quiet"));
+  internal::prepare_cluster_system(sys_cfg, rc);
+  caf::actor_system sys{sys_cfg};
+  auto env = std::make_shared<internal::runtime_env>();
+  env->config = rc;
+  env->node = "observer-" + std::to_string(::getpid());
+  env->stats = std::make_shared<internal::stats_block>();
+  auto node = internal::start_cluster_node(sys, env, nullptr);
+  if (!node)
+    return node.error();
+  auto limit = std::chrono::steady_clock::now()
+               + 2 * rc.cluster_connect_timeout;
+  auto joined = [&] {
+    for (auto& p : node->board->snapshot().peers)
+      if (p.state == "alive")
+        return true;
+    return false;
+  };
+  while (!joined() && std::chrono::steady_clock::now() < limit)
+    std::this_thread::sleep_for(std::chrono::milliseconds{10});
+  caf::expected<std::string> result = make_error(
+    errc::unavailable,
+    "could not join " + seed + " within "
+      + std::to_string(2 * rc.cluster_connect_timeout.count() / 1'000'000)
+      + " ms — is a node listening there, and do cluster.secret "
+        "and the TLS files match the cluster's?");
+  if (joined()) {
+    caf::scoped_actor self{sys};
+    self
+      ->request(node->actor, rc.cluster_connect_timeout,
+                internal::status_atom::value)
+      .receive([&](std::string& json) { result = std::move(json); },
+               [&](caf::error& err) {
+                 result = make_error(errc::unavailable,
+                                     "the node at " + seed
+                                       + " did not answer: " + sys.render(err));
+               });
+  }
+  caf::anon_send_exit(node->actor, caf::exit_reason::user_shutdown);
+  env->cluster = nullptr;
+  return result;
 }
 
 } // namespace evmesh

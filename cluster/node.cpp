@@ -287,7 +287,7 @@ public:
     st_->supervisors.resize(subs.size());
     for (uint32_t i = 0; i < subs.size(); ++i)
       st_->subs.emplace(subs[i].name, i);
-    if (worker())
+    if (worker() && st_->spawn_lane != nullptr)
       for (uint32_t i = 0; i < subs.size(); ++i)
         st_->hosts.push_back(
           self_->spawn<caf::linked>(lane_host, st_->env, i, st_->spawn_lane));
@@ -601,6 +601,32 @@ public:
     rp.delegate(st_->hosts[i->second], std::move(w));
   }
 
+  /// From a local actor (`query_cluster_status`): asks the first alive peer.
+  /// From a joined peer: this node's status as JSON.
+  caf::result<std::string> on_status() {
+    auto sender = self_->current_sender();
+    if (sender && sender->node() == self_->node()) {
+      for (auto& p : st_->peers)
+        if (p.alive) {
+          auto rp = self_->make_response_promise<std::string>();
+          self_
+            ->request(p.handle, cfg().cluster_connect_timeout,
+                      status_atom::value)
+            .then([rp](std::string& json) mutable { rp.deliver(json); },
+                  [rp](caf::error& err) mutable { rp.deliver(err); });
+          return rp;
+        }
+      return make_error(errc::unavailable, "not joined to any node");
+    }
+    if (!find_alive_by_key(key_of(sender)))
+      return make_error(errc::invalid_state,
+                        "status request from a node that has not joined");
+    auto status = st_->board->snapshot();
+    if (st_->env->stats)
+      status.redispatched = st_->env->stats->redispatched.load();
+    return to_json(status);
+  }
+
   void shutdown(const caf::error& reason) {
     for (auto& p : st_->peers)
       for (auto& [sub, proxy] : p.proxies)
@@ -653,6 +679,7 @@ caf::behavior cluster_node(caf::event_based_actor* self,
     },
     [impl](tick_atom) { impl->on_tick(); },
     [impl](wire_attempt& w) { impl->on_attempt(w); },
+    [impl](status_atom) { return impl->on_status(); },
   };
 }
 

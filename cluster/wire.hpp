@@ -192,5 +192,6 @@ using heartbeat_atom = caf::atom_constant<caf::atom("heartbeat")>;
 using rejoin_atom = caf::atom_constant<caf::atom("rejoin")>;
 using connect_seed_atom = caf::atom_constant<caf::atom("seed")>;
 using timeout_atom = caf::atom_constant<caf::atom("timeout")>;
+using status_atom = caf::atom_constant<caf::atom("status")>;
 
 } // namespace evmesh::internal

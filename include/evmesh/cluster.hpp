@@ -4,6 +4,10 @@
 #include <string>
 #include <vector>
 
+#include <caf/expected.hpp>
+
+#include "evmesh/config.hpp"
+
 namespace evmesh {
 
 /// One peer as this node sees it (`consumer_runtime::cluster()`).
@@ -51,5 +55,15 @@ struct cluster_status {
 
 /// `status` as one JSON object (for `evmesh cluster status` and logs).
 std::string to_json(const cluster_status& status);
+
+/// Joins the node at `seed` ("host:port") as an observer that offers no
+/// lanes — proving `cfg.cluster_secret`, over TLS when `cfg.cluster_tls_*`
+/// are set — asks for that node's `cluster_status` and leaves. Returns it as
+/// JSON (`to_json`). Bounded by twice `cfg.cluster_connect_timeout`; fails
+/// clearly on a wrong secret, an unreachable seed or bad TLS files. The
+/// observer appears in the node's peer list (as `observer-PID`) until its
+/// heartbeat timeout.
+caf::expected<std::string> query_cluster_status(const runtime_config& cfg,
+                                                const std::string& seed);
 
 } // namespace evmesh

@@ -9,6 +9,7 @@
 //                  [--data JSON | --file F]   (else the payload is stdin)
 //   evmesh config reference
 //   evmesh config check FILE
+//   evmesh cluster status --seed HOST:PORT [--config FILE] [--secret S]
 //
 // Exit codes: 0 ok, 1 the command failed, 2 usage or configuration error.
 
@@ -29,6 +30,11 @@
 
 #include "evmesh/config.hpp"
 #include "evmesh/error.hpp"
+#ifdef EVMESH_CLI_HAS_CLUSTER
+#  include <spdlog/spdlog.h>
+
+#  include "evmesh/cluster.hpp"
+#endif
 
 #include "dlq.hpp"
 #include "ops.hpp"
@@ -48,6 +54,9 @@ const std::vector<command_group> command_groups = {
   {"publish", {}},
   {"dlq", {"list", "show", "replay", "purge"}},
   {"config", {"reference", "check"}},
+#ifdef EVMESH_CLI_HAS_CLUSTER
+  {"cluster", {"status"}},
+#endif
 };
 
 size_t edit_distance(std::string_view a, std::string_view b) {
@@ -365,6 +374,29 @@ int run(int argc, char** argv) {
   check->add_option("file", check_file, "The TOML file")
     ->required()
     ->type_name("FILE");
+#ifdef EVMESH_CLI_HAS_CLUSTER
+  // -- cluster
+  auto cluster = app.add_subcommand("cluster", "Cluster membership.");
+  cluster->require_subcommand(1);
+  std::string status_seed;
+  std::string status_config;
+  std::string status_secret;
+  auto status = cluster->add_subcommand(
+    "status", "Join a node as an observer (no lanes) and print its cluster "
+              "status as JSON: peers, lanes, in flight, last heartbeat.");
+  status->add_option("--seed", status_seed, "The node to ask")
+    ->required()
+    ->type_name("HOST:PORT");
+  status
+    ->add_option("--config", status_config,
+                 "TOML file with the cluster's [cluster] secret and TLS "
+                 "files")
+    ->type_name("FILE");
+  status
+    ->add_option("--secret", status_secret,
+                 "The cluster's shared secret (overrides --config)")
+    ->type_name("SECRET");
+#endif
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
@@ -382,6 +414,38 @@ int run(int argc, char** argv) {
                  "--help') for usage.\n";
     return exit_usage;
   }
+#ifdef EVMESH_CLI_HAS_CLUSTER
+  if (status->parsed()) {
+    runtime_config cfg;
+    if (!status_config.empty()) {
+      auto loaded = load_config(status_config);
+      if (!loaded) {
+        std::cerr << message_of(loaded.error()) << '\n';
+        return exit_usage;
+      }
+      cfg = std::move(*loaded);
+    }
+    if (!status_secret.empty())
+      if (auto err = set_config_value(cfg, "cluster.secret", status_secret)) {
+        std::cerr << "evmesh: --secret: " << message_of(err) << '\n';
+        return exit_usage;
+      }
+    // stdout carries the JSON only; failures are reported below.
+    spdlog::set_level(spdlog::level::off);
+    auto json = query_cluster_status(cfg, status_seed);
+    if (!json) {
+      std::cerr << "evmesh: cluster status: " << message_of(json.error())
+                << '\n';
+      auto& err = json.error();
+      return err.category() == caf::atom("evmesh")
+                 && err.code() == static_cast<uint8_t>(errc::invalid_config)
+               ? exit_usage
+               : exit_failure;
+    }
+    std::cout << *json << '\n';
+    return 0;
+  }
+#endif
   if (reference->parsed()) {
     std::cout << config_reference_markdown();
     return 0;

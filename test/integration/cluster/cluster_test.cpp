@@ -245,6 +245,14 @@ TEST_F(cluster_test, three_nodes_handle_every_message_in_key_order) {
     EXPECT_GE(p.last_heartbeat_ms, 0);
     EXPECT_LT(p.last_heartbeat_ms, 1000);
   }
+  // `evmesh cluster status`: an observer joins with the secret and asks.
+  auto cfg = cl::node_config("status-probe", broker_, secret, {});
+  auto json = evmesh::query_cluster_status(cfg, seed_);
+  ASSERT_TRUE(json) << evmesh::render(json.error());
+  EXPECT_NE(json->find("\"node\":\"ingress\""), std::string::npos) << *json;
+  EXPECT_NE(json->find("\"name\":\"w1\",\"state\":\"alive\""),
+            std::string::npos)
+    << *json;
   std::cout << "[ measure  ] 3 nodes, " << published_ << " messages in "
             << elapsed.count() << " ms: " << report(v) << "\n"
             << "[ status   ] " << evmesh::to_json(st) << "\n";
@@ -360,6 +368,14 @@ TEST_F(cluster_test, peer_with_wrong_secret_is_refused) {
   ASSERT_TRUE(wait_settled(60s));
   verify(10, 20);
   EXPECT_TRUE(cl::read_journal(dir_.file("bad.journal")).empty());
+  auto probe = cl::node_config("probe", broker_, "not-the-cluster-secret!!",
+                               {});
+  probe.cluster_connect_timeout = 500ms;
+  auto json = evmesh::query_cluster_status(probe, seed_);
+  ASSERT_FALSE(json) << *json;
+  EXPECT_NE(evmesh::render(json.error()).find("could not join"),
+            std::string::npos)
+    << evmesh::render(json.error());
   EXPECT_FALSE(bad->ready());
   EXPECT_NE(bad->log_tail().find("refused"), std::string::npos)
     << bad->log_tail();
@@ -424,7 +440,10 @@ TEST_F(cluster_test, tls_admits_nodes_of_the_cluster_ca_only) {
   rogue->kill9();
   publish(20, 0, 20);
   ASSERT_TRUE(wait_settled(60s));
-  auto v = verify(20, 20);
+  // A dropped link is a partition, not a death: the good node may still run
+  // an attempt it had received after the ingress moved that key on, so the
+  // execution order is not checked (the ingress's acks are).
+  auto v = verify(20, 20, false);
   EXPECT_GT(v.per_node["good"], 0u) << report(v);
   EXPECT_EQ(v.per_node.count("plain"), 0u);
   EXPECT_EQ(v.per_node.count("rogue"), 0u);

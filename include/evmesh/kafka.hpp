@@ -63,13 +63,21 @@ namespace evmesh {
 /// Dead letters go to `<topic>.dlq` (value: the record as JSON; headers
 /// `evmesh-original-topic`, `-partition`, `-offset`, `evmesh-category`,
 /// `evmesh-attempts`), confirmed by the broker before `dead_letter` returns.
+///
+/// Also registers `kafka://` as a dead-letter store (`make_dead_letter_store`,
+/// `evmesh dlq --db`): the `.dlq` topics of the plain names in `topics=`.
+/// Record ids are `(i << 56) | (partition << 40) | offset`, `i` being the
+/// topic's position in `topics=`. `remove` and `mark_replayed` produce a
+/// marker record into the same partition (empty value, header
+/// `evmesh-dlq-done: OFFSET`); readers skip markers and the records they name.
 /// See docs/transports/kafka.md.
 void register_kafka_transport();
 
 /// Reads the dead-letter records in the `.dlq` topics for the configuration
 /// in `url`: `<topic>.dlq` for each plain name in `topics=`, else every topic
 /// ending in `.dlq` (matching a `topics=` pattern, if any). Oldest first per
-/// partition, at most `max`. For tests and operator tools.
+/// partition, at most `max`; records settled by a marker (replayed or purged)
+/// and the markers themselves are skipped. For tests and operator tools.
 caf::expected<std::vector<dead_letter_record>>
 kafka_dead_letters(std::string_view url, size_t max = 100'000);
 

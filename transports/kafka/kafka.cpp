@@ -2,12 +2,14 @@
 
 #include <algorithm>
 #include <atomic>
+#include <charconv>
 #include <chrono>
 #include <condition_variable>
 #include <cstring>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <thread>
 #include <tuple>
@@ -402,6 +404,8 @@ struct delivery_wait {
   std::condition_variable cv;
   bool done = false;
   rd_kafka_resp_err_t err = RD_KAFKA_RESP_ERR_NO_ERROR;
+  int32_t partition = -1;
+  int64_t offset = -1;
 };
 
 using wait_ref = std::shared_ptr<delivery_wait>;
@@ -417,6 +421,8 @@ void on_delivery(rd_kafka_t*, const rd_kafka_message_t* m, void* opaque) {
     std::lock_guard guard{(*ref)->mtx};
     (*ref)->done = true;
     (*ref)->err = m->err;
+    (*ref)->partition = m->partition;
+    (*ref)->offset = m->offset;
   }
   (*ref)->cv.notify_all();
   delete ref;
@@ -467,14 +473,18 @@ public:
     return rk_;
   }
 
-  /// Produces one record and waits for its delivery report.
+  /// Produces one record (to `partition`, or the partitioner's choice) and
+  /// waits for its delivery report; `where` receives the record's partition
+  /// and offset.
   caf::error produce(const std::string& topic, const std::string& key,
-                     const std::string& value, headers_ptr headers) {
+                     const std::string& value, headers_ptr headers,
+                     int32_t partition = RD_KAFKA_PARTITION_UA,
+                     std::pair<int32_t, int64_t>* where = nullptr) {
     auto wait = std::make_shared<delivery_wait>();
     auto* ref = new wait_ref{wait};
     auto* hdrs = headers.release();
     auto err = rd_kafka_producev(
-      rk_, RD_KAFKA_V_TOPIC(topic.c_str()),
+      rk_, RD_KAFKA_V_TOPIC(topic.c_str()), RD_KAFKA_V_PARTITION(partition),
       RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
       RD_KAFKA_V_KEY(key.empty() ? nullptr : key.data(), key.size()),
       RD_KAFKA_V_VALUE(const_cast<char*>(value.data()), value.size()),
@@ -493,8 +503,11 @@ public:
       return make_error(errc::unavailable, "kafka: no delivery report for '"
                                              + topic + "' within "
                                              + format_duration(timeout_ + 2s));
-    if (wait->err == RD_KAFKA_RESP_ERR_NO_ERROR)
+    if (wait->err == RD_KAFKA_RESP_ERR_NO_ERROR) {
+      if (where != nullptr)
+        *where = {wait->partition, wait->offset};
       return {};
+    }
     if (wait->err == RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART
         || wait->err == RD_KAFKA_RESP_ERR__UNKNOWN_TOPIC)
       return make_error(errc::invalid_config,
@@ -1598,67 +1611,52 @@ caf::expected<opened> open(std::string_view url, const std::string& node) {
   return opened{std::move(*settings), std::move(h), std::move(*p)};
 }
 
-} // namespace
+// -- dead-letter topics as a store ---------------------------------------------
 
-void register_kafka_transport() {
-  register_transport(
-    "kafka",
-    [](std::string_view url,
-       const transport_environment& env) -> caf::expected<transport_ptr> {
-      auto o = open(url, env.node.empty() ? "node" : env.node);
-      if (!o)
-        return o.error();
-      std::unique_ptr<attempt_ledger> ledger;
-      if (!o->settings.ledger.empty()) {
-        if (o->settings.group.empty())
-          return make_error(errc::invalid_config,
-                            "kafka: ledger= needs group= (counts are kept "
-                            "per consumer group)");
-        auto l = attempt_ledger::open(o->settings.ledger, o->settings.group);
-        if (!l)
-          return l.error();
-        ledger = std::move(*l);
-      }
-      return transport_ptr{std::make_shared<kafka_transport>(
-        std::move(o->settings), env.node.empty() ? "node" : env.node, env.now,
-        std::move(o->h), std::move(o->p), std::move(ledger))};
-    });
-}
+// Header of a marker record: the offset (in the same partition) of the dead
+// letter it settles (replayed or purged). Markers have an empty value.
+constexpr const char* dlq_done_header = "evmesh-dlq-done";
 
-caf::expected<std::vector<dead_letter_record>>
-kafka_dead_letters(std::string_view url, size_t max) {
-  auto o = open(url, "dlq-reader");
-  if (!o)
-    return o.error();
-  auto& s = o->settings;
-  auto md = fetch_metadata(o->p->handle(), s, s.connect_timeout);
+// A dead letter no marker names, with where it lives.
+struct dlq_entry {
+  std::string topic;
+  int32_t partition = 0;
+  int64_t offset = 0;
+  int64_t timestamp = 0;
+  dead_letter_record rec;
+};
+
+using dlq_parts = std::vector<std::pair<std::string, int32_t>>;
+
+// The partitions of the `.dlq` topics `wanted` selects (only topics that
+// exist).
+template <class Pred>
+caf::expected<dlq_parts> dlq_partitions(const opened& o, Pred wanted) {
+  auto md = fetch_metadata(o.p->handle(), o.settings,
+                           o.settings.connect_timeout);
   if (!md)
     return md.error();
-  std::set<std::string> plain;
-  for (auto& t : s.topics)
-    plain.insert(t + ".dlq");
-  std::vector<std::pair<std::string, int32_t>> parts;
+  dlq_parts parts;
   for (int i = 0; i < (*md)->topic_cnt; ++i) {
     auto& t = (*md)->topics[i];
     std::string_view name = t.topic;
-    if (t.err != RD_KAFKA_RESP_ERR_NO_ERROR || !ends_with(name, ".dlq"))
-      continue;
-    auto base = name.substr(0, name.size() - 4);
-    bool wanted = plain.count(std::string{name}) != 0;
-    for (auto& x : s.topic_patterns)
-      wanted = wanted || pattern_matches(x, base);
-    if (s.topics.empty() && s.topic_patterns.empty())
-      wanted = true;
-    if (!wanted)
+    if (t.err != RD_KAFKA_RESP_ERR_NO_ERROR || !ends_with(name, ".dlq")
+        || !wanted(name))
       continue;
     for (int j = 0; j < t.partition_cnt; ++j)
       parts.emplace_back(t.topic, t.partitions[j].id);
   }
-  std::vector<dead_letter_record> result;
+  return parts;
+}
+
+// Reads `parts` from their low to their high watermark with a group-less
+// consumer (bounded in time) and returns the dead letters no marker names,
+// by partition, oldest first.
+caf::expected<std::vector<dlq_entry>> read_dlq(const kafka_settings& s,
+                                               const dlq_parts& parts) {
+  std::vector<dlq_entry> result;
   if (parts.empty())
     return result;
-  // A group-less consumer reads each partition from its low to its high
-  // watermark, bounded in time.
   auto reader = s;
   reader.group = "evmesh-dlq-reader";
   auto h = std::make_unique<health>();
@@ -1695,14 +1693,14 @@ kafka_dead_letters(std::string_view url, size_t max) {
   }
   if (remaining.empty())
     return result;
-  std::map<tp_key, std::vector<dead_letter_record>> by_part;
+  std::map<tp_key, std::vector<dlq_entry>> by_part;
+  std::map<tp_key, std::set<int64_t>> done;
   rd_kafka_poll_set_consumer(rk);
   if (auto err = rd_kafka_assign(rk, list.get()))
     return make_error(errc::io_error,
                       std::string{"kafka: cannot read the DLQ: "}
                         + rd_kafka_err2str(err));
-  size_t total = 0;
-  while (!remaining.empty() && total < max && clock_type::now() < deadline) {
+  while (!remaining.empty() && clock_type::now() < deadline) {
     auto* m = rd_kafka_consumer_poll(rk, 100);
     if (m == nullptr)
       continue;
@@ -1714,6 +1712,19 @@ kafka_dead_letters(std::string_view url, size_t max) {
     auto r = remaining.find(tp);
     if (r == remaining.end())
       continue;
+    if (m->offset + 1 >= r->second)
+      remaining.erase(r);
+    rd_kafka_headers_t* hdrs = nullptr;
+    if (rd_kafka_message_headers(m, &hdrs) != RD_KAFKA_RESP_ERR_NO_ERROR)
+      hdrs = nullptr;
+    if (auto named = header_of(hdrs, dlq_done_header); !named.empty()) {
+      int64_t offset = -1;
+      auto end = named.data() + named.size();
+      if (auto [ptr, ec] = std::from_chars(named.data(), end, offset);
+          ec == std::errc{} && ptr == end)
+        done[tp].insert(offset);
+      continue; // a marker (one naming no offset settles nothing)
+    }
     std::string_view body{static_cast<const char*>(m->payload), m->len};
     auto rec = dead_letter_from_json(body);
     if (!rec)
@@ -1721,20 +1732,273 @@ kafka_dead_letters(std::string_view url, size_t max) {
                         "kafka: " + position_of(tp.first, tp.second, m->offset)
                           + " is not a dead-letter record: "
                           + render(rec.error()));
-    by_part[tp].push_back(std::move(*rec));
-    ++total;
-    if (m->offset + 1 >= r->second)
-      remaining.erase(r);
+    by_part[tp].push_back(dlq_entry{tp.first, tp.second, m->offset,
+                                    rd_kafka_message_timestamp(m, nullptr),
+                                    std::move(*rec)});
   }
   rd_kafka_consumer_close(rk);
-  if (!remaining.empty() && total < max)
+  if (!remaining.empty())
     return make_error(errc::unavailable, "kafka: reading the DLQ topics of "
                                            + s.shown
                                            + " did not finish in time");
-  for (auto& [tp, recs] : by_part)
-    for (auto& r : recs)
-      if (result.size() < max)
-        result.push_back(std::move(r));
+  for (auto& [tp, entries] : by_part) {
+    auto& named = done[tp];
+    for (auto& e : entries)
+      if (named.count(e.offset) == 0)
+        result.push_back(std::move(e));
+  }
+  return result;
+}
+
+// Record ids: (i << 56) | (partition << 40) | offset, where i is the
+// position of the record's topic in `topics=` (0 for the first).
+constexpr int64_t id_offset_bits = 40;
+constexpr int64_t id_topic_shift = 56;
+
+caf::expected<int64_t> make_dlq_id(size_t topic_index, int32_t partition,
+                                   int64_t offset) {
+  if (topic_index >= 127 || partition < 0 || partition >= (1 << 16)
+      || offset < 0 || offset >= (int64_t{1} << id_offset_bits))
+    return make_error(errc::invalid_config,
+                      "kafka: a dead letter at partition "
+                        + std::to_string(partition) + ", offset "
+                        + std::to_string(offset)
+                        + " has no record id (ids hold at most 127 topics, "
+                          "65536 partitions and 2^40 offsets)");
+  return (static_cast<int64_t>(topic_index) << id_topic_shift)
+         | (static_cast<int64_t>(partition) << id_offset_bits) | offset;
+}
+
+// The `.dlq` topics of a URL's `topics=` as a `dead_letter_store`. Kafka
+// cannot delete one record, so `remove` and `mark_replayed` produce a marker
+// record (empty value, header `evmesh-dlq-done: OFFSET`) into the same
+// partition; readers skip markers and the records they name.
+class kafka_dead_letter_store : public dead_letter_store {
+public:
+  explicit kafka_dead_letter_store(opened o) : o_(std::move(o)) {
+    for (auto& t : o_.settings.topics)
+      dlqs_.push_back(t + ".dlq");
+  }
+
+  caf::expected<int64_t> write(const dead_letter_record& rec) override {
+    auto dlq = rec.topic + ".dlq";
+    auto idx = index_of(dlq);
+    if (!idx)
+      return make_error(errc::invalid_config,
+                        "kafka: cannot write a dead letter of topic '"
+                          + rec.topic + "': it is not in topics= of "
+                          + o_.settings.shown);
+    auto hdrs = make_headers();
+    add_header(hdrs.get(), "evmesh-original-topic", rec.topic);
+    add_header(hdrs.get(), "evmesh-category", rec.category);
+    add_header(hdrs.get(), "evmesh-attempts", std::to_string(rec.attempts));
+    add_header(hdrs.get(), "traceparent", rec.traceparent);
+    std::pair<int32_t, int64_t> where{-1, -1};
+    if (auto err = o_.p->produce(dlq, rec.key, to_json(rec), std::move(hdrs),
+                                 RD_KAFKA_PARTITION_UA, &where))
+      return make_error(errc::unavailable,
+                        "kafka: writing a dead letter to '" + dlq
+                          + "' was not confirmed: " + render(err));
+    return make_dlq_id(*idx, where.first, where.second);
+  }
+
+  caf::expected<std::vector<dead_letter_record>>
+  list(const dead_letter_query& q) override {
+    auto parts = dlq_partitions(o_, [this](std::string_view name) {
+      return index_of(name).has_value();
+    });
+    if (!parts)
+      return parts.error();
+    auto entries = read_dlq(o_.settings, *parts);
+    if (!entries)
+      return entries.error();
+    std::vector<std::pair<int64_t, dead_letter_record>> found;
+    for (auto& e : *entries) {
+      if (!matches(q, e.rec))
+        continue;
+      auto id = make_dlq_id(*index_of(e.topic), e.partition, e.offset);
+      if (!id)
+        return id.error();
+      e.rec.id = *id;
+      found.emplace_back(e.timestamp, std::move(e.rec));
+    }
+    // Newest first: broker timestamps, then ids.
+    std::sort(found.begin(), found.end(), [](auto& x, auto& y) {
+      return std::tie(x.first, x.second.id) > std::tie(y.first, y.second.id);
+    });
+    std::vector<dead_letter_record> result;
+    for (auto& f : found) {
+      if (q.limit != 0 && result.size() >= q.limit)
+        break;
+      result.push_back(std::move(f.second));
+    }
+    return result;
+  }
+
+  caf::expected<dead_letter_record> get(int64_t id) override {
+    auto where = locate(id);
+    if (!where)
+      return where.error();
+    auto entries = read_dlq(o_.settings, {{where->topic, where->partition}});
+    if (!entries)
+      return entries.error();
+    for (auto& e : *entries)
+      if (e.offset == where->offset) {
+        e.rec.id = id;
+        return std::move(e.rec);
+      }
+    return not_found(id, *where);
+  }
+
+  caf::error mark_replayed(int64_t id, int64_t at_ms) override {
+    return settle(id, "replayed", at_ms);
+  }
+
+  caf::error remove(int64_t id) override {
+    return settle(id, "purged", 0);
+  }
+
+private:
+  struct position {
+    std::string topic;
+    int32_t partition = 0;
+    int64_t offset = 0;
+  };
+
+  std::optional<size_t> index_of(std::string_view dlq) const {
+    for (size_t i = 0; i < dlqs_.size(); ++i)
+      if (dlqs_[i] == dlq)
+        return i;
+    return std::nullopt;
+  }
+
+  caf::error not_found(int64_t id, const position& where) const {
+    return make_error(
+      errc::not_found,
+      "no dead letter #" + std::to_string(id) + " ("
+        + position_of(where.topic, where.partition, where.offset) + ") in "
+        + o_.settings.shown + " (replayed, purged, or never written)");
+  }
+
+  caf::expected<position> locate(int64_t id) const {
+    auto idx = id < 0 ? dlqs_.size()
+                      : static_cast<size_t>(id >> id_topic_shift);
+    if (idx >= dlqs_.size())
+      return make_error(errc::not_found, "no dead letter #" + std::to_string(id)
+                                           + " in " + o_.settings.shown
+                                           + " (not an id of its topics=)");
+    return position{dlqs_[idx],
+                    static_cast<int32_t>((id >> id_offset_bits) & 0xffff),
+                    id & ((int64_t{1} << id_offset_bits) - 1)};
+  }
+
+  // Produces the marker that settles `id`, once the broker confirmed it.
+  caf::error settle(int64_t id, const char* why, int64_t at_ms) {
+    auto where = locate(id);
+    if (!where)
+      return where.error();
+    int64_t lo = 0;
+    int64_t hi = 0;
+    auto err = rd_kafka_query_watermark_offsets(
+      o_.p->handle(), where->topic.c_str(), where->partition, &lo, &hi,
+      static_cast<int>(to_ms(o_.settings.connect_timeout)));
+    if (err == RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART
+        || err == RD_KAFKA_RESP_ERR__UNKNOWN_PARTITION
+        || err == RD_KAFKA_RESP_ERR__UNKNOWN_TOPIC
+        || (err == RD_KAFKA_RESP_ERR_NO_ERROR
+            && (where->offset < lo || where->offset >= hi)))
+      return not_found(id, *where);
+    if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
+      return make_error(errc::unavailable, "kafka: cannot read the offsets of "
+                                             + where->topic + "/"
+                                             + std::to_string(where->partition)
+                                             + ": " + rd_kafka_err2str(err));
+    auto hdrs = make_headers();
+    add_header(hdrs.get(), dlq_done_header, std::to_string(where->offset));
+    add_header(hdrs.get(), "evmesh-dlq-done-reason", why);
+    if (at_ms != 0)
+      add_header(hdrs.get(), "evmesh-dlq-done-at", std::to_string(at_ms));
+    if (auto e = o_.p->produce(where->topic, {}, {}, std::move(hdrs),
+                               where->partition))
+      return make_error(errc::unavailable,
+                        "kafka: the marker settling dead letter #"
+                          + std::to_string(id) + " was not confirmed by '"
+                          + where->topic + "': " + render(e));
+    return {};
+  }
+
+  opened o_;
+  std::vector<std::string> dlqs_;
+};
+
+} // namespace
+
+void register_kafka_transport() {
+  register_dead_letter_store(
+    "kafka", [](std::string_view url) -> caf::expected<dead_letter_store_ptr> {
+      auto o = open(url, "dlq-store");
+      if (!o)
+        return o.error();
+      if (o->settings.topics.empty() || !o->settings.topic_patterns.empty())
+        return make_error(errc::invalid_url,
+                          "kafka: a dead-letter store URL needs topics= with "
+                          "plain topic names (no patterns): their '.dlq' "
+                          "topics are read, e.g. "
+                            + o->settings.shown + "?topics=orders,payments");
+      return dead_letter_store_ptr{
+        std::make_shared<kafka_dead_letter_store>(std::move(*o))};
+    });
+  register_transport(
+    "kafka",
+    [](std::string_view url,
+       const transport_environment& env) -> caf::expected<transport_ptr> {
+      auto o = open(url, env.node.empty() ? "node" : env.node);
+      if (!o)
+        return o.error();
+      std::unique_ptr<attempt_ledger> ledger;
+      if (!o->settings.ledger.empty()) {
+        if (o->settings.group.empty())
+          return make_error(errc::invalid_config,
+                            "kafka: ledger= needs group= (counts are kept "
+                            "per consumer group)");
+        auto l = attempt_ledger::open(o->settings.ledger, o->settings.group);
+        if (!l)
+          return l.error();
+        ledger = std::move(*l);
+      }
+      return transport_ptr{std::make_shared<kafka_transport>(
+        std::move(o->settings), env.node.empty() ? "node" : env.node, env.now,
+        std::move(o->h), std::move(o->p), std::move(ledger))};
+    });
+}
+
+caf::expected<std::vector<dead_letter_record>>
+kafka_dead_letters(std::string_view url, size_t max) {
+  auto o = open(url, "dlq-reader");
+  if (!o)
+    return o.error();
+  auto& s = o->settings;
+  std::set<std::string, std::less<>> plain;
+  for (auto& t : s.topics)
+    plain.insert(t + ".dlq");
+  auto parts = dlq_partitions(*o, [&](std::string_view name) {
+    if (s.topics.empty() && s.topic_patterns.empty())
+      return true;
+    auto base = name.substr(0, name.size() - 4);
+    bool wanted = plain.count(name) != 0;
+    for (auto& x : s.topic_patterns)
+      wanted = wanted || pattern_matches(x, base);
+    return wanted;
+  });
+  if (!parts)
+    return parts.error();
+  auto entries = read_dlq(s, *parts);
+  if (!entries)
+    return entries.error();
+  std::vector<dead_letter_record> result;
+  for (auto& e : *entries)
+    if (result.size() < max)
+      result.push_back(std::move(e.rec));
   return result;
 }
 

@@ -100,23 +100,6 @@ void consumer_runtime::set_detach_io(bool value) {
 
 namespace {
 
-/// `scheme://user:secret@host/...` -> `scheme://user:***@host/...`; tokens
-/// (`scheme://secret@host`) become `***@host`.
-std::string redact_url(const std::string& url) {
-  auto start = url.find("://");
-  if (start == std::string::npos)
-    return url;
-  start += 3;
-  auto at = url.find('@', start);
-  auto slash = url.find('/', start);
-  if (at == std::string::npos || (slash != std::string::npos && slash < at))
-    return url;
-  auto colon = url.find(':', start);
-  if (colon != std::string::npos && colon < at)
-    return url.substr(0, colon + 1) + "***" + url.substr(at);
-  return url.substr(0, start) + "***" + url.substr(at);
-}
-
 std::string host_name() {
   char buf[256] = {0};
   if (gethostname(buf, sizeof(buf) - 1) != 0)

@@ -1,5 +1,7 @@
 #include "evmesh/transport.hpp"
 
+#include <algorithm>
+#include <cctype>
 #include <map>
 #include <mutex>
 
@@ -35,6 +37,50 @@ void register_transport(std::string scheme, transport_factory factory) {
   auto& t = factories();
   std::lock_guard guard{t.mtx};
   t.factories[std::move(scheme)] = std::move(factory);
+}
+
+std::string redact_url(std::string_view url) {
+  std::string out{url};
+  auto start = out.find("://");
+  if (start == std::string::npos)
+    return out;
+  start += 3;
+  auto query = out.find('?', start);
+  auto at = out.find('@', start);
+  auto slash = out.find('/', start);
+  auto authority_end = std::min(slash, query);
+  if (at != std::string::npos && at < authority_end) {
+    auto colon = out.find(':', start);
+    if (colon != std::string::npos && colon < at)
+      out.replace(colon + 1, at - colon - 1, "***");
+    else
+      out.replace(start, at - start, "***");
+  }
+  query = out.find('?', start);
+  if (query == std::string::npos)
+    return out;
+  auto secret = [](std::string name) {
+    std::transform(name.begin(), name.end(), name.begin(), [](unsigned char c) {
+      return static_cast<char>(std::tolower(c));
+    });
+    for (const char* word : {"password", "secret", "token", "credential"})
+      if (name.find(word) != std::string::npos)
+        return true;
+    return false;
+  };
+  auto pos = query + 1;
+  while (pos < out.size()) {
+    auto amp = out.find('&', pos);
+    auto end = amp == std::string::npos ? out.size() : amp;
+    auto eq = out.find('=', pos);
+    if (eq != std::string::npos && eq < end
+        && secret(out.substr(pos, eq - pos))) {
+      out.replace(eq + 1, end - eq - 1, "***");
+      end = eq + 4;
+    }
+    pos = end + 1;
+  }
+  return out;
 }
 
 caf::expected<transport_ptr> make_transport(std::string_view url,

@@ -115,6 +115,12 @@ using transport_factory = std::function<caf::expected<transport_ptr>(
 /// Registers `factory` for `scheme` (replacing an earlier one). Thread-safe.
 void register_transport(std::string scheme, transport_factory factory);
 
+/// `url` fit for logs and messages: the password of `user:password@` (or a
+/// lone token before `@`) and the values of query parameters whose name
+/// contains `password`, `secret`, `token` or `credential` (case-insensitive,
+/// e.g. Kafka's `sasl.password`) become `***`.
+std::string redact_url(std::string_view url);
+
 /// Creates a transport by URL scheme; an unknown scheme yields
 /// `errc::invalid_url` listing the registered schemes.
 caf::expected<transport_ptr> make_transport(std::string_view url,

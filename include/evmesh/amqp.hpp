@@ -60,6 +60,11 @@ namespace evmesh {
 ///
 /// Errors at start name the URL (password masked) and what to do: broker
 /// unreachable, authentication failed, unknown vhost, missing queue.
+///
+/// Also registers `amqp://…?queue=Q` as a dead-letter store
+/// (`make_dead_letter_store`, `evmesh dlq --db`) on `Q.dlq`: record ids are a
+/// 53-bit FNV-1a hash of the message body; `remove` and `mark_replayed` ack
+/// the record out of the queue.
 void register_amqp_transport();
 
 /// Reads the dead-letter records in the queue `Q.dlq` of the configuration in

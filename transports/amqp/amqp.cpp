@@ -1496,9 +1496,253 @@ private:
   std::function<void()> wakeup_;
 };
 
+// -- the dead-letter queue as a store ------------------------------------------
+
+// The id of a dead letter in `Q.dlq`: FNV-1a (64 bit) of the message body,
+// keeping the low 53 bits (exact as a JSON number), never 0. Stable across
+// reads; identical bodies share an id.
+int64_t dlq_id_of(std::string_view body) {
+  uint64_t h = 14695981039346656037ull;
+  for (unsigned char c : body) {
+    h ^= c;
+    h *= 1099511628211ull;
+  }
+  auto id = static_cast<int64_t>(h & ((uint64_t{1} << 53) - 1));
+  return id == 0 ? 1 : id;
+}
+
+// `Q.dlq` of a URL's `queue=Q` as a `dead_letter_store`. Every call opens
+// its own connection. Reads take each message with basic.get (manual ack)
+// and close the channel, which returns the unacked ones in their order;
+// `remove` and `mark_replayed` ack the one message with the id first, so
+// replayed and purged records leave the queue.
+class amqp_dead_letter_store : public dead_letter_store {
+public:
+  explicit amqp_dead_letter_store(amqp_settings s) : s_(std::move(s)) {
+    s_.exchange.clear(); // declares nothing
+  }
+
+  caf::expected<int64_t> write(const dead_letter_record& rec) override {
+    auto conn = connect();
+    if (!conn)
+      return conn.error();
+    auto* c = conn->get();
+    auto body = to_json(rec);
+    std::vector<std::pair<std::string, std::string>> hdrs{
+      {"evmesh-category", rec.category},
+      {"evmesh-consumer", rec.consumer},
+      {"evmesh-topic", rec.topic},
+      {"evmesh-queue", s_.queue},
+      {"evmesh-attempts", std::to_string(rec.attempts)}};
+    std::vector<amqp_table_entry_t> entries;
+    for (auto& [k, v] : hdrs)
+      entries.push_back(string_entry(k.c_str(), v));
+    amqp_basic_properties_t props{};
+    props._flags = AMQP_BASIC_DELIVERY_MODE_FLAG | AMQP_BASIC_HEADERS_FLAG
+                   | AMQP_BASIC_CONTENT_TYPE_FLAG;
+    props.delivery_mode = 2;
+    props.content_type = amqp_cstring_bytes("application/json");
+    props.headers.num_entries = static_cast<int>(entries.size());
+    props.headers.entries = entries.data();
+    auto dlq = s_.dlq();
+    if (auto rc = amqp_basic_publish(c, publish_ch, amqp_empty_bytes,
+                                     bytes_of(dlq), 1, 0, &props,
+                                     bytes_of(body));
+        rc != AMQP_STATUS_OK)
+      return make_error(errc::unavailable,
+                        "amqp: writing a dead letter to '" + dlq
+                          + "' failed: " + amqp_error_string2(rc));
+    // Wait (bounded) for the confirm; a basic.return means unroutable.
+    auto deadline = clock_type::now() + s_.confirm_timeout;
+    bool returned = false;
+    for (;;) {
+      auto left = deadline - clock_type::now();
+      if (left <= caf::timespan::zero())
+        return make_error(errc::unavailable,
+                          "amqp: writing a dead letter to '" + dlq
+                            + "' was not confirmed within "
+                            + format_duration(s_.confirm_timeout));
+      auto tv = to_timeval(std::chrono::duration_cast<caf::timespan>(left));
+      amqp_frame_t frame{};
+      auto rc = amqp_simple_wait_frame_noblock(c, &frame, &tv);
+      if (rc == AMQP_STATUS_TIMEOUT)
+        continue;
+      if (rc != AMQP_STATUS_OK)
+        return make_error(errc::unavailable,
+                          "amqp: writing a dead letter to '" + dlq
+                            + "': " + amqp_error_string2(rc));
+      if (frame.frame_type != AMQP_FRAME_METHOD || frame.channel != publish_ch)
+        continue;
+      auto id = frame.payload.method.id;
+      if (id == AMQP_BASIC_RETURN_METHOD) {
+        returned = true;
+        amqp_message_t m{};
+        if (is_ok(amqp_read_message(c, publish_ch, &m, 0)))
+          amqp_destroy_message(&m);
+      } else if (id == AMQP_BASIC_ACK_METHOD) {
+        break;
+      } else if (id == AMQP_BASIC_NACK_METHOD) {
+        return make_error(errc::unavailable, "amqp: the broker refused the "
+                                             "dead letter for '"
+                                               + dlq + "' (nack)");
+      }
+    }
+    if (returned)
+      return make_error(errc::not_found, "amqp: the dead letter could not be "
+                                         "routed to '"
+                                           + dlq + "' on " + s_.shown);
+    amqp_connection_close(c, AMQP_REPLY_SUCCESS);
+    return dlq_id_of(body);
+  }
+
+  caf::expected<std::vector<dead_letter_record>>
+  list(const dead_letter_query& q) override {
+    auto recs = read(0);
+    if (!recs)
+      return recs.error();
+    // The queue is oldest first; list newest first.
+    std::vector<dead_letter_record> result;
+    for (auto i = recs->rbegin(); i != recs->rend(); ++i) {
+      if (q.limit != 0 && result.size() >= q.limit)
+        break;
+      if (matches(q, *i))
+        result.push_back(std::move(*i));
+    }
+    return result;
+  }
+
+  caf::expected<dead_letter_record> get(int64_t id) override {
+    auto recs = read(0);
+    if (!recs)
+      return recs.error();
+    for (auto& r : *recs)
+      if (r.id == id)
+        return std::move(r);
+    return not_found(id);
+  }
+
+  caf::error mark_replayed(int64_t id, int64_t) override {
+    return settle(id);
+  }
+
+  caf::error remove(int64_t id) override {
+    return settle(id);
+  }
+
+private:
+  caf::error not_found(int64_t id) const {
+    return make_error(errc::not_found,
+                      "no dead letter #" + std::to_string(id) + " in '"
+                        + s_.dlq() + "' on " + s_.shown
+                        + " (replayed, purged, or never written)");
+  }
+
+  caf::error settle(int64_t id) {
+    if (id <= 0)
+      return not_found(id);
+    auto acked = read(id);
+    if (!acked)
+      return acked.error();
+    for (auto& r : *acked)
+      if (r.id == id)
+        return {};
+    return not_found(id);
+  }
+
+  caf::expected<conn_ptr> connect() {
+    auto conn = open_connection(s_, "evmesh:dlq-store");
+    if (!conn)
+      return conn.error();
+    if (auto err = declare_queue(conn->get(), s_, s_.dlq(), true,
+                                 amqp_empty_table))
+      return err;
+    return conn;
+  }
+
+  // Reads every record of `Q.dlq` (oldest first, ids set) and returns them
+  // all to the queue, except the first one whose id is `ack_id` (if not 0):
+  // that one is acked before the channel closes.
+  caf::expected<std::vector<dead_letter_record>> read(int64_t ack_id) {
+    auto conn = connect();
+    if (!conn)
+      return conn.error();
+    auto* c = conn->get();
+    auto dlq = s_.dlq();
+    auto deadline = clock_type::now() + 60s;
+    std::vector<dead_letter_record> result;
+    bool acked = false;
+    for (;;) {
+      if (clock_type::now() > deadline)
+        return make_error(errc::unavailable,
+                          "amqp: reading '" + dlq + "' did not finish in 60s");
+      auto r = amqp_basic_get(c, consume_ch, bytes_of(dlq), 0);
+      if (!is_ok(r))
+        return make_error(errc::io_error,
+                          "amqp: cannot read '" + dlq + "': " + describe(r));
+      if (r.reply.id != AMQP_BASIC_GET_OK_METHOD)
+        break; // get-empty
+      auto* ok = static_cast<amqp_basic_get_ok_t*>(r.reply.decoded);
+      auto dtag = ok->delivery_tag;
+      auto more = ok->message_count;
+      message_box box;
+      auto rr = amqp_read_message(c, consume_ch, &box.m, 0);
+      if (!is_ok(rr))
+        return make_error(errc::io_error,
+                          "amqp: cannot read '" + dlq + "': " + describe(rr));
+      box.owned = true;
+      auto body = str_of(box.m.body);
+      auto rec = dead_letter_from_json(body);
+      if (!rec)
+        return make_error(errc::decode_error,
+                          "amqp: a message in '" + dlq
+                            + "' is not a dead-letter record: "
+                            + render(rec.error()));
+      rec->id = dlq_id_of(body);
+      if (ack_id != 0 && !acked && rec->id == ack_id) {
+        if (auto rc = amqp_basic_ack(c, consume_ch, dtag, 0);
+            rc != AMQP_STATUS_OK)
+          return make_error(errc::unavailable,
+                            "amqp: cannot ack dead letter #"
+                              + std::to_string(ack_id) + " in '" + dlq
+                              + "': " + amqp_error_string2(rc));
+        acked = true;
+      }
+      result.push_back(std::move(*rec));
+      amqp_maybe_release_buffers(c);
+      if (more == 0 || acked)
+        break; // the messages present when the read began
+    }
+    // channel.close is answered after the ack was processed; it returns
+    // the other messages to the queue.
+    auto closed = amqp_channel_close(c, consume_ch, AMQP_REPLY_SUCCESS);
+    if (acked && !is_ok(closed))
+      return make_error(errc::unavailable,
+                        "amqp: settling dead letter #" + std::to_string(ack_id)
+                          + " in '" + dlq
+                          + "' was not confirmed: " + describe(closed));
+    amqp_connection_close(c, AMQP_REPLY_SUCCESS);
+    return result;
+  }
+
+  amqp_settings s_;
+};
+
 } // namespace
 
 void register_amqp_transport() {
+  register_dead_letter_store(
+    "amqp", [](std::string_view url) -> caf::expected<dead_letter_store_ptr> {
+      auto s = parse_amqp_url(url);
+      if (!s)
+        return s.error();
+      if (s->queue.empty())
+        return make_error(errc::invalid_url,
+                          "amqp: a dead-letter store URL needs queue=Q: its "
+                          "dead-letter queue 'Q.dlq' is read, e.g. "
+                            + s->shown + "?queue=orders");
+      return dead_letter_store_ptr{
+        std::make_shared<amqp_dead_letter_store>(std::move(*s))};
+    });
   auto factory
     = [](std::string_view url,
          const transport_environment& env) -> caf::expected<transport_ptr> {

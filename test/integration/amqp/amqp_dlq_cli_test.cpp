@@ -1,0 +1,304 @@
+// `evmesh dlq list|show|replay|purge` with `--db amqp://…?queue=Q` read and
+// settle the dead-letter queue `Q.dlq` the AMQP transport writes, on a real
+// rabbitmq-server (one for the binary; every test uses its own queue). Dead
+// letters are made the way the runtime makes them: messages consumed,
+// `dead_letter` (confirmed by the broker), then `ack`. Every wait has a
+// deadline.
+#include <chrono>
+#include <memory>
+#include <set>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "evmesh/amqp.hpp"
+#include "evmesh/envelope.hpp"
+#include "evmesh/error.hpp"
+#include "evmesh/stores.hpp"
+#include "evmesh/transport.hpp"
+
+#include "ops.hpp"
+#include "rabbitmq_server.hpp"
+
+using namespace evmesh;
+using namespace evmesh::cli;
+using namespace std::chrono_literals;
+using evmesh::testing::rabbitmq_server;
+
+namespace {
+
+rabbitmq_server& server() {
+  static auto instance = std::make_unique<rabbitmq_server>();
+  return *instance;
+}
+
+transport_environment env() {
+  return {{}, "dlq-cli-node"};
+}
+
+constexpr const char* dlq_trace
+  = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+/// Polls `t` until `n` messages arrived or 30 s passed.
+std::vector<raw_message> poll_n(transport& t, size_t n) {
+  std::vector<raw_message> got;
+  auto deadline = std::chrono::steady_clock::now() + 30s;
+  while (got.size() < n && std::chrono::steady_clock::now() < deadline) {
+    if (auto err = t.poll(n - got.size(), got)) {
+      ADD_FAILURE() << render(err);
+      break;
+    }
+    if (got.size() < n)
+      std::this_thread::sleep_for(5ms);
+  }
+  return got;
+}
+
+int instances = 0;
+
+class amqp_dlq_cli : public ::testing::Test {
+protected:
+  void SetUp() override {
+    if (!rabbitmq_server::available())
+      GTEST_SKIP() << "rabbitmq-server is not installed (apt-get install "
+                      "rabbitmq-server, or scripts/install-deps.sh "
+                      "--with-servers)";
+    register_broker_schemes();
+    base_ = server().url() + "?queue=dlqcli" + std::to_string(++instances);
+    auto c = make_transport(base_, env());
+    ASSERT_TRUE(c) << render(c.error());
+    consumer_ = std::move(*c);
+    ASSERT_FALSE(consumer_->subscribe({"ord.*"}));
+  }
+
+  void TearDown() override {
+    if (consumer_)
+      consumer_->close();
+    consumer_.reset();
+  }
+
+  /// Publishes `n` envelopes on `topic` and dead-letters each as `category`
+  /// from consumer `who`, like the runtime: dead_letter, then ack.
+  void dead_letter_n(int n, const std::string& topic,
+                     const std::string& category, const std::string& who) {
+    for (int i = 0; i < n; ++i) {
+      envelope e;
+      e.topic = topic;
+      e.id = topic + "-" + std::to_string(i);
+      e.idempotency_key = e.id;
+      e.key = "k" + std::to_string(i % 4);
+      e.payload = boost::json::object{{"n", i}};
+      ASSERT_FALSE(consumer_->publish(e));
+    }
+    auto got = poll_n(*consumer_, static_cast<size_t>(n));
+    ASSERT_EQ(got.size(), static_cast<size_t>(n));
+    for (auto& m : got) {
+      auto decoded = decode_envelope(m.bytes);
+      ASSERT_TRUE(decoded) << render(decoded.error());
+      dead_letter_record rec;
+      rec.category = category;
+      rec.reason = "inventory down";
+      rec.attempts = 3;
+      rec.first_failure_ms = rec.last_failure_ms = 1714564800000;
+      rec.consumer = who;
+      rec.pattern = "ord.*";
+      rec.topic = m.subject;
+      rec.key = decoded->key;
+      rec.idempotency_key = decoded->idempotency_key;
+      rec.transport = "amqp";
+      rec.position = m.position;
+      rec.node = "dlq-cli-node";
+      rec.traceparent = dlq_trace;
+      rec.original = m.bytes;
+      rec.original_decoded = true;
+      rec.add_error(3, rec.last_failure_ms, "inventory down");
+      ASSERT_FALSE(consumer_->dead_letter(m.tag, rec));
+      ASSERT_FALSE(consumer_->ack(m.tag));
+    }
+  }
+
+  /// `dlq list --json` with `q`: the exit code and the records.
+  std::pair<int, std::vector<dead_letter_record>>
+  list(const dead_letter_query& q) {
+    dlq_list_options opts;
+    opts.db = base_;
+    opts.query = q;
+    opts.json = true;
+    std::ostringstream out, err;
+    int rc = dlq_list(opts, out, err);
+    EXPECT_EQ(rc, 0) << err.str();
+    std::vector<dead_letter_record> recs;
+    std::istringstream lines{out.str()};
+    for (std::string line; std::getline(lines, line);) {
+      auto rec = dead_letter_from_json(line);
+      EXPECT_TRUE(rec) << line;
+      if (rec)
+        recs.push_back(std::move(*rec));
+    }
+    return {rc, std::move(recs)};
+  }
+
+  std::string base_;
+  transport_ptr consumer_;
+};
+
+} // namespace
+
+TEST_F(amqp_dlq_cli, list_and_show_read_the_dlq_with_filters) {
+  dead_letter_n(6, "ord.created", "retries_exhausted", "billing");
+  dead_letter_n(4, "ord.cancelled", "permanent", "audit");
+  auto [rc, all] = list(every_match());
+  EXPECT_EQ(rc, 0);
+  ASSERT_EQ(all.size(), 10u);
+  std::set<int64_t> ids;
+  for (auto& r : all) {
+    EXPECT_GT(r.id, 0);
+    EXPECT_LT(r.id, int64_t{1} << 53);
+    ids.insert(r.id);
+  }
+  EXPECT_EQ(ids.size(), 10u) << "record ids are unique";
+  // Newest first: the audit records were dead-lettered last.
+  EXPECT_EQ(all.front().consumer, "audit");
+  EXPECT_EQ(all.back().consumer, "billing");
+  // The read did not take anything away, and ids are stable.
+  EXPECT_EQ(list(every_match()).second.front().id, all.front().id);
+  dead_letter_query limited = every_match();
+  limited.limit = 3;
+  EXPECT_EQ(list(limited).second.size(), 3u);
+  dead_letter_query by_category = every_match();
+  by_category.category = "permanent";
+  auto [rc2, perm] = list(by_category);
+  EXPECT_EQ(rc2, 0);
+  ASSERT_EQ(perm.size(), 4u);
+  for (auto& r : perm) {
+    EXPECT_EQ(r.consumer, "audit");
+    EXPECT_EQ(r.topic, "ord.cancelled");
+  }
+  dead_letter_query by_key = every_match();
+  by_key.key = "k1";
+  by_key.topic = "ord.created";
+  auto [rc3, k1] = list(by_key);
+  EXPECT_EQ(rc3, 0);
+  EXPECT_EQ(k1.size(), 2u); // i = 1, 5
+  dlq_show_options show;
+  show.db = base_;
+  show.id = perm.front().id;
+  std::ostringstream out, err;
+  EXPECT_EQ(dlq_show(show, out, err), 0) << err.str();
+  EXPECT_NE(out.str().find("ord.cancelled"), std::string::npos) << out.str();
+  EXPECT_NE(out.str().find("inventory down"), std::string::npos) << out.str();
+  show.id = 999'999;
+  std::ostringstream out2, err2;
+  EXPECT_EQ(dlq_show(show, out2, err2), exit_failure);
+  EXPECT_NE(err2.str().find("999999"), std::string::npos) << err2.str();
+  // The store writes records the readers see, under the id it returned.
+  auto store = make_dead_letter_store(base_);
+  ASSERT_TRUE(store) << render(store.error());
+  auto extra = perm.front();
+  extra.key = "written";
+  auto id = (*store)->write(extra);
+  ASSERT_TRUE(id) << render(id.error());
+  auto back = (*store)->get(*id);
+  ASSERT_TRUE(back) << render(back.error());
+  EXPECT_EQ(back->key, "written");
+  EXPECT_EQ(back->id, *id);
+  auto raw = amqp_dead_letters(base_);
+  ASSERT_TRUE(raw) << render(raw.error());
+  EXPECT_EQ(raw->size(), 11u);
+}
+
+TEST_F(amqp_dlq_cli, replay_republishes_once_and_moves_the_records_out) {
+  dead_letter_n(8, "ord.created", "retries_exhausted", "billing");
+  dead_letter_n(3, "ord.cancelled", "permanent", "audit");
+  dlq_replay_options opts;
+  opts.db = base_;
+  opts.target = base_;
+  opts.query.consumer = "billing";
+  opts.yes = true;
+  std::istringstream in;
+  std::ostringstream out, err;
+  ASSERT_EQ(dlq_replay(opts, terminal{}, in, out, err), 0) << err.str();
+  auto got = poll_n(*consumer_, 8);
+  ASSERT_EQ(got.size(), 8u);
+  std::set<std::string> keys;
+  for (auto& m : got) {
+    auto e = decode_envelope(m.bytes);
+    ASSERT_TRUE(e) << render(e.error());
+    EXPECT_EQ(e->topic, "ord.created");
+    EXPECT_EQ(e->attempt, 0u);
+    EXPECT_EQ(e->idempotency_key.rfind("replay:", 0), 0u) << e->idempotency_key;
+    EXPECT_NE(e->traceparent.find("4bf92f3577b34da6a3ce929d0e0e4736"),
+              std::string::npos);
+    keys.insert(e->idempotency_key);
+    ASSERT_FALSE(consumer_->ack(m.tag));
+  }
+  EXPECT_EQ(keys.size(), 8u);
+  // Replayed records left the queue; the other consumer's records stayed.
+  auto [rc, left] = list(every_match());
+  EXPECT_EQ(rc, 0);
+  ASSERT_EQ(left.size(), 3u);
+  for (auto& r : left)
+    EXPECT_EQ(r.consumer, "audit");
+  auto raw = amqp_dead_letters(base_);
+  ASSERT_TRUE(raw) << render(raw.error());
+  EXPECT_EQ(raw->size(), 3u);
+  // A second run finds nothing to replay and publishes nothing.
+  std::ostringstream out2, err2;
+  EXPECT_EQ(dlq_replay(opts, terminal{}, in, out2, err2), 0) << err2.str();
+  EXPECT_NE(err2.str().find("nothing to replay"), std::string::npos)
+    << err2.str();
+  std::vector<raw_message> none;
+  auto quiet = std::chrono::steady_clock::now() + 1500ms;
+  while (std::chrono::steady_clock::now() < quiet) {
+    ASSERT_FALSE(consumer_->poll(16, none));
+    std::this_thread::sleep_for(20ms);
+  }
+  EXPECT_TRUE(none.empty()) << "a second replay published again";
+}
+
+TEST_F(amqp_dlq_cli, purge_removes_exactly_what_the_filters_select) {
+  dead_letter_n(8, "ord.created", "retries_exhausted", "billing");
+  dead_letter_n(4, "ord.cancelled", "permanent", "audit");
+  dlq_purge_options opts;
+  opts.db = base_;
+  opts.query.category = "retries_exhausted";
+  opts.query.key = "k2";
+  opts.yes = true;
+  std::istringstream in;
+  std::ostringstream out, err;
+  ASSERT_EQ(dlq_purge(opts, terminal{}, in, out, err), 0) << err.str();
+  EXPECT_NE(err.str().find("deleted 2, failed 0"), std::string::npos)
+    << err.str();
+  auto [rc, left] = list(every_match());
+  EXPECT_EQ(rc, 0);
+  EXPECT_EQ(left.size(), 10u) << "8 + 4 minus the two k2 retries_exhausted";
+  for (auto& r : left)
+    EXPECT_FALSE(r.key == "k2" && r.category == "retries_exhausted");
+  auto raw = amqp_dead_letters(base_);
+  ASSERT_TRUE(raw) << render(raw.error());
+  EXPECT_EQ(raw->size(), 10u);
+  // Removing an id that is gone is a clear not-found.
+  auto store = make_dead_letter_store(base_);
+  ASSERT_TRUE(store) << render(store.error());
+  auto gone = (*store)->remove(999'999);
+  ASSERT_TRUE(gone);
+  EXPECT_NE(render(gone).find("999999"), std::string::npos) << render(gone);
+  EXPECT_EQ(list(every_match()).second.size(), 10u);
+}
+
+TEST_F(amqp_dlq_cli, unreachable_broker_and_bad_urls_are_clear_failures) {
+  dlq_list_options opts;
+  opts.db = "amqp://guest:guest@127.0.0.1:1/?queue=q&connect_timeout=500ms";
+  std::ostringstream out, err;
+  EXPECT_EQ(dlq_list(opts, out, err), exit_failure);
+  EXPECT_NE(err.str().find("cannot connect to"), std::string::npos)
+    << err.str();
+  // Without queue= the store does not know which DLQ to read.
+  opts.db = server().url();
+  std::ostringstream out2, err2;
+  EXPECT_EQ(dlq_list(opts, out2, err2), exit_failure);
+  EXPECT_NE(err2.str().find("queue="), std::string::npos) << err2.str();
+}

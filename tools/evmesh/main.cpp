@@ -165,7 +165,8 @@ void add_store_options(CLI::App* cmd, store_choice& choice) {
   auto db = cmd
               ->add_option("--db", choice.db,
                            "Dead-letter store URL: sqlite://PATH, or a "
-                           "broker's DLQ (nats://HOST:PORT?stream=S)")
+                           "broker's DLQ (nats://H:P?stream=S, "
+                           "kafka://B?topics=T, amqp://U:P@H/V?queue=Q)")
               ->type_name("URL")
               ->capture_default_str();
   cmd
@@ -190,7 +191,8 @@ std::optional<std::string> resolve_store(const store_choice& choice,
   if (cfg->dead_letter_url == "none") {
     std::cerr << "evmesh: " << choice.config_file
               << " sets dead_letter.url = \"none\": this service keeps dead "
-                 "letters only in its broker's DLQ — inspect them there\n";
+                 "letters only in its broker's DLQ — inspect them with --db "
+                 "and the broker URL (nats://, kafka://, amqp://)\n";
     exit_code = exit_failure;
     return std::nullopt;
   }

@@ -53,7 +53,10 @@ public:
     port_ = free_port();
     dist_port_ = free_port();
     epmd_port_ = free_port();
-    node_ = "evmesh" + std::to_string(port_) + "@localhost";
+    // A long node name on the loopback IP: Erlang then needs no name
+    // resolution at all (a minimal root may have no /etc/hosts, and
+    // "localhost" would not resolve).
+    node_ = "evmesh" + std::to_string(port_) + "@127.0.0.1";
     write_file(dir_ + "/rabbitmq.conf",
                "listeners.tcp.1 = 127.0.0.1:" + std::to_string(port_)
                  + "\n"
@@ -123,6 +126,7 @@ public:
       "PATH=/usr/bin:/bin:/usr/sbin:/sbin",
       "LANG=C.UTF-8",
       "RABBITMQ_NODENAME=" + node_,
+      "RABBITMQ_USE_LONGNAME=true",
       "RABBITMQ_NODE_IP_ADDRESS=127.0.0.1",
       "RABBITMQ_NODE_PORT=" + std::to_string(port_),
       "RABBITMQ_DIST_PORT=" + std::to_string(dist_port_),

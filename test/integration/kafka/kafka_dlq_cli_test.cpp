@@ -21,6 +21,7 @@
 #include "evmesh/stores.hpp"
 #include "evmesh/transport.hpp"
 
+#include "../dlq_cli_support.hpp"
 #include "kafka_mock.hpp"
 #include "ops.hpp"
 
@@ -36,23 +37,10 @@ transport_environment env() {
   return {{}, "dlq-cli-node"};
 }
 
-constexpr const char* dlq_trace
-  = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-
 /// Polls `t` until `n` messages arrived or 30 s passed (a group's first join
 /// takes about 3 s on the mock).
 std::vector<raw_message> poll_n(transport& t, size_t n) {
-  std::vector<raw_message> got;
-  auto deadline = std::chrono::steady_clock::now() + 30s;
-  while (got.size() < n && std::chrono::steady_clock::now() < deadline) {
-    if (auto err = t.poll(n - got.size(), got)) {
-      ADD_FAILURE() << render(err);
-      break;
-    }
-    if (got.size() < n)
-      std::this_thread::sleep_for(5ms);
-  }
-  return got;
+  return evmesh::testing::poll_n(t, n, 30s);
 }
 
 class kafka_dlq_cli : public ::testing::Test {
@@ -84,61 +72,16 @@ protected:
   /// from consumer `who`, like the runtime: dead_letter, then ack.
   void dead_letter_n(int n, const std::string& topic,
                      const std::string& category, const std::string& who) {
-    for (int i = 0; i < n; ++i) {
-      envelope e;
-      e.topic = topic;
-      e.id = topic + "-" + std::to_string(i);
-      e.idempotency_key = e.id;
-      e.key = "k" + std::to_string(i % 4);
-      e.payload = boost::json::object{{"n", i}};
-      ASSERT_FALSE(consumer_->publish(e));
-    }
-    auto got = poll_n(*consumer_, static_cast<size_t>(n));
-    ASSERT_EQ(got.size(), static_cast<size_t>(n));
-    for (auto& m : got) {
-      auto decoded = decode_envelope(m.bytes);
-      ASSERT_TRUE(decoded) << render(decoded.error());
-      dead_letter_record rec;
-      rec.category = category;
-      rec.reason = "inventory down";
-      rec.attempts = 3;
-      rec.first_failure_ms = rec.last_failure_ms = 1714564800000;
-      rec.consumer = who;
-      rec.pattern = "ord.*";
-      rec.topic = m.subject;
-      rec.key = decoded->key;
-      rec.idempotency_key = decoded->idempotency_key;
-      rec.transport = "kafka";
-      rec.position = m.position;
-      rec.node = "dlq-cli-node";
-      rec.traceparent = dlq_trace;
-      rec.original = m.bytes;
-      rec.original_decoded = true;
-      rec.add_error(3, rec.last_failure_ms, "inventory down");
-      ASSERT_FALSE(consumer_->dead_letter(m.tag, rec));
-      ASSERT_FALSE(consumer_->ack(m.tag));
-    }
+    evmesh::testing::dead_letter_n(*consumer_, n, topic, category, who, "kafka",
+                                   30s);
   }
 
   /// `dlq list --json` with `q`: the exit code and the records.
   std::pair<int, std::vector<dead_letter_record>>
   list(const dead_letter_query& q) {
-    dlq_list_options opts;
-    opts.db = base_;
-    opts.query = q;
-    opts.json = true;
-    std::ostringstream out, err;
-    int rc = dlq_list(opts, out, err);
-    EXPECT_EQ(rc, 0) << err.str();
-    std::vector<dead_letter_record> recs;
-    std::istringstream lines{out.str()};
-    for (std::string line; std::getline(lines, line);) {
-      auto rec = dead_letter_from_json(line);
-      EXPECT_TRUE(rec) << line;
-      if (rec)
-        recs.push_back(std::move(*rec));
-    }
-    return {rc, std::move(recs)};
+    auto listing = evmesh::testing::list_dlq(base_, q);
+    EXPECT_EQ(listing.rc, 0) << listing.err;
+    return {listing.rc, std::move(listing.records)};
   }
 
   std::unique_ptr<kafka_mock_cluster> cluster_;

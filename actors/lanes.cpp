@@ -70,6 +70,37 @@ struct attempt_scope {
   std::string key;
   bool claimed = false;
   int64_t start_ns = 0;
+  /// Whether the transport was told that the handler runs (and its token).
+  bool announced = false;
+  uint64_t token = 0;
+
+  /// Tells the transport that the handler is about to run.
+  void announce() {
+    if (env->transport) {
+      token = env->transport->attempt_started(msg->msg->raw.tag);
+      announced = true;
+    }
+  }
+
+  /// Tells the transport that the handler run is over (once).
+  void conclude() noexcept {
+    if (announced) {
+      announced = false;
+      env->transport->attempt_finished(token);
+    }
+  }
+
+  attempt_scope(const runtime_env* e, const subscription* s,
+                const attempt_msg* m)
+    : env(e), sub(s), msg(m) {
+  }
+  attempt_scope(const attempt_scope&) = delete;
+  attempt_scope& operator=(const attempt_scope&) = delete;
+
+  /// A lane that dies mid-attempt (actor handler crash) ends the run too.
+  ~attempt_scope() {
+    conclude();
+  }
 };
 
 void emit_span(const attempt_scope& a, const char* status,
@@ -95,12 +126,15 @@ void emit_span(const attempt_scope& a, const char* status,
 std::optional<attempt_result> begin_attempt(attempt_scope& a) {
   a.start_ns = wall_ns();
   auto& env = *a.env;
-  if (!env.dedupe)
+  if (!env.dedupe) {
+    a.announce();
     return std::nullopt;
+  }
   a.key = scoped_dedupe_key(*a.sub, *a.msg->msg);
   switch (env.dedupe->try_begin(a.key, env.config.dedupe_lease)) {
     case claim_result::fresh:
       a.claimed = true;
+      a.announce();
       return std::nullopt;
     case claim_result::duplicate:
       emit_span(a, "duplicate", {});
@@ -117,12 +151,14 @@ std::optional<attempt_result> begin_attempt(attempt_scope& a) {
       spdlog::warn("idempotency store unavailable; running {} without dedupe "
                    "(dedupe.on_unavailable = fail_open)",
                    a.sub->name);
+      a.announce();
       return std::nullopt;
   }
 }
 
 /// Commits or aborts the claim and records the span.
 attempt_result finish_attempt(attempt_scope& a, outcome out) {
+  a.conclude();
   auto& env = *a.env;
   if (a.claimed) {
     caf::error err;
@@ -154,7 +190,7 @@ caf::behavior function_lane(caf::event_based_actor*, runtime_env_ptr env,
                             uint32_t sub) {
   return {
     [env, sub](run_atom, const attempt_msg& msg) -> attempt_result {
-      attempt_scope a{env.get(), &env->table.subscriptions[sub], &msg, {}};
+      attempt_scope a{env.get(), &env->table.subscriptions[sub], &msg};
       if (auto early = begin_attempt(a))
         return std::move(*early);
       return with_context(a, [&a](auto&&... xs) {
@@ -187,7 +223,7 @@ caf::behavior actor_lane(caf::event_based_actor* self, runtime_env_ptr env,
     [self, env, sub, handler](run_atom,
                               attempt_msg& msg) -> caf::result<attempt_result> {
       auto a = std::make_shared<attempt_scope>(
-        attempt_scope{env.get(), &env->table.subscriptions[sub], nullptr, {}});
+        env.get(), &env->table.subscriptions[sub], nullptr);
       auto held = std::make_shared<attempt_msg>(std::move(msg));
       a->msg = held.get();
       if (auto early = begin_attempt(*a))

@@ -42,6 +42,7 @@ struct stats_block {
   std::atomic<uint64_t> nacked{0};
   std::atomic<uint64_t> timeouts{0};
   std::atomic<uint64_t> lane_restarts{0};
+  std::atomic<uint64_t> supervisor_restarts{0};
   std::atomic<uint64_t> new_root_traces{0};
   std::atomic<uint64_t> deferred{0};
   std::atomic<uint64_t> in_flight{0};
@@ -156,13 +157,20 @@ struct attempt_result {
 };
 
 /// How a subscription finished with a delivery.
-enum class settle_kind : uint8_t { ack, dead_lettered, nack };
+/// `defer`: the next attempt is due so late that the message leaves the
+/// stream through `transport::defer` (a retry topic) instead of waiting here.
+enum class settle_kind : uint8_t { ack, dead_lettered, nack, defer };
 
 /// Topic supervisor -> source.
 struct settlement {
   uint64_t delivery_id = 0;
   settle_kind kind = settle_kind::ack;
   std::shared_ptr<const dead_letter_record> record;
+  /// For `defer`: when the next attempt is due and the runs so far.
+  caf::timespan delay{0};
+  uint32_t attempts = 0;
+  /// Index of the subscription that settles (unused for intake settlements).
+  uint32_t sub = 0;
 };
 
 /// Anyone -> dead-letter actor; answered with the record id (int64_t).
@@ -209,6 +217,12 @@ using node_up_atom = caf::atom_constant<caf::atom("node_up")>;
 using node_down_atom = caf::atom_constant<caf::atom("node_down")>;
 /// Mesh supervisor -> cluster node: `(join_sup_atom, sub, supervisor)`.
 using join_sup_atom = caf::atom_constant<caf::atom("sup_join")>;
+/// Mesh supervisor -> source: `(restart_atom, index, supervisor)` after the
+/// topic supervisor `index` crashed and was replaced.
+using restart_atom = caf::atom_constant<caf::atom("restart")>;
+/// Fault injection (testing): `(crash_atom, index)` to the mesh supervisor
+/// makes topic supervisor `index` throw inside its message handler.
+using crash_atom = caf::atom_constant<caf::atom("crash")>;
 
 // -- plain functions (unit-tested) ---------------------------------------------
 

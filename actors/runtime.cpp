@@ -287,6 +287,7 @@ runtime_stats consumer_runtime::stats() const {
   r.nacked = get(s.nacked);
   r.timeouts = get(s.timeouts);
   r.lane_restarts = get(s.lane_restarts);
+  r.supervisor_restarts = get(s.supervisor_restarts);
   r.new_root_traces = get(s.new_root_traces);
   r.deferred = get(s.deferred);
   r.in_flight = get(s.in_flight);
@@ -294,6 +295,23 @@ runtime_stats consumer_runtime::stats() const {
   r.paused = get(s.paused);
   return r;
 }
+
+namespace testing {
+
+bool inject_supervisor_crash(consumer_runtime& rt, std::string_view name) {
+  auto& d = *rt.impl_;
+  if (!d.env || !d.mesh)
+    return false;
+  auto& subs = d.env->table.subscriptions;
+  for (uint32_t i = 0; i < subs.size(); ++i)
+    if (subs[i].name == name) {
+      caf::anon_send(d.mesh, internal::crash_atom::value, i);
+      return true;
+    }
+  return false;
+}
+
+} // namespace testing
 
 health_status consumer_runtime::health() const noexcept {
   auto result = static_cast<health_status>(impl_->stats->health.load());

@@ -2,8 +2,10 @@
 // within the in-flight bound, decodes, matches, checks tenants, routes to the
 // topic supervisors and settles each delivery with exactly one terminal
 // action once every subscription it matched is done with it.
+#include <algorithm>
 #include <unordered_map>
 
+#include <boost/container/small_vector.hpp>
 #include <caf/all.hpp>
 #include <spdlog/spdlog.h>
 
@@ -16,9 +18,19 @@ namespace {
 struct pending_delivery {
   uint64_t tag = 0;
   uint32_t remaining = 0;
+  /// The decoded message (null for intake dead letters) and the
+  /// subscriptions that have not settled it yet: a restarted topic
+  /// supervisor gets these again.
+  incoming_ptr msg;
+  boost::container::small_vector<uint32_t, 2> owing;
   bool nack = false;
   /// Dead-lettered by the source itself (decode, tenant, no handler).
   bool intake = false;
+  /// A subscription deferred it (`transport::defer`): the latest due time
+  /// and the most runs asked for win.
+  bool defer = false;
+  caf::timespan delay{0};
+  uint32_t attempts = 0;
   std::vector<std::shared_ptr<const dead_letter_record>> records;
 };
 
@@ -160,7 +172,9 @@ public:
     msg->raw = std::move(raw);
     msg->raw.bytes.shrink_to_fit();
     d.remaining = static_cast<uint32_t>(st_->matches.size());
+    d.owing.assign(st_->matches.begin(), st_->matches.end());
     incoming_ptr shared = std::move(msg);
+    d.msg = shared;
     for (auto idx : st_->matches)
       st_->batches[idx].items.push_back(shared);
   }
@@ -195,10 +209,25 @@ public:
     if (i == st_->deliveries.end())
       return;
     auto& d = i->second;
+    if (d.msg) {
+      auto j = std::find(d.owing.begin(), d.owing.end(), s.sub);
+      if (j == d.owing.end()) {
+        spdlog::critical("delivery {} settled by subscription {} that does "
+                         "not owe it; ignoring the extra settlement",
+                         s.delivery_id, s.sub);
+        return;
+      }
+      d.owing.erase(j);
+    }
     if (s.kind == settle_kind::nack)
       d.nack = true;
     else if (s.kind == settle_kind::dead_lettered && s.record)
       d.records.push_back(s.record);
+    else if (s.kind == settle_kind::defer) {
+      d.defer = true;
+      d.delay = std::max(d.delay, s.delay);
+      d.attempts = std::max(d.attempts, s.attempts);
+    }
     if (d.remaining == 0) {
       spdlog::critical("delivery {} settled more often than it was routed; "
                        "ignoring the extra settlement",
@@ -213,6 +242,17 @@ public:
       for (auto& rec : d.records)
         if ((err = t.dead_letter(d.tag, *rec)))
           break;
+      if (!err && d.defer) {
+        // The transport stored it for a later attempt and settled the tag.
+        if ((err = t.defer(d.tag, d.delay, d.attempts)))
+          spdlog::error("deferring a retry to the broker failed: {}",
+                        render(err));
+        else {
+          st_->deliveries.erase(i);
+          after_settle();
+          return;
+        }
+      }
     }
     if (d.nack || err) {
       if (err)
@@ -228,6 +268,10 @@ public:
       stats_block::inc(stats().acked);
     }
     st_->deliveries.erase(i);
+    after_settle();
+  }
+
+  void after_settle() {
     stats().in_flight.store(st_->deliveries.size(), std::memory_order_relaxed);
     if (st_->draining) {
       check_stopped();
@@ -239,6 +283,48 @@ public:
     auto used = st_->deliveries.size();
     if (used + cfg.poll_batch <= cfg.max_in_flight || used < cfg.poll_batch)
       schedule_poll(caf::timespan{0});
+  }
+
+  /// Topic supervisor `index` crashed and was replaced by `sup`: every
+  /// delivery it had not settled goes to the new one, in delivery order (so
+  /// per-key order holds). The crashed attempts' idempotency claims are
+  /// released first, or the retries would wait out the claim lease.
+  void on_restart(uint32_t index, caf::actor sup) {
+    st_->supervisors[index] = std::move(sup);
+    auto& env = *st_->env;
+    auto& subscription = env.table.subscriptions[index];
+    std::vector<std::pair<uint64_t, incoming_ptr>> owed;
+    for (auto& [id, d] : st_->deliveries)
+      if (d.msg
+          && std::find(d.owing.begin(), d.owing.end(), index) != d.owing.end())
+        owed.emplace_back(id, d.msg);
+    std::sort(owed.begin(), owed.end(),
+              [](auto& x, auto& y) { return x.first < y.first; });
+    dispatch_batch batch;
+    batch.items.reserve(owed.size());
+    for (auto& [id, msg] : owed) {
+      if (env.dedupe)
+        if (auto err = env.dedupe->abort(scoped_dedupe_key(subscription, *msg)))
+          spdlog::warn("{}: releasing a claim after the supervisor restart "
+                       "failed: {}",
+                       subscription.name, render(err));
+      batch.items.push_back(std::move(msg));
+    }
+    spdlog::warn("{}: topic supervisor restarted; {} unsettled deliveries "
+                 "dispatched again",
+                 subscription.name, batch.items.size());
+    if (st_->draining) {
+      // Stopping: hand them back to the broker instead.
+      for (auto& m : batch.items) {
+        settlement s{m->delivery_id, settle_kind::nack, nullptr};
+        s.sub = index;
+        settle(s);
+      }
+      self_->send(st_->supervisors[index], drain_atom::value);
+      return;
+    }
+    if (!batch.items.empty())
+      self_->send(st_->supervisors[index], std::move(batch));
   }
 
   void drain() {
@@ -312,6 +398,9 @@ caf::behavior source_actor(caf::event_based_actor* self, runtime_env_ptr env,
     [st, impl](caf::actor& mesh, stop_atom) { st->mesh = mesh; },
     [impl](poll_atom) { impl->on_poll(); },
     [impl](settle_atom, const settlement& s) { impl->settle(s); },
+    [impl](restart_atom, uint32_t index, caf::actor& sup) {
+      impl->on_restart(index, std::move(sup));
+    },
     [impl](drain_atom) { impl->drain(); },
     [impl](abandon_atom) { impl->abandon(); },
     [impl](drained_atom, uint32_t) { impl->on_drained(); },

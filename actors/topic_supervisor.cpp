@@ -2,6 +2,7 @@
 // attempts, errors, trace), per-key lanes, retry timers and handler lanes, and
 // settles every delivery with the source exactly once.
 #include <deque>
+#include <stdexcept>
 #include <unordered_map>
 
 #include <caf/all.hpp>
@@ -72,6 +73,8 @@ struct supervisor_state {
   size_t running = 0;
   /// Remote lanes currently usable.
   size_t remote_slots = 0;
+  /// Retries due this late leave through `transport::defer`.
+  caf::timespan defer_after = caf::timespan::max();
 };
 
 using state_ptr = std::shared_ptr<supervisor_state>;
@@ -473,9 +476,18 @@ public:
       return;
     }
     stats_block::inc(stats().retried);
-    r.state = record_state::waiting;
     auto delay = after ? *after
                        : next_backoff(r.executions, opts().backoff, st_->rng);
+    if (delay >= st_->defer_after) {
+      // Too long to hold the broker's position: the transport takes it out
+      // of the stream (retry topic) and keeps the key's order itself.
+      settlement s{id, settle_kind::defer, nullptr};
+      s.delay = delay;
+      s.attempts = n;
+      finish(std::move(s));
+      return;
+    }
+    r.state = record_state::waiting;
     self_->delayed_send(self_, delay, retry_atom::value, id, r.seq);
   }
 
@@ -557,18 +569,24 @@ public:
 
   void settle(uint64_t id, settle_kind kind,
               std::shared_ptr<const dead_letter_record> rec) {
-    self_->send(st_->source, settle_atom::value,
-                settlement{id, kind, std::move(rec)});
+    settlement s{id, kind, std::move(rec)};
+    s.sub = st_->index;
+    self_->send(st_->source, settle_atom::value, std::move(s));
   }
 
   void finish(uint64_t id, settle_kind kind,
               std::shared_ptr<const dead_letter_record> rec = nullptr) {
-    auto i = st_->records.find(id);
+    finish(settlement{id, kind, std::move(rec)});
+  }
+
+  void finish(settlement s) {
+    auto i = st_->records.find(s.delivery_id);
     if (i == st_->records.end())
       return;
     release_key(i->second);
     st_->records.erase(i);
-    settle(id, kind, std::move(rec));
+    s.sub = st_->index;
+    self_->send(st_->source, settle_atom::value, std::move(s));
     check_drained();
   }
 
@@ -723,6 +741,8 @@ caf::behavior topic_supervisor(caf::event_based_actor* self,
   st->sub = &env->table.subscriptions[sub];
   st->source = std::move(source);
   st->dead_letter = std::move(dead_letter);
+  if (env->transport)
+    st->defer_after = env->transport->capabilities().defer_after;
   auto impl = std::make_shared<supervisor_impl>(self, st);
   impl->start_lanes();
   self->set_exit_handler([self, impl, st](caf::exit_msg& msg) {
@@ -745,6 +765,11 @@ caf::behavior topic_supervisor(caf::event_based_actor* self,
     [impl](resume_atom) { impl->resume(); },
     [impl](drain_atom) { impl->drain(); },
     [impl](abandon_atom) { impl->abandon(); },
+    [](crash_atom) {
+      // Fault injection (evmesh::testing::inject_supervisor_crash): fail the
+      // way a bug in this actor would.
+      throw std::runtime_error("injected topic supervisor crash");
+    },
     [impl](node_up_atom, const std::string& node, const caf::actor& proxy,
            uint32_t lanes) { impl->node_up(node, proxy, lanes); },
     [impl](node_down_atom, const std::string& node, const caf::actor& proxy) {

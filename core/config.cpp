@@ -549,7 +549,8 @@ constexpr key_entry entries[] = {
   // -- [supervision]
   {{"supervision.restart_limit", config_type::integer, "10",
     "Lane restarts per restart_window before the subscription pauses and "
-    "health turns degraded (>= 1).",
+    "health turns degraded; also topic supervisor restarts per window before "
+    "the runtime stops (>= 1).",
     ""},
    [](rc& c, const value& x) { return set_int(c.restart_limit, x, 1); },
    [](const rc& c) -> value { return int64_t{c.restart_limit}; }},

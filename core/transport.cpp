@@ -15,6 +15,20 @@ bool transport::connected() const noexcept {
   return true;
 }
 
+caf::error transport::defer(uint64_t, caf::timespan, uint32_t) {
+  return make_error(errc::invalid_state,
+                    std::string{scheme()}
+                      + ": this transport cannot defer a retry to the broker");
+}
+
+uint64_t transport::attempt_started(uint64_t) noexcept {
+  return 0;
+}
+
+void transport::attempt_finished(uint64_t) noexcept {
+  // Nothing to do for brokers that count deliveries themselves.
+}
+
 void transport::set_wakeup(std::function<void()>) {
   // Transports without push notifications are polled on a timer.
 }

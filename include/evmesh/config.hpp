@@ -82,7 +82,8 @@ struct runtime_config {
   // -- [supervision] ----------------------------------------------------------
 
   /// `supervision.restart_limit`: lane restarts tolerated per window before
-  /// the subscription pauses and health turns `degraded`.
+  /// the subscription pauses and health turns `degraded`; also the topic
+  /// supervisor restarts tolerated per window before the runtime stops.
   uint32_t restart_limit = 10;
   /// `supervision.restart_window`: the window `restart_limit` counts in.
   caf::timespan restart_window = std::chrono::seconds{10};

@@ -3,6 +3,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include <caf/actor_system.hpp>
@@ -37,6 +38,12 @@ enum class health_status : uint8_t {
 /// Returns "starting", "healthy", ...
 const char* to_string(health_status x) noexcept;
 
+class consumer_runtime;
+
+namespace testing {
+bool inject_supervisor_crash(consumer_runtime& rt, std::string_view name);
+} // namespace testing
+
 /// Counters since start (a consistent-enough snapshot of relaxed atomics).
 struct runtime_stats {
   /// Deliveries taken from the transport (redeliveries included).
@@ -58,6 +65,9 @@ struct runtime_stats {
   uint64_t timeouts = 0;
   /// Handler lanes restarted (crash or timeout).
   uint64_t lane_restarts = 0;
+  /// Topic supervisors restarted after a crash (their unsettled deliveries
+  /// were dispatched again to the fresh supervisor).
+  uint64_t supervisor_restarts = 0;
   /// Messages without a valid traceparent that started a new root trace.
   uint64_t new_root_traces = 0;
   /// Claims answered in_flight or unavailable (retried without counting).
@@ -138,6 +148,9 @@ public:
   struct impl;
 
 private:
+  friend bool testing::inject_supervisor_crash(consumer_runtime&,
+                                               std::string_view);
+
   std::unique_ptr<impl> impl_;
 };
 

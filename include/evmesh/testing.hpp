@@ -98,6 +98,15 @@ private:
   std::unique_ptr<consumer_runtime> runtime_;
 };
 
+/// Fault injection: makes the topic supervisor of the subscription `name`
+/// ("consumer/pattern") throw inside its message handler, as a bug in it
+/// would. The mesh supervisor restarts it and the source dispatches every
+/// delivery it had not settled to the fresh one (attempts under way run
+/// again: at-least-once; dedupe absorbs what had already committed). Returns
+/// false when the runtime is not running or has no such subscription. Defined
+/// in the runtime library (no test coordinator needed).
+bool inject_supervisor_crash(consumer_runtime& rt, std::string_view name);
+
 /// Parses the broker's DLQ (JSON records) of the group "default".
 std::vector<dead_letter_record> dead_letters(const inproc_broker& broker);
 

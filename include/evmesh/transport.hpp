@@ -46,6 +46,10 @@ struct transport_capabilities {
   bool broker_dead_letter = false;
   /// The transport calls the wakeup function when messages arrive.
   bool wakeup = false;
+  /// Retries due this far away or later leave the stream through `defer`
+  /// (e.g. Kafka's retry topic) instead of waiting in memory, so the
+  /// broker's position can move on. `max()`: never.
+  caf::timespan defer_after = caf::timespan::max();
 };
 
 /// A broker connection as the mesh sees it. All calls are made by the source
@@ -81,6 +85,16 @@ public:
   virtual caf::error dead_letter(uint64_t tag, const dead_letter_record& rec)
     = 0;
 
+  /// Takes a failed delivery out of the stream until `delay` has passed (only
+  /// called when `capabilities().defer_after <= delay`): the transport stores
+  /// it durably for later (a retry topic), then treats `tag` as settled. When
+  /// it comes back its `delivery_count` is `attempts + 1`. Until it is settled
+  /// for good, the transport holds back later messages with the same key, so
+  /// per-key order survives. An error means nothing was stored; the runtime
+  /// then nacks. Default: `errc::invalid_state`.
+  virtual caf::error defer(uint64_t tag, caf::timespan delay,
+                           uint32_t attempts);
+
   /// Extends the broker's ack deadline of an unacked message (in progress).
   virtual caf::error extend(uint64_t tag) = 0;
 
@@ -93,6 +107,19 @@ public:
 
   /// Registers `fn`, called (from any thread) when messages may be available.
   virtual void set_wakeup(std::function<void()> fn);
+
+  /// A handler is about to run for delivery `tag`: called on the handler's
+  /// lane (any thread) after the idempotency claim, right before the handler.
+  /// The returned token goes to `attempt_finished` once the handler returned
+  /// or its lane died, whatever the outcome (not after a timeout while the
+  /// handler still runs). For brokers that count no deliveries (Kafka) this
+  /// is where a durable count of handler runs is kept, so `crash_loop` counts
+  /// exactly the runs that were under way when a process died. Thread-safe;
+  /// must not block for long. The default does nothing.
+  virtual uint64_t attempt_started(uint64_t tag) noexcept;
+
+  /// The handler run announced by `attempt_started` is over.
+  virtual void attempt_finished(uint64_t token) noexcept;
 
   /// Stops consuming; unacked messages become deliverable again.
   virtual caf::error close() = 0;

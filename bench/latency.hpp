@@ -45,22 +45,27 @@ public:
     seen_[i].compare_exchange_strong(zero, now_ns(), std::memory_order_relaxed);
   }
 
-  /// Percentiles in microseconds of every message seen: {p50, p99, p99.9}.
-  std::vector<double> percentiles() const {
-    std::vector<int64_t> d;
+  /// Latencies in microseconds of every message seen, ascending.
+  std::vector<double> sorted_us() const {
+    std::vector<double> d;
     d.reserve(n_);
     for (size_t i = 0; i < n_; ++i) {
       auto s = sent_[i].load(std::memory_order_relaxed);
       auto r = seen_[i].load(std::memory_order_relaxed);
       if (s != 0 && r != 0)
-        d.push_back(r - s);
+        d.push_back(static_cast<double>(r - s) / 1000.0);
     }
+    std::sort(d.begin(), d.end());
+    return d;
+  }
+
+  /// Percentiles in microseconds of every message seen: {p50, p99, p99.9}.
+  std::vector<double> percentiles() const {
+    auto d = sorted_us();
     if (d.empty())
       return {0, 0, 0};
-    std::sort(d.begin(), d.end());
     auto at = [&](double q) {
-      auto idx = static_cast<size_t>(q * static_cast<double>(d.size() - 1));
-      return static_cast<double>(d[idx]) / 1000.0;
+      return d[static_cast<size_t>(q * static_cast<double>(d.size() - 1))];
     };
     return {at(0.50), at(0.99), at(0.999)};
   }

@@ -1,0 +1,334 @@
+// End-to-end consume throughput on librdkafka's mock cluster, evmesh against
+// a bare librdkafka consumer measured in the same run.
+//
+//   e2e_kafka [messages] [keys] [runs] [--partitions P] [--json FILE]
+//             [--evmesh-query K=V&...]   (appended to the evmesh URLs)
+//
+// A 3-broker mock cluster (rdkafka_mock.h) lives inside this process. One
+// topic of P partitions (default 16, replication 3) is preloaded once with
+// `messages` pre-encoded ~200-byte native envelopes keyed over `keys` keys;
+// every run and consumer then drains it from the start in a fresh consumer
+// group. The clock and the CPU account (getrusage, every thread of the
+// process — the mock brokers' threads included, the same for both rows)
+// start at the first message consumed, so the group join (~3 s on the mock)
+// is not measured, and stop when the last message is committed (bare) or
+// acked by the runtime (evmesh). Medians over `runs`.
+//
+// - bare: rd_kafka_consumer_poll, nothing decoded, a synchronous explicit
+//   offset commit every 1 000 messages and at the end (manual commits).
+// - evmesh: consumer_runtime on kafka://…?group=G&topics=T with guarantees
+//   on: memory dedupe (claim + commit per message), a span per attempt to a
+//   counting sink, per-key ordering, concurrency 2x cores. Once with the
+//   transport's defaults, once with max_buffered=8192 (= max_in_flight).
+//
+// Then the evmesh latency at about half its measured rate: a second topic,
+// a producer paced in 1 ms ticks (linger.ms=0) while the runtime consumes;
+// latency = produce call to handler call.
+#include <chrono>
+#include <cstdio>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <librdkafka/rdkafka.h>
+#include <spdlog/spdlog.h>
+
+#include "evmesh/consumer.hpp"
+#include "evmesh/kafka.hpp"
+#include "evmesh/memory_store.hpp"
+
+#include "common.hpp"
+#include "kafka/kafka_mock.hpp"
+
+using namespace std::chrono;
+namespace eb = evmesh::bench;
+
+namespace {
+
+[[noreturn]] void die(const std::string& what) {
+  std::fprintf(stderr, "e2e_kafka: %s\n", what.c_str());
+  std::exit(1);
+}
+
+rd_kafka_conf_t*
+make_conf(const std::string& bootstraps,
+          std::vector<std::pair<std::string, std::string>> extra) {
+  char errstr[512];
+  auto* conf = rd_kafka_conf_new();
+  extra.emplace_back("bootstrap.servers", bootstraps);
+  extra.emplace_back("log_level", "3");
+  for (auto& [k, v] : extra)
+    if (rd_kafka_conf_set(conf, k.c_str(), v.c_str(), errstr, sizeof errstr)
+        != RD_KAFKA_CONF_OK)
+      die("config " + k + ": " + errstr);
+  return conf;
+}
+
+/// A producer that writes keyed envelopes with a traceparent header, as the
+/// transport's publish does.
+class producer {
+public:
+  producer(const std::string& bootstraps, const std::string& linger_ms) {
+    char errstr[512];
+    auto* conf = make_conf(bootstraps,
+                           {{"linger.ms", linger_ms},
+                            {"queue.buffering.max.messages", "1000000"}});
+    rk_ = rd_kafka_new(RD_KAFKA_PRODUCER, conf, errstr, sizeof errstr);
+    if (rk_ == nullptr)
+      die(std::string{"producer: "} + errstr);
+  }
+  ~producer() {
+    rd_kafka_destroy(rk_);
+  }
+  producer(const producer&) = delete;
+  producer& operator=(const producer&) = delete;
+
+  void send(const std::string& topic, const std::string& key,
+            const std::string& value) {
+    static const std::string tp
+      = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    for (;;) {
+      auto err = rd_kafka_producev(
+        rk_, RD_KAFKA_V_TOPIC(topic.c_str()),
+        RD_KAFKA_V_KEY(key.data(), key.size()),
+        RD_KAFKA_V_VALUE(const_cast<char*>(value.data()), value.size()),
+        RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
+        RD_KAFKA_V_HEADER("traceparent", tp.data(),
+                          static_cast<ssize_t>(tp.size())),
+        RD_KAFKA_V_END);
+      if (err == RD_KAFKA_RESP_ERR_NO_ERROR)
+        break;
+      if (err != RD_KAFKA_RESP_ERR__QUEUE_FULL)
+        die(std::string{"produce: "} + rd_kafka_err2str(err));
+      rd_kafka_poll(rk_, 10);
+    }
+    rd_kafka_poll(rk_, 0);
+  }
+
+  void flush() {
+    if (rd_kafka_flush(rk_, 120'000) != RD_KAFKA_RESP_ERR_NO_ERROR)
+      die("flush timed out");
+  }
+
+private:
+  rd_kafka_t* rk_ = nullptr;
+};
+
+std::string key_of(uint64_t i, uint64_t keys) {
+  return "k" + std::to_string(i % keys);
+}
+
+eb::result run_bare(const std::string& bootstraps, const std::string& topic,
+                    const std::string& group, uint64_t n) {
+  char errstr[512];
+  auto* conf = make_conf(bootstraps, {{"group.id", group},
+                                      {"enable.auto.commit", "false"},
+                                      {"enable.auto.offset.store", "false"},
+                                      {"auto.offset.reset", "earliest"},
+                                      {"session.timeout.ms", "4000"},
+                                      {"heartbeat.interval.ms", "500"}});
+  auto* rk = rd_kafka_new(RD_KAFKA_CONSUMER, conf, errstr, sizeof errstr);
+  if (rk == nullptr)
+    die(std::string{"consumer: "} + errstr);
+  rd_kafka_poll_set_consumer(rk);
+  auto* subs = rd_kafka_topic_partition_list_new(1);
+  rd_kafka_topic_partition_list_add(subs, topic.c_str(), RD_KAFKA_PARTITION_UA);
+  if (auto err = rd_kafka_subscribe(rk, subs))
+    die(std::string{"subscribe: "} + rd_kafka_err2str(err));
+  rd_kafka_topic_partition_list_destroy(subs);
+  std::vector<int64_t> next(1024, -1); // next offset to commit per partition
+  auto commit = [&] {
+    auto* list = rd_kafka_topic_partition_list_new(16);
+    for (size_t p = 0; p < next.size(); ++p)
+      if (next[p] >= 0)
+        rd_kafka_topic_partition_list_add(list, topic.c_str(),
+                                          static_cast<int32_t>(p))
+          ->offset
+          = next[p];
+    auto err = rd_kafka_commit(rk, list, 0);
+    rd_kafka_topic_partition_list_destroy(list);
+    if (err && err != RD_KAFKA_RESP_ERR__NO_OFFSET)
+      die(std::string{"commit: "} + rd_kafka_err2str(err));
+  };
+  uint64_t got = 0;
+  double cpu0 = 0;
+  steady_clock::time_point start;
+  auto deadline = steady_clock::now() + minutes{3};
+  while (got < n) {
+    if (steady_clock::now() > deadline)
+      die("bare consumer did not finish within 3 minutes");
+    auto* m = rd_kafka_consumer_poll(rk, 100);
+    if (m == nullptr)
+      continue;
+    if (m->err == RD_KAFKA_RESP_ERR_NO_ERROR) {
+      if (got == 0) {
+        cpu0 = eb::cpu_seconds();
+        start = steady_clock::now();
+      }
+      ++got;
+      next[static_cast<size_t>(m->partition)] = m->offset + 1;
+      if (got % 1000 == 0)
+        commit();
+    } else if (m->err != RD_KAFKA_RESP_ERR__PARTITION_EOF) {
+      std::fprintf(stderr, "bare consumer: %s\n", rd_kafka_message_errstr(m));
+    }
+    rd_kafka_message_destroy(m);
+  }
+  commit();
+  auto secs = duration<double>(steady_clock::now() - start).count();
+  auto cpu = eb::cpu_seconds() - cpu0;
+  rd_kafka_consumer_close(rk);
+  rd_kafka_destroy(rk);
+  return {static_cast<double>(n) / secs, 1e6 * cpu / static_cast<double>(n)};
+}
+
+evmesh::runtime_config runtime_cfg(const std::string& url) {
+  evmesh::runtime_config cfg;
+  cfg.node_name = "bench";
+  cfg.transport_url = url;
+  cfg.dedupe_url = "none"; // the container's memory store is used instead
+  cfg.dead_letter_url = "none";
+  cfg.trace_sink = "none";
+  cfg.defaults.concurrency = 2 * std::thread::hardware_concurrency();
+  cfg.max_in_flight = 8192;
+  cfg.poll_batch = 512;
+  return cfg;
+}
+
+/// Drains `n` messages of `topic` (preloaded, or produced by `pace` once the
+/// runtime consumes) in group `group`.
+template <class Pace>
+eb::result run_evmesh(const evmesh::testing::kafka_mock_cluster& cluster,
+                      const std::string& topic, const std::string& group,
+                      const std::string& extra, uint64_t n, Pace pace,
+                      eb::latency_recorder* lat = nullptr) {
+  eb::reset_counters(lat);
+  auto url = cluster.url(std::string{evmesh::testing::kafka_fast_settings}
+                         + "&group=" + group + "&topics=" + topic + extra);
+  auto sink = std::make_shared<eb::counting_sink>();
+  evmesh::container_builder b;
+  b.add<evmesh::idempotency_store>(
+    std::make_shared<evmesh::memory_idempotency_store>(16));
+  b.add<evmesh::span_sink>(sink);
+  evmesh::handler_descriptor h;
+  h.consumer = "bench";
+  h.pattern = ">";
+  h.fn = &eb::counting_handler;
+  evmesh::consumer_runtime rt{runtime_cfg(url), b.freeze()};
+  rt.set_handlers({&h});
+  if (auto err = rt.start())
+    die("start failed: " + evmesh::render(err));
+  auto deadline = steady_clock::now() + minutes{3};
+  auto wait = [&](auto done) {
+    while (!done()) {
+      if (steady_clock::now() > deadline)
+        die("evmesh run did not finish within 3 minutes (handled "
+            + std::to_string(eb::handled.load()) + " of " + std::to_string(n)
+            + ")");
+      std::this_thread::sleep_for(milliseconds{1});
+    }
+  };
+  uint64_t expect = pace(rt, wait);
+  wait([&] { return rt.stats().acked >= expect; });
+  auto end = eb::now_ns();
+  auto cpu = eb::cpu_seconds() - eb::first_handled_cpu.load();
+  auto secs = static_cast<double>(end - eb::first_handled_ns.load()) / 1e9;
+  rt.stop(seconds{5});
+  eb::recorder = nullptr;
+  if (eb::handled < expect || sink->spans < expect)
+    std::fprintf(stderr, "mismatch: handled %llu spans %llu of %llu\n",
+                 static_cast<unsigned long long>(eb::handled.load()),
+                 static_cast<unsigned long long>(sink->spans.load()),
+                 static_cast<unsigned long long>(expect));
+  return {static_cast<double>(n) / secs, 1e6 * cpu / static_cast<double>(n)};
+}
+
+} // namespace
+
+int main(int argc, char** argv) {
+  auto json_path = eb::take_option(argc, argv, "json");
+  int partitions = std::stoi(eb::take_option(argc, argv, "partitions", "16"));
+  auto extra = eb::take_option(argc, argv, "evmesh-query");
+  uint64_t n = argc > 1 ? std::stoull(argv[1]) : 200'000;
+  uint64_t keys = argc > 2 ? std::stoull(argv[2]) : 1000;
+  int runs = argc > 3 ? std::stoi(argv[3]) : 3;
+  if (!extra.empty())
+    extra = "&" + extra;
+  // The transport's default max_buffered (1 000) pauses the assignment long
+  // before the runtime's max_in_flight (8 192) is reached; the second evmesh
+  // row raises it to max_in_flight.
+  const std::string tuned_query = "&max_buffered=8192";
+  spdlog::set_level(spdlog::level::warn);
+  evmesh::register_kafka_transport();
+  eb::json_out json{json_path, "e2e_kafka"};
+  evmesh::testing::kafka_mock_cluster cluster{3};
+  const std::string topic = "bench.created";
+  if (!cluster.create_topic(topic, partitions, 3))
+    die("cannot create the topic on the mock cluster");
+  {
+    auto payloads = eb::make_payloads(topic, n, keys);
+    producer p{cluster.bootstraps(), "5"};
+    for (uint64_t i = 0; i < n; ++i)
+      p.send(topic, key_of(i, keys), payloads[i]);
+    p.flush();
+  }
+  std::vector<eb::result> bare, mesh, tuned;
+  auto all = [&](auto&, auto&&) { return n; };
+  for (int r = 0; r < runs; ++r) {
+    auto no = std::to_string(r);
+    bare.push_back(run_bare(cluster.bootstraps(), topic, "bare" + no, n));
+    mesh.push_back(run_evmesh(cluster, topic, "evmesh" + no, extra, n, all));
+    tuned.push_back(
+      run_evmesh(cluster, topic, "tuned" + no, tuned_query + extra, n, all));
+  }
+  auto b = eb::median_of(bare);
+  auto m = eb::median_of(mesh);
+  auto t = eb::median_of(tuned);
+  auto conc = 2 * std::thread::hardware_concurrency();
+  std::printf("messages %llu, keys %llu, partitions %d, runs %d (medians), "
+              "cores %u, load average %.2f\n",
+              static_cast<unsigned long long>(n),
+              static_cast<unsigned long long>(keys), partitions, runs,
+              std::thread::hardware_concurrency(), eb::load_average());
+  eb::print_row("bare librdkafka consumer, manual commits", b, b.rate);
+  eb::print_row("evmesh kafka, memory dedupe", m, b.rate);
+  eb::print_row("evmesh kafka, memory dedupe, max_buffered=8192", t, b.rate);
+  json.throughput("bare librdkafka", n, keys, 1, b, 0, runs);
+  json.throughput("evmesh kafka, memory dedupe", n, keys, conc, m, b.rate,
+                  runs);
+  json.throughput("evmesh kafka, memory dedupe, max_buffered=8192", n, keys,
+                  conc, t, b.rate, runs);
+  // Latency at about half the tuned evmesh rate, ~3 s of load, on a fresh
+  // topic.
+  auto half = t.rate / 2;
+  auto lat_n = static_cast<uint64_t>(std::max(1000.0, half * 3));
+  const std::string lat_topic = "bench.latency";
+  if (!cluster.create_topic(lat_topic, partitions, 3))
+    die("cannot create the latency topic");
+  eb::latency_recorder lat{lat_n};
+  auto lat_payloads = eb::make_payloads(lat_topic, lat_n, keys);
+  producer prod{cluster.bootstraps(), "0"};
+  run_evmesh(
+    cluster, lat_topic, "latency", tuned_query + extra, lat_n,
+    [&](auto&, auto&& wait) {
+      // A warm-up message (not counted) shows the group has been joined.
+      evmesh::envelope w;
+      w.topic = lat_topic;
+      w.id = "warmup";
+      w.idempotency_key = "warmup";
+      w.payload = boost::json::object{};
+      prod.send(lat_topic, "w", evmesh::encode_envelope(w));
+      wait([] { return eb::handled.load() >= 1; });
+      eb::paced(lat_n, half, [&](size_t i) {
+        lat.sent(i);
+        prod.send(lat_topic, key_of(i, keys), lat_payloads[i]);
+      });
+      prod.flush();
+      return lat_n + 1;
+    },
+    &lat);
+  eb::print_latency("evmesh kafka (max_buffered=8192)", half, lat, lat_n);
+  json.latency("evmesh kafka, memory dedupe, max_buffered=8192", half, lat,
+               lat_n);
+  return 0;
+}

@@ -68,142 +68,168 @@ caf::behavior lane_proxy(caf::event_based_actor* self, caf::actor peer,
 
 // -- lane host (running side) --------------------------------------------------
 
-struct host_slot {
-  caf::actor lane;
-  bool busy = false;
-  uint64_t token = 0;
-  caf::response_promise rp;
-  uint64_t id = 0;
-  uint64_t seq = 0;
-};
+/// One subscription's handler lanes on a worker. A class rather than
+/// closures that capture each other: a `pump` <-> `run` pair of lambdas
+/// holding shared pointers to one another is a reference cycle that keeps
+/// the state, and through it the runtime env (transport, stores, the
+/// source actor's memory), alive after the actor system is gone
+/// (LeakSanitizer found it at worker exit).
+class lane_host_impl : public std::enable_shared_from_this<lane_host_impl> {
+public:
+  lane_host_impl(caf::event_based_actor* self, runtime_env_ptr env,
+                 uint32_t sub, lane_factory spawn_lane)
+    : self_(self), env_(std::move(env)), sub_(sub), spawn_lane_(spawn_lane) {
+    slots_.resize(env_->table.subscriptions[sub_].options.concurrency);
+    for (auto& s : slots_)
+      s.lane = spawn_lane_(self_, env_, sub_);
+  }
 
-struct host_state {
-  runtime_env_ptr env;
-  uint32_t sub = 0;
-  lane_factory spawn_lane;
-  std::vector<host_slot> slots;
-  std::deque<std::pair<attempt_msg, caf::response_promise>> queue;
-  uint64_t next_token = 1;
-};
+  /// Drops the lanes (detached threads wait until nobody holds them), the
+  /// waiting attempts and the env; called when the actor terminates.
+  void release() {
+    slots_.clear();
+    queue_.clear();
+    env_.reset();
+  }
 
-/// Runs remote attempts of one subscription on this node's handler lanes,
-/// enforcing the handler timeout and answering crashes with a retry outcome.
-caf::behavior lane_host(caf::event_based_actor* self, runtime_env_ptr env,
-                        uint32_t sub, lane_factory spawn_lane) {
-  auto st = std::make_shared<host_state>();
-  st->env = env;
-  st->sub = sub;
-  st->spawn_lane = spawn_lane;
-  auto concurrency = env->table.subscriptions[sub].options.concurrency;
-  st->slots.resize(concurrency);
-  for (auto& s : st->slots)
-    s.lane = st->spawn_lane(self, env, sub);
-  // Handlers live as long as the actor object; drop the lanes (detached
-  // threads wait until nobody holds them) and the env when we terminate.
-  self->attach_functor([st] {
-    st->slots.clear();
-    st->queue.clear();
-  });
-  auto node = env->node;
-  auto answer = [st, node](host_slot& s, outcome out) {
-    attempt_result res{attempt_result::handled, std::move(out), s.id, s.seq};
-    s.rp.deliver(to_wire(res, node));
-    s.busy = false;
-  };
-  auto run = std::make_shared<
-    std::function<void(size_t, attempt_msg&&, caf::response_promise)>>();
-  auto pump = [st, run] {
-    while (!st->queue.empty()) {
-      size_t i = 0;
-      while (i < st->slots.size() && st->slots[i].busy)
-        ++i;
-      if (i == st->slots.size())
-        return;
-      auto [am, rp] = std::move(st->queue.front());
-      st->queue.pop_front();
-      (*run)(i, std::move(am), std::move(rp));
+  void on_attempt(wire_attempt& w) {
+    auto rp = self_->make_response_promise();
+    auto am = from_wire(w);
+    if (!am) {
+      attempt_result res{attempt_result::handled,
+                         dead_letter("cannot decode the attempt sent by "
+                                     + w.origin + ": " + render(am.error())),
+                         w.id, w.seq};
+      rp.deliver(to_wire(res, env_->node));
+      return;
     }
+    for (size_t i = 0; i < slots_.size(); ++i)
+      if (!slots_[i].busy) {
+        run(i, std::move(*am), std::move(rp));
+        return;
+      }
+    // More attempts than lanes (the dispatcher counted a timed-out attempt
+    // as finished): wait for a lane.
+    queue_.emplace_back(std::move(*am), std::move(rp));
+  }
+
+  void on_result(size_t i, uint64_t token, attempt_result& res) {
+    if (i >= slots_.size())
+      return;
+    auto& slot = slots_[i];
+    if (!slot.busy || slot.token != token)
+      return;
+    res.id = slot.id;
+    res.seq = slot.seq;
+    slot.rp.deliver(to_wire(res, env_->node));
+    slot.busy = false;
+    pump();
+  }
+
+  void on_timeout(uint64_t i, uint64_t token) {
+    if (i >= slots_.size())
+      return;
+    auto& s = slots_[i];
+    if (!s.busy || s.token != token)
+      return;
+    auto& sub = env_->table.subscriptions[sub_];
+    spdlog::warn("{}: remote attempt exceeded its timeout of {} ms; "
+                 "abandoning the handler lane",
+                 sub.name, ms_of(sub.options.timeout));
+    self_->send_exit(s.lane, caf::exit_reason::kill);
+    answer(s, retry("handler exceeded its timeout of "
+                    + std::to_string(ms_of(sub.options.timeout))
+                    + " ms on node " + env_->node));
+    s.lane = spawn_lane_(self_, env_, sub_);
+    pump();
+  }
+
+  void on_exit(const caf::exit_msg& msg) {
+    for (auto& s : slots_) {
+      if (s.lane && s.lane.address() == msg.source) {
+        if (s.busy)
+          answer(s, retry("handler actor crashed on node " + env_->node + ": "
+                          + caf::to_string(msg.reason)));
+        s.lane = spawn_lane_(self_, env_, sub_);
+        pump();
+        return;
+      }
+    }
+    if (msg.reason && msg.reason != caf::exit_reason::kill)
+      self_->quit(msg.reason);
+  }
+
+private:
+  struct lane_slot {
+    caf::actor lane;
+    bool busy = false;
+    uint64_t token = 0;
+    caf::response_promise rp;
+    uint64_t id = 0;
+    uint64_t seq = 0;
   };
-  *run = [self, st, node, pump](size_t i, attempt_msg&& am,
-                                caf::response_promise rp) {
-    auto& s = st->slots[i];
+
+  void answer(lane_slot& s, outcome out) {
+    attempt_result res{attempt_result::handled, std::move(out), s.id, s.seq};
+    s.rp.deliver(to_wire(res, env_->node));
+    s.busy = false;
+  }
+
+  void pump() {
+    while (!queue_.empty()) {
+      size_t i = 0;
+      while (i < slots_.size() && slots_[i].busy)
+        ++i;
+      if (i == slots_.size())
+        return;
+      auto [am, rp] = std::move(queue_.front());
+      queue_.pop_front();
+      run(i, std::move(am), std::move(rp));
+    }
+  }
+
+  void run(size_t i, attempt_msg&& am, caf::response_promise rp) {
+    auto& s = slots_[i];
     s.busy = true;
-    s.token = st->next_token++;
+    s.token = next_token_++;
     s.rp = std::move(rp);
     s.id = am.id;
     s.seq = am.seq;
     auto token = s.token;
     auto timeout = std::max<caf::timespan>(am.deadline - caf::make_timestamp(),
                                            caf::timespan{0});
-    self->delayed_send(self, timeout, timeout_atom::value, uint64_t{i}, token);
-    self->request(s.lane, caf::infinite, run_atom::value, std::move(am))
-      .then(
-        [st, i, token, node, pump](attempt_result& res) {
-          auto& slot = st->slots[i];
-          if (!slot.busy || slot.token != token)
-            return;
-          res.id = slot.id;
-          res.seq = slot.seq;
-          slot.rp.deliver(to_wire(res, node));
-          slot.busy = false;
-          pump();
-        },
-        [](caf::error&) {
-          // The lane died: the exit handler answers.
-        });
-  };
-  self->set_exit_handler([self, st, answer, pump](caf::exit_msg& msg) {
-    for (auto& s : st->slots) {
-      if (s.lane && s.lane.address() == msg.source) {
-        if (s.busy)
-          answer(s, retry("handler actor crashed on node " + st->env->node
-                          + ": " + caf::to_string(msg.reason)));
-        s.lane = st->spawn_lane(self, st->env, st->sub);
-        pump();
-        return;
-      }
-    }
-    if (msg.reason && msg.reason != caf::exit_reason::kill)
-      self->quit(msg.reason);
-  });
+    self_->delayed_send(self_, timeout, timeout_atom::value, uint64_t{i},
+                        token);
+    // The actor owns this handler (dropped when it terminates): no cycle.
+    self_->request(s.lane, caf::infinite, run_atom::value, std::move(am))
+      .then([impl = shared_from_this(), i,
+             token](attempt_result& res) { impl->on_result(i, token, res); },
+            [](caf::error&) {
+              // The lane died: the exit handler answers.
+            });
+  }
+
+  caf::event_based_actor* self_;
+  runtime_env_ptr env_;
+  uint32_t sub_;
+  lane_factory spawn_lane_;
+  std::vector<lane_slot> slots_;
+  std::deque<std::pair<attempt_msg, caf::response_promise>> queue_;
+  uint64_t next_token_ = 1;
+};
+
+/// Runs remote attempts of one subscription on this node's handler lanes,
+/// enforcing the handler timeout and answering crashes with a retry outcome.
+caf::behavior lane_host(caf::event_based_actor* self, runtime_env_ptr env,
+                        uint32_t sub, lane_factory spawn_lane) {
+  auto impl = std::make_shared<lane_host_impl>(self, std::move(env), sub,
+                                               spawn_lane);
+  self->attach_functor([impl] { impl->release(); });
+  self->set_exit_handler([impl](caf::exit_msg& msg) { impl->on_exit(msg); });
   return {
-    [self, st, run](wire_attempt& w) {
-      auto rp = self->make_response_promise();
-      auto am = from_wire(w);
-      if (!am) {
-        attempt_result res{attempt_result::handled,
-                           dead_letter("cannot decode the attempt sent by "
-                                       + w.origin + ": " + render(am.error())),
-                           w.id, w.seq};
-        rp.deliver(to_wire(res, st->env->node));
-        return;
-      }
-      for (size_t i = 0; i < st->slots.size(); ++i)
-        if (!st->slots[i].busy) {
-          (*run)(i, std::move(*am), std::move(rp));
-          return;
-        }
-      // More attempts than lanes (the dispatcher counted a timed-out attempt
-      // as finished): wait for a lane.
-      st->queue.emplace_back(std::move(*am), std::move(rp));
-    },
-    [self, st, answer, pump](timeout_atom, uint64_t i, uint64_t token) {
-      if (i >= st->slots.size())
-        return;
-      auto& s = st->slots[i];
-      if (!s.busy || s.token != token)
-        return;
-      auto& opts = st->env->table.subscriptions[st->sub].options;
-      spdlog::warn("{}: remote attempt exceeded its timeout of {} ms; "
-                   "abandoning the handler lane",
-                   st->env->table.subscriptions[st->sub].name,
-                   ms_of(opts.timeout));
-      self->send_exit(s.lane, caf::exit_reason::kill);
-      answer(s, retry("handler exceeded its timeout of "
-                      + std::to_string(ms_of(opts.timeout)) + " ms on node "
-                      + st->env->node));
-      s.lane = st->spawn_lane(self, st->env, st->sub);
-      pump();
+    [impl](wire_attempt& w) { impl->on_attempt(w); },
+    [impl](timeout_atom, uint64_t i, uint64_t token) {
+      impl->on_timeout(i, token);
     },
   };
 }

@@ -1,4 +1,4 @@
-// The handler every node of the example runs: 2 ms of "work" per job. Keys
+// The handler every node of the example runs: 10 ms of "work" per job. Keys
 // keep their order across nodes; the counter tells how many jobs this node
 // ran (main.cpp prints it).
 #include <atomic>
@@ -13,7 +13,7 @@ std::atomic<uint64_t> jobs_run{0};
 
 struct jobs {
   static evmesh::outcome on_job(evmesh::event_context&) {
-    std::this_thread::sleep_for(std::chrono::milliseconds{2});
+    std::this_thread::sleep_for(std::chrono::milliseconds{10});
     jobs_run.fetch_add(1);
     return evmesh::ok();
   }

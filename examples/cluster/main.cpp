@@ -68,7 +68,7 @@ int run_ingress(evmesh::consumer_runtime& rt) {
     }
   uint64_t total = keys * per_key;
   for (int i = 0; i < 1200 && rt.stats().acked < total; ++i) {
-    if (i % 10 == 0)
+    if (i % 5 == 0)
       print_tally(rt, "progress");
     if (evmesh::stop_requested())
       return 1;

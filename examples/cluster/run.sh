@@ -31,24 +31,29 @@ W1=$!
 start_worker w2
 W2=$!
 
-# Kill w2 once the jobs flow.
-for _ in $(seq 1 300); do
-  grep -q "^progress" "$DIR/ingress.log" 2>/dev/null && break
-  sleep 0.1
+# Kill w2 once it has answered jobs (the ingress prints progress every
+# 500 ms; the stream takes several seconds).
+for _ in $(seq 1 600); do
+  grep -q "^  w2 \[alive\]: [1-9]" "$DIR/ingress.log" 2>/dev/null && break
+  sleep 0.05
 done
-sleep 1
 echo "== kill -9 w2 (pid $W2) while jobs are in flight"
 kill -9 "$W2"
 
 status=0
 wait "$INGRESS" || status=$?
 kill -TERM "$W1"
-wait "$W1" || true
+# w1 must stop cleanly (under the sanitizers: without leaks).
+wait "$W1" || { echo "w1 did not stop cleanly (exit $?)"; status=1; }
 
 echo "== ingress: per-node counts and the final tally"
 sed -n '/^final/,/^[^ ]/p' "$DIR/ingress.log" | grep "^final\|^  "
 echo "== workers (jobs each ran, duplicates included)"
 grep -h "ran .* job" "$DIR/w1.log" || echo "w1: no count (see $DIR/w1.log)"
 echo "w2: killed; its unanswered jobs were re-dispatched"
+if ! grep -q "^  w2 \[dead\]" "$DIR/ingress.log"; then
+  echo "w2 was not seen dead by the ingress: the kill came after the stream"
+  status=1
+fi
 echo "logs: $DIR"
 exit "$status"

@@ -1,7 +1,7 @@
 // End-to-end consume throughput on a real nats-server (JetStream), evmesh
 // against a bare nats.c pull consumer measured in the same run.
 //
-//   e2e_nats [messages] [keys] [runs]
+//   e2e_nats [messages] [keys] [runs] [--json FILE]
 //
 // Starts its own nats-server (and redis-server when installed) on free
 // loopback ports in temp dirs and stops them. Per run and consumer, a fresh
@@ -37,6 +37,7 @@
 #  include "evmesh/redis_store.hpp"
 #endif
 
+#include "common.hpp"
 #include "latency.hpp"
 #include "nats/nats_server.hpp"
 #include "nats/redis_server.hpp"
@@ -288,6 +289,8 @@ void print_row(const char* name, const std::vector<result>& rs,
 } // namespace
 
 int main(int argc, char** argv) {
+  evmesh::bench::json_out json{evmesh::bench::take_option(argc, argv, "json"),
+                               "e2e_nats"};
   uint64_t n = argc > 1 ? std::stoull(argv[1]) : 100'000;
   uint64_t keys = argc > 2 ? std::stoull(argv[2]) : 1000;
   int runs = argc > 3 ? std::stoi(argv[3]) : 3;
@@ -340,6 +343,18 @@ int main(int argc, char** argv) {
     print_row("evmesh nats, redis dedupe", red, base);
   else
     std::printf("evmesh nats, redis dedupe: skipped (no redis-server)\n");
+  auto to_json = [&](const char* row, const std::vector<result>& rs,
+                     unsigned conc, double b) {
+    std::vector<evmesh::bench::result> v;
+    for (auto& r : rs)
+      v.push_back({r.rate, r.cpu_us});
+    json.throughput(row, n, keys, conc, evmesh::bench::median_of(v), b, runs);
+  };
+  auto conc = 2 * std::thread::hardware_concurrency();
+  to_json("bare nats.c", bare, 1, 0);
+  to_json("evmesh nats, memory dedupe", mem, conc, base);
+  if (!red.empty())
+    to_json("evmesh nats, redis dedupe", red, conc, base);
   // Latency with memory dedupe at half its measured maximum, ~3 s of load.
   std::vector<double> mem_rates;
   for (auto& r : mem)
@@ -356,5 +371,6 @@ int main(int argc, char** argv) {
   std::printf("evmesh nats latency at %.0f msg/s (half of max), %llu "
               "messages: p50 %.0f µs, p99 %.0f µs, p99.9 %.0f µs\n",
               half, static_cast<unsigned long long>(lat_n), p[0], p[1], p[2]);
+  json.latency("evmesh nats, memory dedupe", half, lat, lat_n);
   return 0;
 }

@@ -4,7 +4,7 @@
 //
 //   e2e_inproc [messages] [keys] [--runs R] [--concurrency C] [--json FILE]
 //   e2e_inproc --mode memory [--in-flight N] [--json FILE]
-//   e2e_inproc --mode soak [--seconds S] [--rate R] [--json FILE]
+//   e2e_inproc --mode soak [--seconds S] [--rate R] [--keep K] [--json FILE]
 //
 // throughput (default): medians of R runs (default 3) of each row, then the
 // mesh latency at about half its measured rate. C is the handler concurrency
@@ -13,8 +13,8 @@
 // (default 65 536) deliveries parked behind blocked handlers minus RSS with
 // none, divided by N, minus the envelope's size.
 // soak: the mesh at a steady R msg/s (default 2 000) for S seconds (default
-// 600), RSS sampled every 10 s (dedupe.keep = 60 s so the dedupe window, not
-// the run length, bounds the store).
+// 600), RSS sampled every 10 s (dedupe.keep = K s, default 60, so the dedupe
+// window, not the run length, bounds the store).
 //
 // Mesh: inproc broker -> source -> topic supervisor -> lanes (memory dedupe
 // claim + commit, a span per attempt to a counting sink, per-key ordering over
@@ -268,10 +268,11 @@ int run_memory(size_t in_flight, uint64_t keys, const eb::json_out& json) {
 }
 
 /// Soak mode: a steady `rate` for `secs` seconds, RSS every 10 s.
-int run_soak(double rate, int secs, uint64_t keys, const eb::json_out& json) {
+int run_soak(double rate, int secs, int keep, uint64_t keys,
+             const eb::json_out& json) {
   auto sink = std::make_shared<counting_sink>();
   evmesh::handler_descriptor h;
-  auto rt = start_mesh(sink, h, 8192, std::chrono::seconds{60});
+  auto rt = start_mesh(sink, h, 8192, std::chrono::seconds{keep});
   auto broker = evmesh::inproc_broker::get("bench");
   auto n = static_cast<uint64_t>(rate * secs);
   std::vector<size_t> samples;
@@ -295,6 +296,7 @@ int run_soak(double rate, int secs, uint64_t keys, const eb::json_out& json) {
     o["rss_bytes"] = rss;
     o["acked"] = st.acked;
     o["rate"] = rate;
+    o["dedupe_keep_s"] = keep;
     json.row(std::move(o));
     next_sample += seconds{10};
   };
@@ -323,6 +325,7 @@ int run_soak(double rate, int secs, uint64_t keys, const eb::json_out& json) {
               static_cast<double>(mx) / 1048576.0);
   boost::json::object o;
   o["kind"] = "soak";
+  o["dedupe_keep_s"] = keep;
   o["seconds"] = secs;
   o["rate"] = rate;
   o["rss_first_bytes"] = samples.front();
@@ -344,13 +347,14 @@ int main(int argc, char** argv) {
     = std::stoull(eb::take_option(argc, argv, "in-flight", "65536"));
   auto soak_secs = std::stoi(eb::take_option(argc, argv, "seconds", "600"));
   auto soak_rate = std::stod(eb::take_option(argc, argv, "rate", "2000"));
+  auto keep = std::stoi(eb::take_option(argc, argv, "keep", "60"));
   uint64_t n = argc > 1 ? std::stoull(argv[1]) : 200000;
   uint64_t keys = argc > 2 ? std::stoull(argv[2]) : 1000;
   spdlog::set_level(spdlog::level::warn);
   if (mode == "memory")
     return run_memory(in_flight, keys, json);
   if (mode == "soak")
-    return run_soak(soak_rate, soak_secs, keys, json);
+    return run_soak(soak_rate, soak_secs, keep, keys, json);
   if (mode != "throughput") {
     std::fprintf(stderr, "unknown --mode %s (throughput|memory|soak)\n",
                  mode.c_str());

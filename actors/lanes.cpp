@@ -107,10 +107,14 @@ void emit_span(const attempt_scope& a, const char* status,
                const std::string& detail) {
   if (!a.env->spans)
     return;
+  // Reused per thread: no allocation per span once it has grown.
+  thread_local std::string name;
+  name.assign("consume ");
+  name.append(a.msg->msg->env.topic);
   span_record span;
   span.context = a.msg->trace;
   span.link = a.msg->link;
-  span.name = "consume " + a.msg->msg->env.topic;
+  span.name = name;
   span.consumer = a.sub->handler->consumer;
   span.pattern = a.sub->handler->pattern;
   span.topic = a.msg->msg->env.topic;
@@ -184,19 +188,62 @@ auto with_context(const attempt_scope& a, F&& f) {
            std::string_view{a.sub->handler->pattern});
 }
 
+/// One attempt of a function handler: claim, run, commit/abort, span.
+attempt_result run_function_attempt(const runtime_env& env, uint32_t sub,
+                                    const attempt_msg& msg) {
+  attempt_scope a{&env, &env.table.subscriptions[sub], &msg};
+  auto result = [&a]() -> attempt_result {
+    if (auto early = begin_attempt(a))
+      return std::move(*early);
+    return with_context(a, [&a](auto&&... xs) {
+      event_context ctx{xs...};
+      return finish_attempt(a, invoke_guarded(a.sub->handler->fn, ctx));
+    });
+  }();
+  result.id = msg.id;
+  result.seq = msg.seq;
+  return result;
+}
+
 } // namespace
 
-caf::behavior function_lane(caf::event_based_actor*, runtime_env_ptr env,
-                            uint32_t sub) {
+caf::behavior function_lane(caf::event_based_actor* self, runtime_env_ptr env,
+                            uint32_t sub, lane_progress_ptr progress) {
   return {
     [env, sub](run_atom, const attempt_msg& msg) -> attempt_result {
-      attempt_scope a{env.get(), &env->table.subscriptions[sub], &msg};
-      if (auto early = begin_attempt(a))
-        return std::move(*early);
-      return with_context(a, [&a](auto&&... xs) {
-        event_context ctx{xs...};
-        return finish_attempt(a, invoke_guarded(a.sub->handler->fn, ctx));
-      });
+      return run_function_attempt(*env, sub, msg);
+    },
+    [self, env, sub, progress](attempt_batch& batch) {
+      result_batch out;
+      out.token = batch.token;
+      auto n = static_cast<uint32_t>(batch.items.size());
+      for (uint32_t k = 0; k < n; ++k) {
+        if (progress) {
+          // The supervisor took the batch back (a timeout): run no more.
+          if (progress->abandoned.load(std::memory_order_acquire))
+            return;
+          // Start time first, index second: a reader that sees index k never
+          // sees an older start than attempt k's (see on_tick).
+          progress->started.store(
+            self->clock().now().time_since_epoch().count(),
+            std::memory_order_release);
+          progress->index.store(k, std::memory_order_release);
+        }
+        auto res = run_function_attempt(*env, sub, batch.items[k]);
+        if (progress) {
+          std::lock_guard guard{progress->mtx};
+          progress->done.push_back(std::move(res));
+        } else {
+          out.items.push_back(std::move(res));
+        }
+      }
+      if (progress) {
+        std::lock_guard guard{progress->mtx};
+        out.items.swap(progress->done);
+        progress->index.store(n, std::memory_order_release);
+      }
+      self->send(caf::actor_cast<caf::actor>(self->current_sender()),
+                 std::move(out));
     },
   };
 }

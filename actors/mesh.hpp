@@ -5,6 +5,7 @@
 #include <atomic>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <random>
 #include <string>
 #include <vector>
@@ -156,6 +157,36 @@ struct attempt_result {
   uint64_t seq = 0;
 };
 
+/// Topic supervisor -> function lane: attempts of distinct keys, run one
+/// after the other (one actor message for many attempts). `token` identifies
+/// the batch; the lane answers with one `result_batch`.
+struct attempt_batch {
+  uint64_t token = 0;
+  std::vector<attempt_msg> items;
+};
+
+/// Function lane -> topic supervisor: the results of one `attempt_batch`, in
+/// order (fewer when the supervisor abandoned the batch meanwhile).
+struct result_batch {
+  uint64_t token = 0;
+  std::vector<attempt_result> items;
+};
+
+/// Where a function lane is in its current batch: written by the lane before
+/// each attempt, read by the supervisor's timeout tick. `abandoned` tells the
+/// lane to run nothing more of the batch (its attempts were taken back).
+/// `done` holds the results of the batch so far, so a supervisor abandoning
+/// the batch keeps the outcomes of the attempts that finished.
+struct lane_progress {
+  std::atomic<uint32_t> index{0};
+  std::atomic<int64_t> started{0};
+  std::atomic<bool> abandoned{false};
+  std::mutex mtx;
+  std::vector<attempt_result> done;
+};
+
+using lane_progress_ptr = std::shared_ptr<lane_progress>;
+
 /// How a subscription finished with a delivery.
 /// `defer`: the next attempt is due so late that the message leaves the
 /// stream through `transport::defer` (a retry topic) instead of waiting here.
@@ -173,6 +204,12 @@ struct settlement {
   uint32_t sub = 0;
 };
 
+/// Topic supervisor -> source: settlements collected while handling one
+/// message (one actor message for many deliveries).
+struct settlement_batch {
+  std::vector<settlement> items;
+};
+
 /// Anyone -> dead-letter actor; answered with the record id (int64_t).
 struct dead_letter_job {
   std::shared_ptr<const dead_letter_record> record;
@@ -187,6 +224,9 @@ CAF_BEGIN_TYPE_ID_BLOCK(evmesh_internal, caf::first_custom_type_id + 50)
   CAF_ADD_TYPE_ID(evmesh_internal, (evmesh::internal::attempt_result))
   CAF_ADD_TYPE_ID(evmesh_internal, (evmesh::internal::settlement))
   CAF_ADD_TYPE_ID(evmesh_internal, (evmesh::internal::dead_letter_job))
+  CAF_ADD_TYPE_ID(evmesh_internal, (evmesh::internal::attempt_batch))
+  CAF_ADD_TYPE_ID(evmesh_internal, (evmesh::internal::result_batch))
+  CAF_ADD_TYPE_ID(evmesh_internal, (evmesh::internal::settlement_batch))
 
 CAF_END_TYPE_ID_BLOCK(evmesh_internal)
 
@@ -195,6 +235,9 @@ CAF_ALLOW_UNSAFE_MESSAGE_TYPE(evmesh::internal::attempt_msg)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(evmesh::internal::attempt_result)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(evmesh::internal::settlement)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(evmesh::internal::dead_letter_job)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(evmesh::internal::attempt_batch)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(evmesh::internal::result_batch)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(evmesh::internal::settlement_batch)
 
 namespace evmesh::internal {
 
@@ -259,15 +302,23 @@ caf::behavior dead_letter_writer(caf::event_based_actor* self,
                                  runtime_env_ptr env);
 
 /// Spawns a handler lane for subscription `sub`, linked to `parent`: an
-/// actor lane for actor handlers, a function lane otherwise; on its own
-/// thread when the handler blocks or the idempotency store is remote.
+/// actor lane for actor handlers, a function lane otherwise (reporting its
+/// batch progress to `progress`); on its own thread when the handler blocks
+/// or the idempotency store is remote.
 caf::actor spawn_handler_lane(caf::event_based_actor* parent,
                               const runtime_env_ptr& env, uint32_t sub);
 
+/// `spawn_handler_lane` for the local supervisor: function lanes report their
+/// batch progress to `progress` (may be null for actor handlers).
+caf::actor spawn_local_lane(caf::event_based_actor* parent,
+                            const runtime_env_ptr& env, uint32_t sub,
+                            lane_progress_ptr progress);
+
 /// Runs attempts of a function handler: `(run_atom, attempt_msg) ->
-/// attempt_result`.
+/// attempt_result` (cluster peers), and `attempt_batch` -> `result_batch`
+/// (the local supervisor).
 caf::behavior function_lane(caf::event_based_actor* self, runtime_env_ptr env,
-                            uint32_t sub);
+                            uint32_t sub, lane_progress_ptr progress);
 
 /// Runs attempts on a user actor spawned from the subscription's factory;
 /// dies with the user actor (the supervisor then counts a crash).

@@ -398,6 +398,10 @@ caf::behavior source_actor(caf::event_based_actor* self, runtime_env_ptr env,
     [st, impl](caf::actor& mesh, stop_atom) { st->mesh = mesh; },
     [impl](poll_atom) { impl->on_poll(); },
     [impl](settle_atom, const settlement& s) { impl->settle(s); },
+    [impl](settlement_batch& b) {
+      for (auto& s : b.items)
+        impl->settle(s);
+    },
     [impl](restart_atom, uint32_t index, caf::actor& sup) {
       impl->on_restart(index, std::move(sup));
     },

@@ -28,12 +28,19 @@ struct record {
   /// that identifies the current attempt (stale answers are ignored).
   size_t lane = 0;
   uint64_t seq = 0;
-  /// The running attempt's span and the previous one (for links).
+  /// The running (or last) attempt's span and the previous one (for links).
   trace_context span;
   span_id last_span{};
-  std::string last_traceparent;
-  /// Bounded error history for the dead-letter record.
-  dead_letter_record errors;
+  /// Whether an attempt ran (then `span` is the last attempt's).
+  bool attempted = false;
+  /// Bounded error history for the dead-letter record (made on first error).
+  std::unique_ptr<dead_letter_record> errors;
+
+  dead_letter_record& history() {
+    if (!errors)
+      errors = std::make_unique<dead_letter_record>();
+    return *errors;
+  }
 };
 
 struct lane_slot {
@@ -46,11 +53,34 @@ struct lane_slot {
   bool gone = false;
   /// The peer's node name; empty for local lanes.
   std::string node;
+  /// Local function lanes run batches: the delivery ids in order, the
+  /// batch's token and the lane's progress through it.
+  std::vector<uint64_t> batch;
+  uint64_t token = 0;
+  lane_progress_ptr progress;
 };
 
+/// Successors of a key's running message, in arrival order.
 struct key_queue {
-  std::deque<uint64_t> waiting;
+  std::vector<uint64_t> waiting;
+  size_t head = 0;
+
+  bool empty() const noexcept {
+    return head == waiting.size();
+  }
+
+  uint64_t pop() {
+    auto id = waiting[head++];
+    if (head == waiting.size()) {
+      waiting.clear();
+      head = 0;
+    }
+    return id;
+  }
 };
+
+/// Most attempts one batch carries to a lane.
+constexpr size_t max_lane_batch = 64;
 
 struct supervisor_state {
   runtime_env_ptr env;
@@ -75,6 +105,8 @@ struct supervisor_state {
   size_t remote_slots = 0;
   /// Retries due this late leave through `transport::defer`.
   caf::timespan defer_after = caf::timespan::max();
+  /// Settlements made while handling the current message (sent as one).
+  std::vector<settlement> out;
 };
 
 using state_ptr = std::shared_ptr<supervisor_state>;
@@ -95,14 +127,20 @@ public:
 
   // -- lanes -------------------------------------------------------------------
 
-  caf::actor spawn_lane() {
-    return spawn_handler_lane(self_, st_->env, st_->index);
+  /// Gives `slot` a fresh local lane (function lanes get a fresh progress
+  /// record: the old lane may still write to its own).
+  void spawn_lane(lane_slot& slot) {
+    if (st_->sub->handler->factory == nullptr)
+      slot.progress = std::make_shared<lane_progress>();
+    slot.handle = spawn_local_lane(self_, st_->env, st_->index, slot.progress);
+    slot.batch.clear();
+    slot.token = 0;
   }
 
   void start_lanes() {
     st_->lanes.resize(opts().concurrency);
     for (size_t i = 0; i < st_->lanes.size(); ++i) {
-      st_->lanes[i].handle = spawn_lane();
+      spawn_lane(st_->lanes[i]);
       st_->idle.push_back(i);
     }
   }
@@ -113,7 +151,9 @@ public:
     auto& slot = st_->lanes[i];
     if (kill_old && slot.handle)
       self_->send_exit(slot.handle, caf::exit_reason::kill);
-    slot.handle = spawn_lane();
+    if (slot.progress)
+      slot.progress->abandoned.store(true, std::memory_order_release);
+    spawn_lane(slot);
     slot.running = 0;
     st_->idle.push_back(i);
     stats_block::inc(stats().lane_restarts);
@@ -161,6 +201,15 @@ public:
     for (size_t i = 0; i < st_->lanes.size(); ++i) {
       auto& slot = st_->lanes[i];
       if (slot.handle && slot.handle.address() == addr) {
+        if (slot.running != 0 && slot.progress) {
+          auto k = std::min<size_t>(
+            slot.progress->index.load(std::memory_order_acquire),
+            slot.batch.size() - 1);
+          abandon_batch(i, k, "handler lane crashed: " + caf::to_string(reason),
+                        false, false);
+          dispatch();
+          return;
+        }
         if (slot.running != 0) {
           auto id = slot.running;
           slot.running = 0;
@@ -226,31 +275,59 @@ public:
     auto i = st_->keys.find(key);
     if (i == st_->keys.end())
       return;
-    if (i->second.waiting.empty()) {
+    if (i->second.empty()) {
       st_->keys.erase(i);
       return;
     }
-    auto next = i->second.waiting.front();
-    i->second.waiting.pop_front();
-    st_->ready.push_back(next);
+    st_->ready.push_back(i->second.pop());
   }
 
   // -- dispatch ----------------------------------------------------------------
 
+  /// Hands ready messages to idle lanes: one attempt per actor or remote
+  /// lane; a batch per local function lane, sized so that every idle lane
+  /// gets a share of what is ready (one message when little is waiting, so
+  /// latency stays low; up to `max_lane_batch` under load).
   void dispatch() {
     while (!st_->paused && !st_->draining && !st_->ready.empty()
            && !st_->idle.empty()) {
-      auto id = st_->ready.front();
-      st_->ready.pop_front();
-      auto r = find(id);
-      if (!r || r->state == record_state::running)
-        continue;
-      if (r->executions == 0 && r->msg->prior_attempts >= opts().max_attempts) {
-        crash_loop(id, *r);
-        continue;
+      auto lane = pick_lane();
+      auto& slot = st_->lanes[lane];
+      size_t want = 1;
+      if (slot.progress && !slot.remote) {
+        auto lanes = st_->idle.size() + 1;
+        want = std::clamp<size_t>((st_->ready.size() + lanes - 1) / lanes, 1,
+                                  max_lane_batch);
       }
-      run(id, *r, pick_lane());
+      std::vector<uint64_t> ids;
+      ids.reserve(want);
+      while (ids.size() < want && !st_->ready.empty())
+        if (auto id = next_ready(); id != 0)
+          ids.push_back(id);
+      if (ids.empty()) {
+        st_->idle.push_back(lane);
+        break;
+      }
+      if (slot.progress && !slot.remote)
+        run_batch(lane, std::move(ids));
+      else
+        run(ids.front(), *find(ids.front()), lane);
     }
+  }
+
+  /// Pops the next message that may run now (0 for none): stale entries are
+  /// skipped, crash loops dead-lettered.
+  uint64_t next_ready() {
+    auto id = st_->ready.front();
+    st_->ready.pop_front();
+    auto r = find(id);
+    if (!r || r->state == record_state::running)
+      return 0;
+    if (r->executions == 0 && r->msg->prior_attempts >= opts().max_attempts) {
+      crash_loop(id, *r);
+      return 0;
+    }
+    return id;
   }
 
   /// Takes an idle lane of the least loaded node (running / lanes); local
@@ -346,15 +423,16 @@ public:
   /// like any other message, so its dead letter keeps the key's order.
   void crash_loop(uint64_t id, record& r) {
     auto prior = r.msg->prior_attempts;
-    r.errors.add_error(prior, wall_ms(),
-                       "delivered " + std::to_string(prior + 1)
-                         + " times, more than max_attempts = "
-                         + std::to_string(opts().max_attempts)
-                         + "; a consumer likely crashed while handling it");
+    r.history().add_error(prior, wall_ms(),
+                          "delivered " + std::to_string(prior + 1)
+                            + " times, more than max_attempts = "
+                            + std::to_string(opts().max_attempts)
+                            + "; a consumer likely crashed while handling it");
     dead_letter(id, r, "crash_loop");
   }
 
-  void run(uint64_t id, record& r, size_t lane) {
+  /// Marks `r` running on `lane` and makes its attempt message.
+  attempt_msg prepare(uint64_t id, record& r, size_t lane) {
     auto& m = *r.msg;
     r.state = record_state::running;
     r.lane = lane;
@@ -364,12 +442,17 @@ public:
                            m.producer.tracestate, m.producer.is_root};
     attempt_msg am;
     am.msg = r.msg;
+    am.id = id;
+    am.seq = r.seq;
     am.attempt = m.prior_attempts + r.executions + 1;
     am.trace = r.span;
     am.link = r.last_span;
     am.deadline = caf::make_timestamp() + opts().timeout;
-    auto& slot = st_->lanes[lane];
-    slot.running = id;
+    return am;
+  }
+
+  /// Lane `slot` starts working; counts busy lanes.
+  void lane_busy(lane_slot& slot) {
     slot.started = self_->clock().now();
     ++st_->running;
     auto cur = static_cast<uint64_t>(st_->running);
@@ -377,15 +460,127 @@ public:
     while (cur > prev
            && !stats().max_concurrent.compare_exchange_weak(prev, cur)) {
     }
+  }
+
+  /// Sends a batch of attempts (distinct keys) to local function lane `lane`.
+  void run_batch(size_t lane, std::vector<uint64_t> ids) {
+    attempt_batch b;
+    b.token = st_->next_seq++;
+    b.items.reserve(ids.size());
+    for (auto id : ids)
+      b.items.push_back(prepare(id, *find(id), lane));
+    auto& slot = st_->lanes[lane];
+    slot.running = ids.front();
+    slot.batch = std::move(ids);
+    slot.token = b.token;
+    lane_busy(slot);
+    slot.progress->started.store(slot.started.time_since_epoch().count(),
+                                 std::memory_order_release);
+    slot.progress->index.store(0, std::memory_order_release);
+    self_->send(slot.handle, std::move(b));
+    schedule_tick();
+  }
+
+  /// The results of a batch: the lane is idle again.
+  void on_result_batch(result_batch& rb) {
+    size_t lane = 0;
+    while (lane < st_->lanes.size()
+           && !(st_->lanes[lane].progress && st_->lanes[lane].token == rb.token
+                && rb.token != 0))
+      ++lane;
+    if (lane == st_->lanes.size())
+      return; // abandoned (timeout or crash): its attempts were taken back
+    auto& slot = st_->lanes[lane];
+    auto ids = std::move(slot.batch);
+    slot.batch.clear();
+    slot.token = 0;
+    slot.running = 0;
+    st_->idle.push_back(lane);
+    --st_->running;
+    for (auto& res : rb.items)
+      if (auto r = accepted(res.id, res.seq))
+        apply_result(res.id, *r, res);
+    // A lane answers for every attempt; anything unanswered runs again.
+    for (auto id : ids)
+      if (auto r = find(id);
+          r && r->state == record_state::running && r->lane == lane) {
+        r->state = record_state::queued;
+        st_->ready.push_front(id);
+      }
+    dispatch();
+  }
+
+  /// Takes back the batch of lane `i` after attempt `k` timed out or the
+  /// lane died: the attempts that finished keep their outcomes, attempt `k`
+  /// is counted and fails, the ones that never started go back to the front
+  /// of the queue uncounted.
+  void abandon_batch(size_t i, size_t k, std::string reason, bool kill_old,
+                     bool timeout) {
+    auto& slot = st_->lanes[i];
+    std::vector<attempt_result> finished;
+    {
+      std::lock_guard guard{slot.progress->mtx};
+      slot.progress->abandoned.store(true, std::memory_order_release);
+      finished.swap(slot.progress->done);
+    }
+    for (auto& res : finished)
+      if (auto r = accepted(res.id, res.seq); r && r->lane == i)
+        apply_result(res.id, *r, res);
+    auto ids = std::move(slot.batch);
+    slot.batch.clear();
+    slot.token = 0;
+    slot.running = 0;
+    --st_->running;
+    for (size_t j = ids.size(); j-- > 0;) {
+      if (j == k)
+        continue;
+      if (auto r = find(ids[j]);
+          r && r->state == record_state::running && r->lane == i) {
+        r->state = record_state::queued;
+        st_->ready.push_front(ids[j]);
+      }
+    }
+    replace_lane(i, kill_old); // the fresh lane goes to `idle`
+    if (k >= ids.size())
+      return;
+    auto id = ids[k];
+    auto r = find(id);
+    if (!r || r->state != record_state::running || r->lane != i)
+      return;
+    if (timeout) {
+      stats_block::inc(stats().timeouts);
+      spdlog::warn(
+        "{}: attempt {} of {} exceeded its timeout of {} ms; "
+        "abandoning the handler lane",
+        st_->sub->name, attempt_of(*r) + 1, r->msg->env.topic,
+        std::chrono::duration_cast<std::chrono::milliseconds>(opts().timeout)
+          .count());
+    }
+    release_claim(*r);
+    r->last_span = r->span.span;
+    r->attempted = true;
+    ++r->executions;
+    failed_attempt(id, *r, std::move(reason), std::nullopt, false);
+  }
+
+  void run(uint64_t id, record& r, size_t lane) {
+    auto am = prepare(id, r, lane);
+    auto& slot = st_->lanes[lane];
+    slot.running = id;
+    lane_busy(slot);
     auto seq = r.seq;
     self_->request(slot.handle, caf::infinite, run_atom::value, std::move(am))
-      .then([this, id, seq](attempt_result& res) { on_result(id, seq, res); },
-            [this, id, seq](caf::error&) {
-              // The lane died; its exit message carries the reason and
-              // accounts for the attempt (see on_lane_exit).
-              (void) id;
-              (void) seq;
-            });
+      .then(
+        [this, id, seq](attempt_result& res) {
+          on_result(id, seq, res);
+          flush();
+        },
+        [this, id, seq](caf::error&) {
+          // The lane died; its exit message carries the reason and
+          // accounts for the attempt (see on_lane_exit).
+          (void) id;
+          (void) seq;
+        });
     schedule_tick();
   }
 
@@ -398,13 +593,28 @@ public:
     --st_->running;
   }
 
-  void on_result(uint64_t id, uint64_t seq, attempt_result& res) {
+  /// The record of a current (not stale) attempt, or null.
+  record* accepted(uint64_t id, uint64_t seq) {
     auto r = find(id);
     if (!r || r->seq != seq || r->state != record_state::running)
-      return; // stale: the attempt timed out or the record was abandoned
+      return nullptr; // stale: the attempt timed out or the record was
+                      // abandoned
+    return r;
+  }
+
+  void on_result(uint64_t id, uint64_t seq, attempt_result& res) {
+    auto r = accepted(id, seq);
+    if (!r)
+      return;
     free_lane(*r);
+    apply_result(id, *r, res);
+    dispatch();
+  }
+
+  void apply_result(uint64_t id, record& rec, attempt_result& res) {
+    auto r = &rec;
     r->last_span = r->span.span;
-    r->last_traceparent = r->span.traceparent();
+    r->attempted = true;
     switch (res.kind) {
       case attempt_result::duplicate:
         stats_block::inc(stats().duplicates);
@@ -424,7 +634,6 @@ public:
       default:
         handled(id, *r, std::move(res.out));
     }
-    dispatch();
   }
 
   void handled(uint64_t id, record& r, outcome out) {
@@ -439,7 +648,7 @@ public:
         finish(id, settle_kind::ack);
         break;
       case outcome_kind::dead_letter: {
-        r.errors.add_error(attempt_of(r), wall_ms(), out.reason);
+        r.history().add_error(attempt_of(r), wall_ms(), out.reason);
         dead_letter(id, r, out.category.empty() ? "permanent" : out.category);
         break;
       }
@@ -462,11 +671,11 @@ public:
       release_claim(r);
       free_lane(r);
       r.last_span = r.span.span;
-      r.last_traceparent = r.span.traceparent();
+      r.attempted = true;
       ++r.executions;
     }
     auto n = attempt_of(r);
-    r.errors.add_error(n, wall_ms(), reason);
+    r.history().add_error(n, wall_ms(), reason);
     if (n >= opts().max_attempts) {
       dead_letter(id, r, "retries_exhausted");
       return;
@@ -516,8 +725,8 @@ public:
   void dead_letter(uint64_t id, record& r, std::string category) {
     r.state = record_state::dead_lettering;
     r.seq = st_->next_seq++;
-    auto rec = std::make_shared<dead_letter_record>(std::move(r.errors));
-    r.errors = dead_letter_record{};
+    auto rec = std::make_shared<dead_letter_record>(std::move(r.history()));
+    r.errors.reset();
     auto& m = *r.msg;
     auto& env = *st_->env;
     rec->category = std::move(category);
@@ -532,8 +741,7 @@ public:
     rec->transport = std::string{env.transport->scheme()};
     rec->position = m.raw.position;
     rec->node = env.node;
-    rec->traceparent = r.last_traceparent.empty() ? m.env.traceparent
-                                                  : r.last_traceparent;
+    rec->traceparent = r.attempted ? r.span.traceparent() : m.env.traceparent;
     rec->original = env.config.mask_fields.empty()
                       ? m.raw.bytes
                       : mask_fields(m.raw.bytes, env.config.mask_fields);
@@ -555,6 +763,7 @@ public:
           stats_block::inc(stats().dead_lettered);
           finish(id, settle_kind::dead_lettered, shared);
           dispatch();
+          flush();
         },
         [this, id, seq](caf::error& err) {
           // The dead-letter actor is gone (shutdown): never ack.
@@ -564,6 +773,7 @@ public:
           spdlog::error("dead-letter write for {} failed: {}", st_->sub->name,
                         caf::to_string(err));
           finish(id, settle_kind::nack);
+          flush();
         });
   }
 
@@ -571,7 +781,16 @@ public:
               std::shared_ptr<const dead_letter_record> rec) {
     settlement s{id, kind, std::move(rec)};
     s.sub = st_->index;
-    self_->send(st_->source, settle_atom::value, std::move(s));
+    st_->out.push_back(std::move(s));
+  }
+
+  /// Sends the settlements collected so far as one message.
+  void flush() {
+    if (st_->out.empty())
+      return;
+    settlement_batch b;
+    b.items.swap(st_->out);
+    self_->send(st_->source, std::move(b));
   }
 
   void finish(uint64_t id, settle_kind kind,
@@ -586,7 +805,7 @@ public:
     release_key(i->second);
     st_->records.erase(i);
     s.sub = st_->index;
-    self_->send(st_->source, settle_atom::value, std::move(s));
+    st_->out.push_back(std::move(s));
     check_drained();
   }
 
@@ -626,6 +845,28 @@ public:
         }
         continue;
       }
+      if (slot.running != 0 && slot.progress) {
+        // Which attempt of the batch runs, and since when. Reading the index
+        // twice around the start time detects a lane moving on meanwhile.
+        auto& pr = *slot.progress;
+        auto k = pr.index.load(std::memory_order_acquire);
+        auto started = pr.started.load(std::memory_order_acquire);
+        if (k != pr.index.load(std::memory_order_acquire)
+            || k >= slot.batch.size())
+          continue;
+        auto since = time_point{time_point::duration{started}};
+        if (now - since < opts().timeout)
+          continue;
+        abandon_batch(i, k,
+                      "handler exceeded its timeout of "
+                        + std::to_string(
+                          std::chrono::duration_cast<std::chrono::milliseconds>(
+                            opts().timeout)
+                            .count())
+                        + " ms",
+                      true, true);
+        continue;
+      }
       if (slot.running == 0 || now - slot.started < opts().timeout)
         continue;
       auto id = slot.running;
@@ -642,7 +883,7 @@ public:
         --st_->running;
         release_claim(*r);
         r->last_span = r->span.span;
-        r->last_traceparent = r->span.traceparent();
+        r->attempted = true;
         ++r->executions;
         replace_lane(i, true);
         // replace_lane put the fresh lane into `idle`.
@@ -702,6 +943,7 @@ public:
     if (st_->draining && st_->records.empty()) {
       st_->draining = false; // report once
       st_->paused = true;    // never dispatch again
+      flush();
       self_->send(st_->source, drained_atom::value, st_->index);
     }
   }
@@ -727,9 +969,25 @@ caf::actor spawn_handler_lane(caf::event_based_actor* parent,
              ? parent->spawn<caf::linked + caf::detached>(actor_lane, env, sub)
              : parent->spawn<caf::linked>(actor_lane, env, sub);
   }
+  return spawn_local_lane(parent, env, sub, nullptr);
+}
+
+caf::actor spawn_local_lane(caf::event_based_actor* parent,
+                            const runtime_env_ptr& env, uint32_t sub,
+                            lane_progress_ptr progress) {
+  auto& s = env->table.subscriptions[sub];
+  bool blocking = s.options.execution == execution::blocking
+                  || (env->dedupe && env->dedupe->remote());
+  bool detach = blocking && env->detach_io;
+  if (s.handler->factory != nullptr)
+    return detach
+             ? parent->spawn<caf::linked + caf::detached>(actor_lane, env, sub)
+             : parent->spawn<caf::linked>(actor_lane, env, sub);
   return detach
-           ? parent->spawn<caf::linked + caf::detached>(function_lane, env, sub)
-           : parent->spawn<caf::linked>(function_lane, env, sub);
+           ? parent->spawn<caf::linked + caf::detached>(function_lane, env, sub,
+                                                        std::move(progress))
+           : parent->spawn<caf::linked>(function_lane, env, sub,
+                                        std::move(progress));
 }
 
 caf::behavior topic_supervisor(caf::event_based_actor* self,
@@ -749,6 +1007,7 @@ caf::behavior topic_supervisor(caf::event_based_actor* self,
     for (auto& slot : st->lanes)
       if (slot.handle && slot.handle.address() == msg.source) {
         impl->on_lane_exit(msg.source, msg.reason);
+        impl->flush();
         return;
       }
     // Not a current lane: a lane we killed after a timeout (ignored), or our
@@ -757,23 +1016,47 @@ caf::behavior topic_supervisor(caf::event_based_actor* self,
       self->quit(msg.reason);
   });
   return {
-    [impl](dispatch_batch& batch) { impl->accept(batch); },
+    [impl](dispatch_batch& batch) {
+      impl->accept(batch);
+      impl->flush();
+    },
+    [impl](result_batch& rb) {
+      impl->on_result_batch(rb);
+      impl->flush();
+    },
     [impl](retry_atom, uint64_t id, uint64_t seq) {
       impl->on_retry_timer(id, seq);
+      impl->flush();
     },
-    [impl](tick_atom) { impl->on_tick(); },
-    [impl](resume_atom) { impl->resume(); },
-    [impl](drain_atom) { impl->drain(); },
-    [impl](abandon_atom) { impl->abandon(); },
+    [impl](tick_atom) {
+      impl->on_tick();
+      impl->flush();
+    },
+    [impl](resume_atom) {
+      impl->resume();
+      impl->flush();
+    },
+    [impl](drain_atom) {
+      impl->drain();
+      impl->flush();
+    },
+    [impl](abandon_atom) {
+      impl->abandon();
+      impl->flush();
+    },
     [](crash_atom) {
       // Fault injection (evmesh::testing::inject_supervisor_crash): fail the
       // way a bug in this actor would.
       throw std::runtime_error("injected topic supervisor crash");
     },
     [impl](node_up_atom, const std::string& node, const caf::actor& proxy,
-           uint32_t lanes) { impl->node_up(node, proxy, lanes); },
+           uint32_t lanes) {
+      impl->node_up(node, proxy, lanes);
+      impl->flush();
+    },
     [impl](node_down_atom, const std::string& node, const caf::actor& proxy) {
       impl->node_down(node, proxy);
+      impl->flush();
     },
   };
 }

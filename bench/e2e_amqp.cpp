@@ -43,6 +43,7 @@
 #include <amqp.h>
 #include <amqp_tcp_socket.h>
 #include <spdlog/spdlog.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -268,6 +269,8 @@ eb::result run_nest(const std::string& url, uint16_t port, const std::string& q,
   if (pid < 0)
     die("fork failed");
   if (pid == 0) {
+    // node dies with this process, whatever happens to it.
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
     setenv("NODE_PATH", modules.c_str(), 1);
     execlp("node", "node", script.c_str(), url.c_str(), q.c_str(), n.c_str(),
            out.c_str(), static_cast<char*>(nullptr));
@@ -296,7 +299,15 @@ eb::result run_nest(const std::string& url, uint16_t port, const std::string& q,
     auto cpu0 = eb::proc_cpu_seconds(pid);
     if (wait_file(out + ".done")) {
       auto cpu1 = eb::proc_cpu_seconds(pid);
-      auto done = boost::json::parse(slurp(out + ".done")).as_object();
+      boost::system::error_code ec;
+      auto parsed = boost::json::parse(slurp(out + ".done"), ec);
+      if (ec || !parsed.is_object() || !parsed.as_object().contains("secs")) {
+        kill(pid, SIGKILL);
+        waitpid(pid, nullptr, 0);
+        std::fprintf(stderr, "NestJS peer wrote a bad result file\n");
+        return r;
+      }
+      auto& done = parsed.as_object();
       auto secs = done.at("secs").to_number<double>();
       r.rate = static_cast<double>(bodies.size()) / secs;
       r.cpu_us = 1e6 * (cpu1 - cpu0) / static_cast<double>(bodies.size());

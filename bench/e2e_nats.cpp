@@ -1,7 +1,7 @@
 // End-to-end consume throughput on a real nats-server (JetStream), evmesh
 // against a bare nats.c pull consumer measured in the same run.
 //
-//   e2e_nats [messages] [keys] [runs] [--json FILE]
+//   e2e_nats [messages] [keys] [runs] [--json FILE] [--no-redis 1]
 //
 // Starts its own nats-server (and redis-server when installed) on free
 // loopback ports in temp dirs and stops them. Per run and consumer, a fresh
@@ -291,6 +291,9 @@ void print_row(const char* name, const std::vector<result>& rs,
 int main(int argc, char** argv) {
   evmesh::bench::json_out json{evmesh::bench::take_option(argc, argv, "json"),
                                "e2e_nats"};
+  // --no-redis 1: skip the Redis dedupe row.
+  bool no_redis = !evmesh::bench::take_option(argc, argv, "no-redis").empty();
+  (void) no_redis;
   uint64_t n = argc > 1 ? std::stoull(argv[1]) : 100'000;
   uint64_t keys = argc > 2 ? std::stoull(argv[2]) : 1000;
   int runs = argc > 3 ? std::stoi(argv[3]) : 3;
@@ -301,7 +304,7 @@ int main(int argc, char** argv) {
   evmesh::testing::nats_server server;
   std::unique_ptr<evmesh::testing::redis_server> redis;
 #ifdef EVMESH_BENCH_HAS_REDIS
-  if (evmesh::testing::redis_server::available())
+  if (evmesh::testing::redis_server::available() && !no_redis)
     redis = std::make_unique<evmesh::testing::redis_server>();
 #endif
   std::vector<result> bare, mem, red;

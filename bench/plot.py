@@ -5,7 +5,8 @@ e2e tools' --json FILE) as PNGs:
   throughput_vs_concurrency.png  evmesh inproc msg/s per handler concurrency
                                  (throughput rows of e2e_inproc), with the
                                  naive CAF pipeline of the same runs
-  latency_cdf.png                latency CDF of every latency row
+  latency_cdf.png                latency CDF of every latency row (the last
+                                 one per tool and row)
   soak_rss.png                   RSS over the soak (soak_sample rows), if any
 
 Usage: bench/plot.py OUT_DIR FILE.jsonl [FILE.jsonl ...]
@@ -83,8 +84,12 @@ def main():
         made.append(path)
 
     # Latency CDF.
-    lat = [r for r in rows if r.get("kind") == "latency"
-           and r.get("sorted_us_sample")]
+    # One line per (tool, row): the last one in the input.
+    last = {}
+    for r in rows:
+        if r.get("kind") == "latency" and r.get("sorted_us_sample"):
+            last[(r["tool"], r["row"])] = r
+    lat = list(last.values())
     if lat:
         fig, ax = plt.subplots(figsize=(6, 4))
         for r in lat:
@@ -97,24 +102,29 @@ def main():
         ax.set_xlabel("latency, publish to handler (ms, log)")
         ax.set_ylabel("fraction of messages")
         ax.set_title("Latency CDF at about half the maximum rate", fontsize=10)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="lower right")
         ax.grid(alpha=0.3)
         fig.tight_layout()
         path = out + "/latency_cdf.png"
         fig.savefig(path, dpi=110)
         made.append(path)
 
-    # Soak RSS.
-    soak = [r for r in rows if r.get("kind") == "soak_sample"]
-    if soak:
+    # Soak RSS, one line per soak (rows without dedupe_keep_s: keep 60 s).
+    soaks = defaultdict(list)
+    for r in rows:
+        if r.get("kind") == "soak_sample":
+            soaks[(r.get("dedupe_keep_s", 60), r["rate"])].append(r)
+    if soaks:
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot([r["t_s"] for r in soak],
-                [r["rss_bytes"] / 1048576 for r in soak], "o-", ms=3)
+        for (keep, rate), samples in sorted(soaks.items()):
+            ax.plot([r["t_s"] for r in samples],
+                    [r["rss_bytes"] / 1048576 for r in samples], "o-", ms=3,
+                    label="%.0f msg/s, dedupe.keep %d s" % (rate, keep))
         ax.set_xlabel("seconds")
         ax.set_ylabel("RSS (MiB)")
         ax.set_ylim(bottom=0)
-        ax.set_title("evmesh inproc soak at %.0f msg/s" % soak[0]["rate"],
-                     fontsize=10)
+        ax.set_title("evmesh inproc soak: RSS every 10 s", fontsize=10)
+        ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
         fig.tight_layout()
         path = out + "/soak_rss.png"

@@ -44,9 +44,11 @@ class BenchController {
     if (++seen === count) {
       const secs = Number(process.hrtime.bigint() - t0) / 1e9;
       const cpu = process.cpuUsage(cpu0);
-      fs.writeFileSync(out + '.done', JSON.stringify({
+      // Written whole, then renamed: the driver never reads half a file.
+      fs.writeFileSync(out + '.done.tmp', JSON.stringify({
         count, secs, cpu_us: cpu.user + cpu.system,
       }) + '\n');
+      fs.renameSync(out + '.done.tmp', out + '.done');
     }
   }
 }

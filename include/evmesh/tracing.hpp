@@ -18,19 +18,22 @@ struct span_record {
   trace_context context;
   /// The previous attempt's span of the same message (all zero on attempt 1).
   span_id link{};
-  /// "consume order.confirmed".
-  std::string name;
-  std::string consumer;
-  std::string pattern;
-  std::string topic;
+  /// "consume order.confirmed". The string views of a span record point into
+  /// the runtime's own buffers and are valid only during `span_sink::record`:
+  /// a sink that keeps a span copies what it needs (the hot path makes no
+  /// allocation per span for sinks that don't).
+  std::string_view name;
+  std::string_view consumer;
+  std::string_view pattern;
+  std::string_view topic;
   uint32_t attempt = 0;
   /// Start and end in nanoseconds since the Unix epoch.
   int64_t start_ns = 0;
   int64_t end_ns = 0;
   /// "ok", "retry", "dead_letter", "discard", "duplicate", "error".
-  std::string status;
+  std::string_view status;
   /// Reason for a non-ok status.
-  std::string detail;
+  std::string_view detail;
 };
 
 /// Receives finished spans. Thread-safe: lanes call it concurrently.

@@ -115,6 +115,8 @@ struct js_conn {
     jsOptions jo;
     jsOptions_Init(&jo);
     jo.PublishAsync.MaxPending = 4096;
+    // A loaded machine can stall acks past the 200 ms default.
+    jo.PublishAsync.StallWait = 30'000;
     check(natsConnection_JetStream(&js, nc, &jo), "jetstream");
   }
   ~js_conn() {

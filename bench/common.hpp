@@ -130,6 +130,20 @@ inline std::vector<std::string> make_payloads(const std::string& topic,
   return out;
 }
 
+/// The `id` of a native envelope, found without decoding it ("" if none):
+/// what the bare clients' latency rows use to recognise a message.
+inline std::string_view envelope_id(std::string_view bytes) {
+  constexpr std::string_view tag = "\"id\":\"";
+  auto at = bytes.find(tag);
+  if (at == std::string_view::npos)
+    return {};
+  auto from = at + tag.size();
+  auto to = bytes.find('"', from);
+  if (to == std::string_view::npos)
+    return {};
+  return bytes.substr(from, to - from);
+}
+
 inline double median(std::vector<double> xs) {
   if (xs.empty())
     return 0;

@@ -30,7 +30,9 @@
 //
 // Then the evmesh latency at about half its measured rate: a publisher paced
 // in 1 ms ticks on a second connection while the runtime consumes; latency =
-// publish call to handler call.
+// publish call to handler call. The same for the bare consumer at half its
+// rate (latency = publish call to receipt; the id is found in the bytes).
+#include <atomic>
 #include <chrono>
 #include <csignal>
 #include <cstdio>
@@ -188,6 +190,67 @@ eb::result run_bare(uint16_t port, const std::string& q,
   if (left != 0)
     std::fprintf(stderr, "bare: %u messages left in %s\n", left, q.c_str());
   return {static_cast<double>(n) / secs, 1e6 * cpu / static_cast<double>(n)};
+}
+
+/// The bare consumer's latency: `bodies` published at `rate` to queue `q`
+/// from a second connection (after a warm-up message that shows the consumer
+/// is subscribed) while this thread consumes and acks as in run_bare;
+/// latency = publish call to the consumer's receipt.
+void run_bare_latency(uint16_t port, const std::string& q,
+                      const std::vector<std::string>& bodies, double rate,
+                      eb::latency_recorder& lat) {
+  conn c{port};
+  c.declare(q);
+  auto* cs = c.get();
+  amqp_basic_qos(cs, 1, 0, 1000, 0);
+  check(amqp_get_rpc_reply(cs), "basic.qos");
+  amqp_basic_consume(cs, 1, amqp_cstring_bytes(q.c_str()), amqp_empty_bytes, 0,
+                     0, 0, amqp_empty_table);
+  check(amqp_get_rpc_reply(cs), "basic.consume");
+  std::atomic<bool> warm{false};
+  std::thread pacer{[&] {
+    conn p{port};
+    evmesh::envelope w;
+    w.topic = "bench.created";
+    w.id = "warmup";
+    w.payload = boost::json::object{};
+    p.publish(q, evmesh::encode_envelope(w));
+    while (!warm)
+      std::this_thread::sleep_for(milliseconds{1});
+    eb::paced(bodies.size(), rate, [&](size_t i) {
+      lat.sent(i);
+      p.publish(q, bodies[i]);
+    });
+  }};
+  uint64_t got = 0;
+  auto deadline = steady_clock::now() + minutes{3};
+  while (got < bodies.size() + 1 && steady_clock::now() < deadline) {
+    amqp_maybe_release_buffers(cs);
+    amqp_envelope_t env;
+    timeval tv{1, 0};
+    auto r = amqp_consume_message(cs, &env, &tv, 0);
+    if (r.reply_type != AMQP_RESPONSE_NORMAL) {
+      if (r.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION
+          && r.library_error == AMQP_STATUS_TIMEOUT)
+        continue;
+      die("consume failed");
+    }
+    std::string_view bytes{static_cast<const char*>(env.message.body.bytes),
+                           env.message.body.len};
+    auto id = eb::envelope_id(bytes);
+    if (id == "warmup")
+      warm = true;
+    else
+      lat.seen(id);
+    ++got;
+    amqp_basic_ack(cs, 1, env.delivery_tag, 0);
+    amqp_destroy_envelope(&env);
+  }
+  warm = true;
+  pacer.join();
+  if (got < bodies.size() + 1)
+    std::fprintf(stderr, "bare latency run: only %llu messages in 3 minutes\n",
+                 static_cast<unsigned long long>(got));
 }
 
 /// Drains `n` messages of queue `q` (preloaded, or published by `pace` once
@@ -425,5 +488,14 @@ int main(int argc, char** argv) {
     &lat);
   eb::print_latency("evmesh amqp", half, lat, lat_n);
   json.latency("evmesh amqp, memory dedupe", half, lat, lat_n);
+  {
+    auto bare_half = b.rate / 2;
+    auto bn = static_cast<uint64_t>(std::max(1000.0, bare_half * 3));
+    eb::latency_recorder blat{bn};
+    run_bare_latency(port, "latency_bare", eb::make_payloads(topic, bn, keys),
+                     bare_half, blat);
+    eb::print_latency("bare rabbitmq-c", bare_half, blat, bn);
+    json.latency("bare rabbitmq-c", bare_half, blat, bn);
+  }
   return 0;
 }

@@ -23,7 +23,10 @@
 //
 // Then the evmesh latency at about half its measured rate: a second topic,
 // a producer paced in 1 ms ticks (linger.ms=0) while the runtime consumes;
-// latency = produce call to handler call.
+// latency = produce call to handler call. The same for the bare consumer at
+// half its rate (latency = produce call to poll return; the id is found in
+// the bytes without decoding).
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <string>
@@ -182,6 +185,87 @@ eb::result run_bare(const std::string& bootstraps, const std::string& topic,
   return {static_cast<double>(n) / secs, 1e6 * cpu / static_cast<double>(n)};
 }
 
+/// The bare consumer's latency: `n` messages produced at `rate` on `topic`
+/// (after a warm-up message that shows the group has been joined) while the
+/// consumer polls and commits as in run_bare; latency = produce call to
+/// poll return.
+void run_bare_latency(const std::string& bootstraps, const std::string& topic,
+                      const std::vector<std::string>& payloads, uint64_t keys,
+                      double rate, eb::latency_recorder& lat) {
+  char errstr[512];
+  auto* conf = make_conf(bootstraps, {{"group.id", "bare-latency"},
+                                      {"enable.auto.commit", "false"},
+                                      {"enable.auto.offset.store", "false"},
+                                      {"auto.offset.reset", "earliest"},
+                                      {"session.timeout.ms", "4000"},
+                                      {"heartbeat.interval.ms", "500"}});
+  auto* rk = rd_kafka_new(RD_KAFKA_CONSUMER, conf, errstr, sizeof errstr);
+  if (rk == nullptr)
+    die(std::string{"consumer: "} + errstr);
+  rd_kafka_poll_set_consumer(rk);
+  auto* subs = rd_kafka_topic_partition_list_new(1);
+  rd_kafka_topic_partition_list_add(subs, topic.c_str(), RD_KAFKA_PARTITION_UA);
+  if (auto err = rd_kafka_subscribe(rk, subs))
+    die(std::string{"subscribe: "} + rd_kafka_err2str(err));
+  rd_kafka_topic_partition_list_destroy(subs);
+  std::atomic<bool> warm{false};
+  std::thread pacer{[&] {
+    producer prod{bootstraps, "0"};
+    evmesh::envelope w;
+    w.topic = topic;
+    w.id = "warmup";
+    w.payload = boost::json::object{};
+    prod.send(topic, "w", evmesh::encode_envelope(w));
+    while (!warm)
+      std::this_thread::sleep_for(milliseconds{1});
+    eb::paced(payloads.size(), rate, [&](size_t i) {
+      lat.sent(i);
+      prod.send(topic, key_of(i, keys), payloads[i]);
+    });
+    prod.flush();
+  }};
+  std::vector<int64_t> next(1024, -1);
+  auto commit = [&] {
+    auto* list = rd_kafka_topic_partition_list_new(16);
+    for (size_t p = 0; p < next.size(); ++p)
+      if (next[p] >= 0)
+        rd_kafka_topic_partition_list_add(list, topic.c_str(),
+                                          static_cast<int32_t>(p))
+          ->offset
+          = next[p];
+    rd_kafka_commit(rk, list, 0);
+    rd_kafka_topic_partition_list_destroy(list);
+  };
+  uint64_t got = 0;
+  auto deadline = steady_clock::now() + minutes{3};
+  while (got < payloads.size() + 1 && steady_clock::now() < deadline) {
+    auto* m = rd_kafka_consumer_poll(rk, 100);
+    if (m == nullptr)
+      continue;
+    if (m->err == RD_KAFKA_RESP_ERR_NO_ERROR) {
+      std::string_view bytes{static_cast<const char*>(m->payload), m->len};
+      auto id = eb::envelope_id(bytes);
+      if (id == "warmup")
+        warm = true;
+      else
+        lat.seen(id);
+      ++got;
+      next[static_cast<size_t>(m->partition)] = m->offset + 1;
+      if (got % 1000 == 0)
+        commit();
+    }
+    rd_kafka_message_destroy(m);
+  }
+  warm = true;
+  pacer.join();
+  commit();
+  rd_kafka_consumer_close(rk);
+  rd_kafka_destroy(rk);
+  if (got < payloads.size() + 1)
+    std::fprintf(stderr, "bare latency run: only %llu messages in 3 minutes\n",
+                 static_cast<unsigned long long>(got));
+}
+
 evmesh::runtime_config runtime_cfg(const std::string& url) {
   evmesh::runtime_config cfg;
   cfg.node_name = "bench";
@@ -328,6 +412,20 @@ int main(int argc, char** argv) {
     },
     &lat);
   eb::print_latency("evmesh kafka (max_buffered=8192)", half, lat, lat_n);
+  // The bare consumer at half its own rate, on another fresh topic.
+  {
+    auto bare_half = b.rate / 2;
+    auto bn = static_cast<uint64_t>(std::max(1000.0, bare_half * 3));
+    const std::string bare_topic = "bench.latency.bare";
+    if (!cluster.create_topic(bare_topic, partitions, 3))
+      die("cannot create the bare latency topic");
+    eb::latency_recorder blat{bn};
+    run_bare_latency(cluster.bootstraps(), bare_topic,
+                     eb::make_payloads(bare_topic, bn, keys), keys, bare_half,
+                     blat);
+    eb::print_latency("bare librdkafka", bare_half, blat, bn);
+    json.latency("bare librdkafka", bare_half, blat, bn);
+  }
   json.latency("evmesh kafka, memory dedupe, max_buffered=8192", half, lat,
                lat_n);
   return 0;

@@ -4,7 +4,6 @@
 // returns what a dead connection held unacked at once. Every wait has a
 // deadline; the broker and every worker are stopped by their owners.
 #include <chrono>
-#include <filesystem>
 #include <iostream>
 #include <set>
 #include <string>
@@ -22,37 +21,10 @@
 using namespace evmesh;
 using namespace std::chrono_literals;
 using evmesh::testing::amqp_worker;
-using evmesh::testing::journal_lines;
 using evmesh::testing::rabbitmq_server;
-
-namespace {
-
-template <class Pred>
-bool wait_for(Pred pred, std::chrono::milliseconds limit) {
-  auto deadline = std::chrono::steady_clock::now() + limit;
-  while (!pred()) {
-    if (std::chrono::steady_clock::now() > deadline)
-      return false;
-    std::this_thread::sleep_for(20ms);
-  }
-  return true;
-}
-
-struct temp_dir {
-  std::string path;
-  temp_dir() {
-    char tmpl[] = "/tmp/evmesh-amqp-crash-XXXXXX";
-    if (mkdtemp(tmpl) == nullptr)
-      throw std::runtime_error("mkdtemp failed");
-    path = tmpl;
-  }
-  ~temp_dir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path, ec);
-  }
-};
-
-} // namespace
+using evmesh::testing::read_lines;
+using evmesh::testing::temp_dir;
+using evmesh::testing::wait_for;
 
 TEST(amqp_crash, kill_9_of_consumer_processes_mid_stream_loses_nothing) {
   if (!rabbitmq_server::available())
@@ -60,7 +32,7 @@ TEST(amqp_crash, kill_9_of_consumer_processes_mid_stream_loses_nothing) {
                     "--with-servers)";
   register_amqp_transport();
   rabbitmq_server server;
-  temp_dir dir;
+  temp_dir dir{"evmesh-amqp-crash"};
   auto url = server.url() + "?queue=work-svc&prefetch=128";
   constexpr int count = 3000;
   {
@@ -84,17 +56,17 @@ TEST(amqp_crash, kill_9_of_consumer_processes_mid_stream_loses_nothing) {
   auto handled = [&](int workers) {
     std::set<std::string> ids;
     for (int w = 0; w < workers; ++w)
-      for (auto& id : journal_lines(dir.path + "/w" + std::to_string(w)))
+      for (auto& id : read_lines(dir.file("w" + std::to_string(w))))
         ids.insert(id);
     return ids;
   };
   constexpr int kills = 3;
   size_t before = 0;
   for (int w = 0; w < kills; ++w) {
-    auto journal = dir.path + "/w" + std::to_string(w);
+    auto journal = dir.file("w" + std::to_string(w));
     amqp_worker worker{url, journal};
     auto progressed = wait_for(
-      [&] { return journal_lines(journal).size() >= 300 || worker.exited(); },
+      [&] { return read_lines(journal).size() >= 300 || worker.exited(); },
       60s);
     ASSERT_TRUE(progressed) << "worker " << w << " made no progress:\n"
                             << worker.log_tail();
@@ -103,13 +75,13 @@ TEST(amqp_crash, kill_9_of_consumer_processes_mid_stream_loses_nothing) {
     worker.kill9();
     auto seen = handled(w + 1).size();
     std::cout << "[ info ] worker " << w << " killed (SIGKILL) after "
-              << journal_lines(journal).size() << " handles; " << seen
+              << read_lines(journal).size() << " handles; " << seen
               << " distinct of " << count << " handled so far\n";
     EXPECT_LT(seen, size_t{count}) << "kill " << w << " was not mid-stream";
     EXPECT_GT(seen, before);
     before = seen;
   }
-  auto journal = dir.path + "/w" + std::to_string(kills);
+  auto journal = dir.file("w" + std::to_string(kills));
   amqp_worker last{url, journal};
   auto done = wait_for(
     [&] { return handled(kills + 1).size() == size_t{count} || last.exited(); },
@@ -138,7 +110,7 @@ TEST(amqp_crash, kill_9_of_consumer_processes_mid_stream_loses_nothing) {
                             << (lost.empty() ? "" : lost.front());
   size_t total = 0;
   for (int w = 0; w <= kills; ++w)
-    total += journal_lines(dir.path + "/w" + std::to_string(w)).size();
+    total += read_lines(dir.file("w" + std::to_string(w))).size();
   std::cout << "[ info ] " << count << " messages: " << ids.size()
             << " handled, " << dead.size() << " dead-lettered, "
             << total - ids.size()
@@ -152,7 +124,7 @@ TEST(amqp_crash,
                     "--with-servers)";
   register_amqp_transport();
   rabbitmq_server server;
-  temp_dir dir;
+  temp_dir dir{"evmesh-amqp-crash"};
   // A quorum queue counts deliveries across process deaths; prefetch=1 keeps
   // the other messages out of the crashing processes' hands.
   auto url = server.url() + "?queue=loop-svc&queue_type=quorum&prefetch=1";
@@ -182,22 +154,22 @@ TEST(amqp_crash,
   }
   // max_attempts executions, each one killing its process ...
   for (int w = 0; w < max_attempts; ++w) {
-    amqp_worker worker{url, dir.path + "/w" + std::to_string(w), max_attempts};
+    amqp_worker worker{url, dir.file("w" + std::to_string(w)), max_attempts};
     ASSERT_TRUE(wait_for([&] { return worker.exited(); }, 60s))
       << "worker " << w << " survived the crashing message";
     EXPECT_EQ(worker.exit_code(), 42) << worker.log_tail();
   }
   // ... then the next process dead-letters it on arrival instead of running
   // it again, and handles the rest.
-  auto journal = dir.path + "/w" + std::to_string(max_attempts);
+  auto journal = dir.file("w" + std::to_string(max_attempts));
   amqp_worker last{url, journal, max_attempts};
   auto done = wait_for(
     [&] {
-      return journal_lines(journal).size() >= size_t{others} || last.exited();
+      return read_lines(journal).size() >= size_t{others} || last.exited();
     },
     60s);
   ASSERT_FALSE(last.exited()) << "the last worker died:\n" << last.log_tail();
-  EXPECT_TRUE(done) << journal_lines(journal).size() << " of " << others;
+  EXPECT_TRUE(done) << read_lines(journal).size() << " of " << others;
   EXPECT_TRUE(last.terminate(15s)) << last.log_tail();
   auto records = amqp_dead_letters(url);
   ASSERT_TRUE(records) << render(records.error());

@@ -3,8 +3,8 @@
 // and Erlang cookie in a fresh temporary directory. Started as root, the
 // broker runs as the `rabbitmq` user, which then owns the directory. The
 // processes are always stopped: by the destructor, and (PR_SET_PDEATHSIG) by
-// the kernel if the test binary dies first. Booting takes 5-15 s, so test
-// binaries start one server and share it.
+// the kernel if the test binary dies first (child_process.hpp). Booting takes
+// 5-15 s, so test binaries start one server and share it.
 #pragma once
 
 #include <chrono>
@@ -14,19 +14,14 @@
 #include <fstream>
 #include <stdexcept>
 #include <string>
-#include <thread>
+#include <utility>
 #include <vector>
 
-#include <arpa/inet.h>
-#include <fcntl.h>
-#include <grp.h>
-#include <netinet/in.h>
 #include <pwd.h>
-#include <sys/prctl.h>
-#include <sys/socket.h>
 #include <sys/types.h>
-#include <sys/wait.h>
 #include <unistd.h>
+
+#include "../child_process.hpp"
 
 namespace evmesh::testing {
 
@@ -45,14 +40,10 @@ public:
   /// does not accept connections within `boot_limit`.
   explicit rabbitmq_server(std::chrono::seconds boot_limit
                            = std::chrono::seconds{90})
-    : boot_limit_(boot_limit) {
-    char tmpl[] = "/tmp/evmesh-rabbitmq-XXXXXX";
-    if (mkdtemp(tmpl) == nullptr)
-      throw std::runtime_error("mkdtemp failed");
-    dir_ = tmpl;
-    port_ = free_port();
-    dist_port_ = free_port();
-    epmd_port_ = free_port();
+    : boot_limit_(boot_limit), dir_(dir_holder_.path()) {
+    port_ = free_loopback_port();
+    dist_port_ = free_loopback_port();
+    epmd_port_ = free_loopback_port();
     // A long node name on the loopback IP: Erlang then needs no name
     // resolution at all (a minimal root may have no /etc/hosts, and
     // "localhost" would not resolve).
@@ -78,7 +69,7 @@ public:
     try {
       start();
     } catch (...) {
-      stop_process(epmd_pid_, SIGKILL, std::chrono::seconds{1});
+      epmd_.stop(SIGKILL, std::chrono::seconds{1});
       throw;
     }
   }
@@ -88,9 +79,7 @@ public:
 
   ~rabbitmq_server() {
     kill();
-    stop_process(epmd_pid_, SIGKILL, std::chrono::seconds{1});
-    std::error_code ec;
-    std::filesystem::remove_all(dir_, ec);
+    epmd_.stop(SIGKILL, std::chrono::seconds{1});
   }
 
   /// `amqp://guest:guest@127.0.0.1:PORT/` (guest may log in over loopback).
@@ -109,12 +98,12 @@ public:
 
   /// Stops the broker at once (SIGKILL); its database stays for `start`.
   void kill() {
-    stop_process(pid_, SIGKILL, std::chrono::seconds{5});
+    broker_.stop(SIGKILL, std::chrono::seconds{5});
   }
 
   /// Stops the broker gracefully (SIGTERM), SIGKILL after `limit`.
   void stop(std::chrono::seconds limit = std::chrono::seconds{30}) {
-    stop_process(pid_, SIGTERM, limit);
+    broker_.stop(SIGTERM, limit);
   }
 
   /// (Re)starts the broker on the same ports and database; waits until it
@@ -149,23 +138,11 @@ public:
       "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS=-noinput -kernel "
       "inet_dist_use_interface {127,0,0,1}",
     };
-    pid_ = spawn({server_script}, env, log);
-    auto deadline = std::chrono::steady_clock::now() + boot_limit_;
-    while (!listening(port_)) {
-      int status = 0;
-      if (waitpid(pid_, &status, WNOHANG) == pid_) {
-        pid_ = -1;
-        throw std::runtime_error("rabbitmq-server exited at start; see " + log
-                                 + " and " + log_dir());
-      }
-      if (std::chrono::steady_clock::now() > deadline) {
-        kill();
-        throw std::runtime_error("rabbitmq-server did not listen within "
-                                 + std::to_string(boot_limit_.count())
-                                 + "s; see " + log);
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds{50});
-    }
+    broker_.start(options({server_script}, env, log));
+    broker_.wait_ready([this] { return loopback_listening(port_); },
+                       boot_limit_,
+                       "rabbitmq-server (logs in " + log_dir() + ")",
+                       std::chrono::milliseconds{50});
   }
 
 private:
@@ -182,108 +159,33 @@ private:
   }
 
   void start_epmd() {
-    epmd_pid_ = spawn(
+    epmd_.start(options(
       {"epmd", "-port", std::to_string(epmd_port_), "-address", "127.0.0.1"},
-      {"PATH=/usr/bin:/bin", "HOME=" + dir_}, dir_ + "/epmd.log");
-    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds{10};
-    while (!listening(epmd_port_)) {
-      if (std::chrono::steady_clock::now() > deadline)
-        throw std::runtime_error("epmd did not listen within 10s");
-      std::this_thread::sleep_for(std::chrono::milliseconds{20});
-    }
+      {"PATH=/usr/bin:/bin", "HOME=" + dir_}, dir_ + "/epmd.log"));
+    epmd_.wait_ready([this] { return loopback_listening(epmd_port_); },
+                     std::chrono::seconds{10}, "epmd");
   }
 
-  // Forks and execs `args` with environment `env`, as the rabbitmq user when
-  // running as root, output appended to `log`.
-  pid_t spawn(std::vector<std::string> args, std::vector<std::string> env,
-              const std::string& log) const {
-    auto parent = getpid();
-    auto pid = fork();
-    if (pid < 0)
-      throw std::runtime_error("fork failed");
-    if (pid > 0)
-      return pid;
-    int fd = open(log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
-    if (fd >= 0) {
-      dup2(fd, 1);
-      dup2(fd, 2);
-    }
-    int null = open("/dev/null", O_RDONLY);
-    if (null >= 0)
-      dup2(null, 0);
-    setpgid(0, 0);
-    if (geteuid() == 0) {
-      if (setgroups(0, nullptr) != 0 || setgid(gid_) != 0 || setuid(uid_) != 0)
-        _exit(126);
-    }
-    // After setuid: a credential change clears the parent-death signal.
-    prctl(PR_SET_PDEATHSIG, SIGKILL);
-    if (getppid() != parent)
-      _exit(1);
-    if (chdir(dir_.c_str()) != 0)
-      _exit(125);
-    std::vector<char*> argv;
-    for (auto& a : args)
-      argv.push_back(a.data());
-    argv.push_back(nullptr);
-    std::vector<char*> envp;
-    for (auto& e : env)
-      envp.push_back(e.data());
-    envp.push_back(nullptr);
-    execvpe(argv[0], argv.data(), envp.data());
-    _exit(127);
-  }
-
-  // Signals the process group of `pid`; SIGKILL after `limit`.
-  static void stop_process(pid_t& pid, int sig, std::chrono::seconds limit) {
-    if (pid <= 0)
-      return;
-    ::kill(-pid, sig);
-    ::kill(pid, sig);
-    auto deadline = std::chrono::steady_clock::now() + limit;
-    int status = 0;
-    while (waitpid(pid, &status, WNOHANG) != pid) {
-      if (std::chrono::steady_clock::now() > deadline) {
-        ::kill(-pid, SIGKILL);
-        ::kill(pid, SIGKILL);
-        waitpid(pid, &status, 0);
-        break;
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds{20});
-    }
-    pid = -1;
-  }
-
-  static uint16_t free_port() {
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    sockaddr_in addr{};
-    addr.sin_family = AF_INET;
-    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    addr.sin_port = 0;
-    socklen_t len = sizeof(addr);
-    if (fd < 0 || bind(fd, reinterpret_cast<sockaddr*>(&addr), len) != 0
-        || getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
-      if (fd >= 0)
-        close(fd);
-      throw std::runtime_error("no free port");
-    }
-    close(fd);
-    return ntohs(addr.sin_port);
-  }
-
-  static bool listening(uint16_t port) {
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    sockaddr_in addr{};
-    addr.sin_family = AF_INET;
-    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    addr.sin_port = htons(port);
-    bool ok = connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr))
-              == 0;
-    close(fd);
-    return ok;
+  // `args` with environment `env` in its own process group (the server
+  // script starts helpers), as the rabbitmq user when running as root,
+  // output appended to `log`.
+  spawn_options options(std::vector<std::string> args,
+                        std::vector<std::string> env,
+                        const std::string& log) const {
+    spawn_options opts;
+    opts.args = std::move(args);
+    opts.env = std::move(env);
+    opts.log = log;
+    opts.cwd = dir_;
+    opts.null_stdin = true;
+    opts.own_group = true;
+    if (geteuid() == 0)
+      opts.user = std::make_pair(uid_, gid_);
+    return opts;
   }
 
   std::chrono::seconds boot_limit_;
+  temp_dir dir_holder_{"evmesh-rabbitmq"};
   std::string dir_;
   std::string node_;
   uint16_t port_ = 0;
@@ -291,8 +193,9 @@ private:
   uint16_t epmd_port_ = 0;
   uid_t uid_ = 0;
   gid_t gid_ = 0;
-  pid_t pid_ = -1;
-  pid_t epmd_pid_ = -1;
+  // Declared last: stopped before the directory is removed.
+  child_process epmd_;
+  child_process broker_;
 };
 
 } // namespace evmesh::testing

@@ -8,28 +8,22 @@
 
 #include <atomic>
 #include <chrono>
-#include <climits>
-#include <csignal>
-#include <cstdio>
+#include <cstdint>
 #include <ctime>
 #include <fstream>
 #include <iostream>
-#include <map>
 #include <sstream>
-#include <stdexcept>
 #include <string>
 #include <string_view>
 #include <thread>
 #include <vector>
 
-#include <fcntl.h>
-#include <sys/prctl.h>
-#include <sys/types.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include "evmesh/runtime.hpp"
 #include "evmesh/testing.hpp"
+
+#include "../child_process.hpp"
 
 namespace evmesh::testing::cluster {
 
@@ -64,10 +58,8 @@ inline outcome handle_work(event_context& ctx) {
   if (is_poison(seq))
     return dead_letter("poison message " + env.id);
   std::this_thread::sleep_for(std::chrono::milliseconds{1});
-  auto line = env.key + ' ' + std::to_string(seq) + ' ' + node_label() + ' '
-              + std::to_string(start) + '\n';
-  auto rc = ::write(journal_fd(), line.data(), line.size());
-  (void) rc;
+  append_line(journal_fd(), env.key + ' ' + std::to_string(seq) + ' '
+                              + node_label() + ' ' + std::to_string(start));
   return ok();
 }
 
@@ -115,7 +107,7 @@ node_config(const std::string& name, const std::string& broker,
 }
 
 inline bool is_worker(int argc, char** argv) {
-  return argc > 1 && std::string_view{argv[1]} == worker_flag;
+  return has_worker_flag(argc, argv, worker_flag);
 }
 
 /// argv: EXE --evmesh-cluster-worker NAME SEED SECRET JOURNAL [CA CERT KEY]
@@ -126,14 +118,10 @@ inline int run_worker(int argc, char** argv) {
     std::cerr << "worker: expected NAME SEED SECRET JOURNAL [CA CERT KEY]\n";
     return 2;
   }
-  sigset_t stop_signals;
-  sigemptyset(&stop_signals);
-  sigaddset(&stop_signals, SIGTERM);
-  sigaddset(&stop_signals, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+  auto stop_signals = block_stop_signals();
   node_label() = argv[2];
   std::string journal = argv[5];
-  journal_fd() = ::open(journal.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
+  journal_fd() = open_journal(journal);
   if (journal_fd() < 0) {
     std::cerr << "worker: cannot open " << journal << "\n";
     return 2;
@@ -158,14 +146,13 @@ inline int run_worker(int argc, char** argv) {
       auto st = rt.cluster();
       for (auto& p : st.peers)
         if (p.state == "alive") {
-          std::ofstream{journal + ".ready"} << ::getpid() << "\n";
+          mark_ready(journal);
           return;
         }
       std::this_thread::sleep_for(std::chrono::milliseconds{10});
     }
   }};
-  int sig = 0;
-  sigwait(&stop_signals, &sig);
+  wait_for_stop_signal(stop_signals);
   stopping = true;
   ready.join();
   std::cerr << "worker: stopping" << std::endl;
@@ -176,105 +163,28 @@ inline int run_worker(int argc, char** argv) {
 }
 
 /// One worker child process; SIGKILLed and reaped by the destructor.
-class worker_process {
+class worker_process : public worker_child {
 public:
   worker_process(const std::string& name, const std::string& seed,
                  const std::string& secret, const std::string& journal,
                  const tls_files& tls = {})
-    : journal_(journal) {
-    char exe[PATH_MAX] = {};
-    auto n = ::readlink("/proc/self/exe", exe, sizeof(exe) - 1);
-    if (n <= 0)
-      throw std::runtime_error("readlink /proc/self/exe failed");
-    std::vector<std::string> args{std::string{exe, static_cast<size_t>(n)},
-                                  std::string{worker_flag},
-                                  name,
-                                  seed,
-                                  secret,
-                                  journal};
-    if (!tls.ca.empty()) {
-      args.push_back(tls.ca);
-      args.push_back(tls.cert);
-      args.push_back(tls.key);
-    }
-    std::vector<char*> argv;
-    for (auto& a : args)
-      argv.push_back(a.data());
-    argv.push_back(nullptr);
-    std::remove((journal + ".ready").c_str());
-    auto log = journal + ".log";
-    auto parent = ::getpid();
-    pid_ = ::fork();
-    if (pid_ < 0)
-      throw std::runtime_error("fork failed");
-    if (pid_ == 0) {
-      ::prctl(PR_SET_PDEATHSIG, SIGKILL);
-      if (::getppid() != parent)
-        ::_exit(1);
-      int fd = ::open(log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
-      if (fd >= 0) {
-        ::dup2(fd, 1);
-        ::dup2(fd, 2);
-      }
-      ::execv(argv[0], argv.data());
-      ::_exit(127);
-    }
-  }
-
-  worker_process(const worker_process&) = delete;
-  worker_process& operator=(const worker_process&) = delete;
-
-  ~worker_process() {
-    kill9();
-  }
-
-  pid_t pid() const noexcept {
-    return pid_;
-  }
-
-  bool ready() const {
-    return std::ifstream{journal_ + ".ready"}.good();
-  }
-
-  void kill9() {
-    if (pid_ <= 0)
-      return;
-    ::kill(pid_, SIGKILL);
-    ::waitpid(pid_, &status_, 0);
-    pid_ = -1;
-  }
-
-  /// SIGTERM, then up to `limit` for a clean exit (SIGKILL after).
-  bool terminate(std::chrono::milliseconds limit) {
-    if (pid_ <= 0)
-      return false;
-    ::kill(pid_, SIGTERM);
-    auto deadline = std::chrono::steady_clock::now() + limit;
-    for (;;) {
-      if (::waitpid(pid_, &status_, WNOHANG) == pid_) {
-        pid_ = -1;
-        return WIFEXITED(status_) && WEXITSTATUS(status_) == 0;
-      }
-      if (std::chrono::steady_clock::now() > deadline) {
-        kill9();
-        return false;
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds{10});
-    }
-  }
-
-  std::string log_tail(size_t max_chars = 3000) const {
-    std::ifstream in{journal_ + ".log"};
-    std::string text{std::istreambuf_iterator<char>{in}, {}};
-    if (text.size() > max_chars)
-      text = text.substr(text.size() - max_chars);
-    return text;
+    : worker_child(worker_flag, args(name, seed, secret, journal, tls),
+                   journal) {
   }
 
 private:
-  std::string journal_;
-  pid_t pid_ = -1;
-  int status_ = 0;
+  static std::vector<std::string>
+  args(const std::string& name, const std::string& seed,
+       const std::string& secret, const std::string& journal,
+       const tls_files& tls) {
+    std::vector<std::string> out{name, seed, secret, journal};
+    if (!tls.ca.empty()) {
+      out.push_back(tls.ca);
+      out.push_back(tls.cert);
+      out.push_back(tls.key);
+    }
+    return out;
+  }
 };
 
 /// One journal line.
@@ -287,19 +197,12 @@ struct handled_entry {
 
 /// The complete lines of a journal (a torn last line is ignored).
 inline std::vector<handled_entry> read_journal(const std::string& path) {
-  std::ifstream in{path};
-  std::string text{std::istreambuf_iterator<char>{in}, {}};
   std::vector<handled_entry> out;
-  size_t pos = 0;
-  for (;;) {
-    auto nl = text.find('\n', pos);
-    if (nl == std::string::npos)
-      break;
-    std::istringstream line{text.substr(pos, nl - pos)};
+  for (auto& text : read_lines(path)) {
+    std::istringstream line{text};
     handled_entry e;
     if (line >> e.key >> e.seq >> e.node >> e.t_ns)
       out.push_back(std::move(e));
-    pos = nl + 1;
   }
   return out;
 }

@@ -6,7 +6,6 @@
 #include <chrono>
 #include <csignal>
 #include <cstdio>
-#include <filesystem>
 #include <map>
 #include <set>
 #include <sstream>
@@ -28,33 +27,11 @@ namespace {
 
 constexpr auto secret = "cluster-test-secret-0123456789";
 
-class temp_dir {
-public:
-  temp_dir() {
-    char tmpl[] = "/tmp/evmesh-cluster-XXXXXX";
-    path_ = ::mkdtemp(tmpl);
-  }
-  ~temp_dir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path_, ec);
-  }
-  std::string file(const std::string& name) const {
-    return path_ + "/" + name;
-  }
-
-private:
-  std::string path_;
-};
+using evmesh::testing::temp_dir;
 
 template <class Pred>
 bool wait_until(Pred pred, std::chrono::milliseconds limit) {
-  auto deadline = std::chrono::steady_clock::now() + limit;
-  while (!pred()) {
-    if (std::chrono::steady_clock::now() > deadline)
-      return false;
-    std::this_thread::sleep_for(10ms);
-  }
-  return true;
+  return evmesh::testing::wait_for(pred, limit, 10ms);
 }
 
 std::string key_name(int k) {
@@ -248,7 +225,7 @@ protected:
     return out.str();
   }
 
-  temp_dir dir_;
+  temp_dir dir_{"evmesh-cluster"};
   std::string broker_;
   std::string seed_;
   std::unique_ptr<evmesh::consumer_runtime> ingress_;

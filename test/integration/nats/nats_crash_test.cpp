@@ -4,7 +4,6 @@
 // binary re-executes itself as the worker (nats_worker.hpp). Every wait has a
 // deadline; the server and every worker are stopped by their fixtures.
 #include <chrono>
-#include <filesystem>
 #include <iostream>
 #include <memory>
 #include <set>
@@ -23,35 +22,12 @@
 using namespace evmesh;
 using namespace std::chrono_literals;
 using evmesh::testing::nats_server;
-using evmesh::testing::read_journal;
+using evmesh::testing::read_lines;
+using evmesh::testing::temp_dir;
+using evmesh::testing::wait_for;
 using evmesh::testing::worker_process;
 
 namespace {
-
-template <class Pred>
-bool wait_for(Pred pred, std::chrono::milliseconds limit) {
-  auto deadline = std::chrono::steady_clock::now() + limit;
-  while (!pred()) {
-    if (std::chrono::steady_clock::now() > deadline)
-      return false;
-    std::this_thread::sleep_for(20ms);
-  }
-  return true;
-}
-
-struct temp_dir {
-  std::string path;
-  temp_dir() {
-    char tmpl[] = "/tmp/evmesh-crash-XXXXXX";
-    if (mkdtemp(tmpl) == nullptr)
-      throw std::runtime_error("mkdtemp failed");
-    path = tmpl;
-  }
-  ~temp_dir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path, ec);
-  }
-};
 
 transport_environment env() {
   return {{}, "test-node"};
@@ -65,7 +41,7 @@ TEST(nats_crash, kill_9_of_consumer_processes_mid_stream_loses_nothing) {
                     "--with-servers)";
   register_nats_transport();
   nats_server server;
-  temp_dir dir;
+  temp_dir dir{"evmesh-crash"};
   // ack_wait 2s: what a killed worker held comes back to the next one soon.
   auto url = server.url()
              + "?stream=WORK&durable=work-svc&subjects=work.>&ack_wait=2s";
@@ -86,7 +62,7 @@ TEST(nats_crash, kill_9_of_consumer_processes_mid_stream_loses_nothing) {
   auto handled = [&](int workers) {
     std::set<std::string> ids;
     for (int w = 0; w < workers; ++w)
-      for (auto& id : read_journal(dir.path + "/w" + std::to_string(w)))
+      for (auto& id : read_lines(dir.file("w" + std::to_string(w))))
         ids.insert(id);
     return ids;
   };
@@ -94,11 +70,11 @@ TEST(nats_crash, kill_9_of_consumer_processes_mid_stream_loses_nothing) {
   std::vector<size_t> at_kill;
   size_t lines_before = 0;
   for (int w = 0; w < kills; ++w) {
-    auto journal = dir.path + "/w" + std::to_string(w);
+    auto journal = dir.file("w" + std::to_string(w));
     worker_process worker{"plain", url, "none", journal, 0};
     // Let it handle a few hundred messages, then kill it mid-stream.
     auto progressed = wait_for(
-      [&] { return read_journal(journal).size() >= 300 || worker.exited(); },
+      [&] { return read_lines(journal).size() >= 300 || worker.exited(); },
       60s);
     ASSERT_TRUE(progressed) << "worker " << w << " made no progress:\n"
                             << worker.log_tail();
@@ -108,7 +84,7 @@ TEST(nats_crash, kill_9_of_consumer_processes_mid_stream_loses_nothing) {
     auto seen = handled(w + 1).size();
     at_kill.push_back(seen);
     std::cout << "[ info ] worker " << w << " killed (SIGKILL) after "
-              << read_journal(journal).size() << " handles; " << seen
+              << read_lines(journal).size() << " handles; " << seen
               << " distinct of " << count << " handled so far\n";
     EXPECT_LT(seen, size_t{count}) << "kill " << w << " was not mid-stream";
     EXPECT_GT(seen, lines_before);
@@ -116,7 +92,7 @@ TEST(nats_crash, kill_9_of_consumer_processes_mid_stream_loses_nothing) {
   }
   // A last worker finishes the stream (what the killed ones held comes back
   // after ack_wait), then stops cleanly.
-  auto journal = dir.path + "/w" + std::to_string(kills);
+  auto journal = dir.file("w" + std::to_string(kills));
   worker_process last{"plain", url, "none", journal, 0};
   auto done = wait_for(
     [&] { return handled(kills + 1).size() == size_t{count} || last.exited(); },
@@ -151,7 +127,7 @@ TEST(nats_crash, kill_9_of_consumer_processes_mid_stream_loses_nothing) {
     << lost.size() << " messages lost, first " << lost.front();
   size_t total_lines = 0;
   for (int w = 0; w <= kills; ++w)
-    total_lines += read_journal(dir.path + "/w" + std::to_string(w)).size();
+    total_lines += read_lines(dir.file("w" + std::to_string(w))).size();
   std::cout << "[ info ] " << count << " messages: " << ids.size()
             << " handled, " << dead.size() << " dead-lettered, "
             << total_lines - ids.size()

@@ -14,30 +14,22 @@
 // before initialising GoogleTest.
 #pragma once
 
-#include <atomic>
-#include <chrono>
-#include <climits>
-#include <csignal>
 #include <cstdint>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
-#include <set>
-#include <stdexcept>
 #include <string>
 #include <string_view>
 #include <thread>
 #include <vector>
 
-#include <fcntl.h>
-#include <sys/prctl.h>
-#include <sys/types.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include "evmesh/nats.hpp"
 #include "evmesh/runtime.hpp"
 #include "evmesh/testing.hpp"
+
+#include "../child_process.hpp"
 
 namespace evmesh::testing {
 
@@ -89,12 +81,6 @@ inline worker_globals& wg() {
   return g;
 }
 
-inline void journal_line(const std::string& id) {
-  auto line = id + "\n";
-  auto rc = ::write(wg().journal, line.data(), line.size());
-  (void) rc;
-}
-
 inline outcome worker_handler(event_context& ctx) {
   const auto& id = ctx.message().id;
   if (wg().random) {
@@ -107,14 +93,14 @@ inline outcome worker_handler(event_context& ctx) {
   } else {
     std::this_thread::sleep_for(std::chrono::milliseconds{2});
   }
-  journal_line(id);
+  append_line(wg().journal, id);
   return ok();
 }
 
 } // namespace detail
 
 inline bool is_worker(int argc, char** argv) {
-  return argc > 1 && std::string_view{argv[1]} == worker_flag;
+  return has_worker_flag(argc, argv, worker_flag);
 }
 
 /// argv: EXE --evmesh-nats-worker MODE NATS_URL DEDUPE_URL JOURNAL SEED
@@ -127,17 +113,13 @@ inline int run_worker(int argc, char** argv) {
     return 2;
   }
   // Block the stop signals in every thread the runtime will start.
-  sigset_t stop_signals;
-  sigemptyset(&stop_signals);
-  sigaddset(&stop_signals, SIGTERM);
-  sigaddset(&stop_signals, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+  auto stop_signals = block_stop_signals();
   std::string mode = argv[2];
   std::string journal = argv[5];
   auto& g = detail::wg();
   g.random = mode == "random";
   g.seed = std::stoull(argv[6]);
-  g.journal = ::open(journal.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
+  g.journal = open_journal(journal);
   if (g.journal < 0) {
     std::cerr << "worker: cannot open " << journal << "\n";
     return 2;
@@ -170,9 +152,8 @@ inline int run_worker(int argc, char** argv) {
     std::cerr << "worker: start failed: " << render(err) << "\n";
     return 3;
   }
-  std::ofstream{journal + ".ready"} << ::getpid() << "\n";
-  int sig = 0;
-  sigwait(&stop_signals, &sig);
+  mark_ready(journal);
+  wait_for_stop_signal(stop_signals);
   rt.stop(std::chrono::seconds{5});
   auto st = rt.stats();
   {
@@ -187,139 +168,30 @@ inline int run_worker(int argc, char** argv) {
 // -- the worker (parent side) ---------------------------------------------------
 
 /// One worker child process; SIGKILLed and reaped by the destructor.
-class worker_process {
+class worker_process : public worker_child {
 public:
   worker_process(const std::string& mode, const std::string& nats_url,
                  const std::string& dedupe_url, const std::string& journal,
                  uint64_t seed)
-    : journal_(journal) {
-    char exe[PATH_MAX] = {};
-    auto n = ::readlink("/proc/self/exe", exe, sizeof(exe) - 1);
-    if (n <= 0)
-      throw std::runtime_error("readlink /proc/self/exe failed");
-    std::vector<std::string> args{std::string{exe, static_cast<size_t>(n)},
-                                  std::string{worker_flag},
-                                  mode,
-                                  nats_url,
-                                  dedupe_url,
-                                  journal,
-                                  std::to_string(seed)};
-    std::vector<char*> argv;
-    for (auto& a : args)
-      argv.push_back(a.data());
-    argv.push_back(nullptr);
-    auto log = journal + ".log";
-    auto parent = ::getpid();
-    pid_ = ::fork();
-    if (pid_ < 0)
-      throw std::runtime_error("fork failed");
-    if (pid_ == 0) {
-      // Only async-signal-safe calls until exec.
-      ::prctl(PR_SET_PDEATHSIG, SIGKILL);
-      if (::getppid() != parent)
-        ::_exit(1);
-      int fd = ::open(log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
-      if (fd >= 0) {
-        ::dup2(fd, 1);
-        ::dup2(fd, 2);
-      }
-      ::execv(argv[0], argv.data());
-      ::_exit(127);
-    }
-  }
-
-  worker_process(const worker_process&) = delete;
-  worker_process& operator=(const worker_process&) = delete;
-
-  ~worker_process() {
-    kill9();
-  }
-
-  pid_t pid() const noexcept {
-    return pid_;
-  }
-
-  /// Whether the child wrote its ready marker (its runtime started).
-  bool ready() const {
-    return std::ifstream{journal_ + ".ready"}.good();
-  }
-
-  /// Whether the child has exited (reaps it).
-  bool exited() {
-    if (pid_ <= 0)
-      return true;
-    if (::waitpid(pid_, &status_, WNOHANG) == pid_) {
-      pid_ = -1;
-      return true;
-    }
-    return false;
-  }
-
-  /// SIGKILL and reap (idempotent).
-  void kill9() {
-    if (pid_ <= 0)
-      return;
-    ::kill(pid_, SIGKILL);
-    ::waitpid(pid_, &status_, 0);
-    pid_ = -1;
-  }
-
-  /// SIGTERM, then waits up to `limit` for a clean exit; SIGKILLs on
-  /// timeout. Returns whether the child exited with status 0 in time.
-  bool terminate(std::chrono::milliseconds limit) {
-    if (pid_ <= 0)
-      return false;
-    ::kill(pid_, SIGTERM);
-    auto deadline = std::chrono::steady_clock::now() + limit;
-    while (!exited()) {
-      if (std::chrono::steady_clock::now() > deadline) {
-        kill9();
-        return false;
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds{10});
-    }
-    return WIFEXITED(status_) && WEXITSTATUS(status_) == 0;
+    : worker_child(worker_flag,
+                   {mode, nats_url, dedupe_url, journal, std::to_string(seed)},
+                   journal) {
   }
 
   /// The stats line the child wrote after a clean stop: handled,
   /// dead_lettered, received (all zero when missing).
   std::vector<uint64_t> stats() const {
     std::vector<uint64_t> out(3, 0);
-    std::ifstream in{journal_ + ".stats"};
+    std::ifstream in{journal() + ".stats"};
     for (auto& x : out)
       in >> x;
     return out;
   }
-
-  /// The last lines of the child's log (for failure messages).
-  std::string log_tail(size_t max_chars = 2000) const {
-    std::ifstream in{journal_ + ".log"};
-    std::string text{std::istreambuf_iterator<char>{in}, {}};
-    if (text.size() > max_chars)
-      text = text.substr(text.size() - max_chars);
-    return text;
-  }
-
-private:
-  std::string journal_;
-  pid_t pid_ = -1;
-  int status_ = 0;
 };
 
 /// The complete lines of a journal file (a torn last line is ignored).
 inline std::vector<std::string> read_journal(const std::string& path) {
-  std::ifstream in{path};
-  std::string text{std::istreambuf_iterator<char>{in}, {}};
-  std::vector<std::string> out;
-  size_t pos = 0;
-  for (;;) {
-    auto nl = text.find('\n', pos);
-    if (nl == std::string::npos)
-      break;
-    out.emplace_back(text.substr(pos, nl - pos));
-    pos = nl + 1;
-  }
-  return out;
+  return read_lines(path);
 }
 
 } // namespace evmesh::testing

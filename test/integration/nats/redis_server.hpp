@@ -1,26 +1,20 @@
 // A redis-server child process for the NATS integration tests: a free
 // loopback port, no persistence, its files in a fresh temporary directory.
 // Always stopped: by `stop()`, the destructor, and (PR_SET_PDEATHSIG) by the
-// kernel if the test binary dies first. `start()` again reuses the port.
+// kernel if the test binary dies first (child_process.hpp). `start()` again
+// reuses the port.
 #pragma once
 
 #include <chrono>
-#include <csignal>
 #include <cstdlib>
-#include <filesystem>
-#include <stdexcept>
 #include <string>
-#include <thread>
 #include <vector>
 
-#include <arpa/inet.h>
-#include <fcntl.h>
 #include <netinet/in.h>
-#include <sys/prctl.h>
 #include <sys/socket.h>
-#include <sys/types.h>
-#include <sys/wait.h>
 #include <unistd.h>
+
+#include "../child_process.hpp"
 
 namespace evmesh::testing {
 
@@ -33,23 +27,12 @@ public:
 
   /// Starts the server; throws std::runtime_error when it does not answer
   /// within 10 s.
-  redis_server() {
-    char tmpl[] = "/tmp/evmesh-redis-XXXXXX";
-    if (mkdtemp(tmpl) == nullptr)
-      throw std::runtime_error("mkdtemp failed");
-    dir_ = tmpl;
-    port_ = pick_port();
+  redis_server() : port_(free_loopback_port()) {
     start();
   }
 
   redis_server(const redis_server&) = delete;
   redis_server& operator=(const redis_server&) = delete;
-
-  ~redis_server() {
-    stop();
-    std::error_code ec;
-    std::filesystem::remove_all(dir_, ec);
-  }
 
   /// `redis://127.0.0.1:PORT/0`.
   std::string url() const {
@@ -62,80 +45,23 @@ public:
 
   /// Kills the server (SIGKILL) and reaps it; idempotent.
   void stop() {
-    if (pid_ <= 0)
-      return;
-    ::kill(pid_, SIGKILL);
-    int status = 0;
-    ::waitpid(pid_, &status, 0);
-    pid_ = -1;
+    proc_.kill9();
   }
 
   /// (Re)starts the server on the same port; waits until it answers PING.
   void start() {
-    std::vector<std::string> args{"redis-server",
-                                  "--port",
-                                  std::to_string(port_),
-                                  "--bind",
-                                  "127.0.0.1",
-                                  "--save",
-                                  "",
-                                  "--appendonly",
-                                  "no",
-                                  "--dir",
-                                  dir_};
-    std::vector<char*> argv;
-    for (auto& a : args)
-      argv.push_back(a.data());
-    argv.push_back(nullptr);
-    auto log = dir_ + "/redis.log";
-    auto parent = ::getpid();
-    pid_ = ::fork();
-    if (pid_ < 0)
-      throw std::runtime_error("fork failed");
-    if (pid_ == 0) {
-      ::prctl(PR_SET_PDEATHSIG, SIGKILL);
-      if (::getppid() != parent)
-        ::_exit(1);
-      int fd = ::open(log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
-      if (fd >= 0) {
-        ::dup2(fd, 1);
-        ::dup2(fd, 2);
-      }
-      ::execvp(argv[0], argv.data());
-      ::_exit(127);
-    }
-    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds{10};
-    while (!answers_ping()) {
-      int status = 0;
-      if (::waitpid(pid_, &status, WNOHANG) == pid_) {
-        pid_ = -1;
-        throw std::runtime_error("redis-server exited at start; see " + log);
-      }
-      if (std::chrono::steady_clock::now() > deadline) {
-        stop();
-        throw std::runtime_error("redis-server did not answer within 10s");
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds{20});
-    }
+    spawn_options opts;
+    opts.args
+      = {"redis-server", "--port", std::to_string(port_), "--bind", "127.0.0.1",
+         "--save",       "",       "--appendonly",        "no",     "--dir",
+         dir_.path()};
+    opts.log = dir_.file("redis.log");
+    proc_.start(opts);
+    proc_.wait_ready([this] { return answers_ping(); },
+                     std::chrono::seconds{10}, "redis-server");
   }
 
 private:
-  static uint16_t pick_port() {
-    int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-    sockaddr_in addr{};
-    addr.sin_family = AF_INET;
-    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    socklen_t len = sizeof(addr);
-    if (fd < 0 || ::bind(fd, reinterpret_cast<sockaddr*>(&addr), len) != 0
-        || ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
-      if (fd >= 0)
-        ::close(fd);
-      throw std::runtime_error("no free port");
-    }
-    ::close(fd);
-    return ntohs(addr.sin_port);
-  }
-
   bool answers_ping() const {
     int fd = ::socket(AF_INET, SOCK_STREAM, 0);
     if (fd < 0)
@@ -157,9 +83,10 @@ private:
     return ok;
   }
 
-  std::string dir_;
   uint16_t port_ = 0;
-  pid_t pid_ = -1;
+  temp_dir dir_{"evmesh-redis"};
+  // Declared last: stopped (SIGKILL) before the directory is removed.
+  child_process proc_;
 };
 
 } // namespace evmesh::testing

@@ -200,7 +200,9 @@ struct redis_store_test : testing::Test {
       GTEST_SKIP() << "redis-server is not installed";
     ASSERT_NE(server.port(), 0);
     ASSERT_TRUE(server.start()) << "redis-server did not start";
-    store = open(server.url());
+    // Commands may wait longer than the 200 ms default on a saturated
+    // machine; the tests about timeouts open their own stores.
+    store = open(server.url("/0?timeout_ms=5000"));
   }
 
   std::shared_ptr<redis_idempotency_store> open(const std::string& url) {
@@ -429,7 +431,10 @@ TEST_F(redis_store_test, racing_threads_claim_each_key_exactly_once) {
 // (fewer round trips than commands) and every caller still gets its own
 // reply — a mixed-up reply would show as a wrong claim result.
 TEST_F(redis_store_test, concurrent_calls_share_pipelined_round_trips) {
-  auto single = open(server.url("/0?pool=1"));
+  // A generous command timeout: on a saturated machine a pipelined write of
+  // hundreds of commands may take longer than the default, and this test is
+  // about replies reaching the right callers, not about latency.
+  auto single = open(server.url("/0?pool=1&timeout_ms=20000"));
   ASSERT_TRUE(single);
   constexpr int threads = 16;
   constexpr int keys = 200;
@@ -578,4 +583,51 @@ TEST_F(redis_store_test, frozen_server_times_out_instead_of_hanging) {
   server.freeze(false);
   EXPECT_TRUE(wait_for(
     [&] { return single->try_begin("k", 30s) == claim_result::in_flight; }));
+}
+
+TEST_F(redis_store_test, concurrent_calls_survive_repeated_server_stalls) {
+  // Many callers share pipelined connections while the server stalls again
+  // and again (SIGSTOP past the command timeout, then SIGCONT): writers time
+  // out with queued callers behind them, connections drop and reconnect.
+  // Every call must come back with an answer (under ASan: without touching
+  // freed memory), and the store must work normally afterwards.
+  auto shared = open(server.url("/0?pool=2&timeout_ms=100"));
+  ASSERT_TRUE(shared);
+  constexpr int threads = 12;
+  std::atomic<bool> stop{false};
+  std::atomic<uint64_t> calls{0};
+  std::atomic<uint64_t> unavailable{0};
+  std::vector<std::thread> workers;
+  for (int t = 0; t < threads; ++t)
+    workers.emplace_back([&, t] {
+      for (int k = 0; !stop.load(); ++k) {
+        auto key = "stall-" + std::to_string(t) + "-" + std::to_string(k);
+        auto res = shared->try_begin(key, 30s);
+        if (res == claim_result::unavailable)
+          ++unavailable;
+        if (res == claim_result::fresh) {
+          if (k % 3 == 0)
+            (void) shared->abort(key);
+          else
+            (void) shared->commit(key, 1h);
+        }
+        ++calls;
+      }
+    });
+  for (int round = 0; round < 6; ++round) {
+    server.freeze(true);
+    std::this_thread::sleep_for(250ms);
+    server.freeze(false);
+    std::this_thread::sleep_for(150ms);
+  }
+  stop = true;
+  for (auto& w : workers)
+    w.join();
+  EXPECT_GT(calls.load(), uint64_t{threads});
+  EXPECT_GT(unavailable.load(), 0u) << "the stalls never made a call time out";
+  // Recovered: a new key is fresh, then a duplicate once committed.
+  EXPECT_TRUE(wait_for(
+    [&] { return shared->try_begin("after", 30s) == claim_result::fresh; }));
+  ASSERT_FALSE(shared->commit("after", 1h));
+  EXPECT_EQ(shared->try_begin("after", 30s), claim_result::duplicate);
 }

@@ -21,7 +21,8 @@ namespace evmesh {
 ///             [&topics=a,b.*]
 ///             [&ledger=PATH][&discover=5s][&connect_timeout=5s]
 ///             [&publish_timeout=10s][&revoke_wait=2s][&commit_interval=100ms]
-///             [&max_buffered=1000][&LIBRDKAFKA.PROPERTY=VALUE...]
+///             [&max_buffered=1000][&retry_topic_after=10s]
+///             [&LIBRDKAFKA.PROPERTY=VALUE...]
 ///
 /// - Hosts are the bootstrap servers (port 9092 when omitted).
 ///   `USER:PASSWORD@` are SASL credentials (PLAIN over `sasl_ssl` unless the
@@ -37,11 +38,15 @@ namespace evmesh {
 ///   list every `discover` interval; topics ending in `.dlq` or `.retry` are
 ///   never consumed by a pattern.
 /// - `ledger`: a SQLite file of attempt counts per (group, topic, partition,
-///   offset), incremented when `poll` hands a message out, and of settled
-///   offsets (skipped when replayed after a crash). With it,
+///   offset) and of settled offsets (skipped when replayed after a crash).
+///   Counted are the handler runs a crash cut short — `attempt_started`
+///   writes the run into a slot of a MAP_SHARED file next to the ledger
+///   (`PATH.run-N`), `attempt_finished` clears it, and the next process that
+///   can lock a dead process's file adds its slots to the ledger — plus the
+///   deliveries a clean `close()` left unsettled. With it,
 ///   `raw_message::delivery_count` survives crashes and rebalances and
 ///   `capabilities().delivery_count` is true (crash_loop works); without it
-///   the count is per process. Counts are deliveries, not handler runs.
+///   the count is per process.
 /// - `connect_timeout`: how long the factory waits for the bootstrap servers'
 ///   metadata before failing with `unavailable`.
 /// - `publish_timeout`: how long `publish` and `dead_letter` wait for the
@@ -51,7 +56,19 @@ namespace evmesh {
 ///   watermark and lets the rebalance go on.
 /// - `commit_interval`: how often an advanced watermark is committed.
 /// - `max_buffered`: fetched messages held locally before the assignment is
-///   paused.
+///   paused (and messages parked behind their key before their partition is
+///   paused).
+/// - `retry_topic_after` (`capabilities().defer_after`): retries due this far
+///   away or later are deferred to `<topic>.retry` (same partition number;
+///   headers `evmesh-original-topic`, `-partition`, `-offset`,
+///   `evmesh-attempts`, `evmesh-due`), broker-confirmed before `defer`
+///   returns; the member owning `<topic>`/p reads `<topic>.retry`/p and hands
+///   a retry record out when due, with `delivery_count = attempts + 1`. A key
+///   with a record in retry parks its later records (not handed out, not
+///   committed) until that record is settled for good; parked keys are
+///   rebuilt from the retry partition on every assignment. While retry
+///   topics are on, a key's records are handed out one at a time. `0` or
+///   `off`: retries stay in memory.
 /// - Any other key containing a dot is a librdkafka configuration property
 ///   applied to the consumer and producer (e.g. `session.timeout.ms=6000`,
 ///   `security.protocol=ssl`); an unknown property or bad value is an

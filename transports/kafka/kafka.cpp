@@ -6,6 +6,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstring>
+#include <limits>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -16,9 +17,13 @@
 #include <unordered_map>
 #include <utility>
 
+#include <fcntl.h>
 #include <librdkafka/rdkafka.h>
 #include <spdlog/spdlog.h>
 #include <sqlite3.h>
+#include <sys/file.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include "evmesh/config.hpp"
 #include "evmesh/error.hpp"
@@ -46,6 +51,8 @@ struct kafka_settings {
   caf::timespan revoke_wait = 2s;
   caf::timespan commit_interval = 100ms;
   size_t max_buffered = 1000;
+  // Retries due this late go through `<topic>.retry`; max(): never.
+  caf::timespan retry_after = 10s;
   // librdkafka properties from the URL, applied after evmesh's defaults.
   std::vector<std::pair<std::string, std::string>> props;
 };
@@ -203,6 +210,12 @@ caf::expected<kafka_settings> parse_kafka_url(std::string_view url) {
       err = dur(s.revoke_wait, caf::timespan{0});
     } else if (k == "commit_interval") {
       err = dur(s.commit_interval, 1ms);
+    } else if (k == "retry_topic_after") {
+      if (v == "0" || v == "off") {
+        s.retry_after = caf::timespan::max();
+      } else {
+        err = dur(s.retry_after, 1ms);
+      }
     } else if (k == "max_buffered") {
       try {
         size_t used = 0;
@@ -607,14 +620,17 @@ public:
                  &l->done_)
         || !prep(std::string{"DELETE FROM kafka_attempts"} + where
                    + " AND off < ?4",
-                 &l->prune_))
+                 &l->prune_)
+        || !prep(std::string{"UPDATE kafka_attempts SET n = n - 1"} + where
+                   + " AND off = ?4 AND n > 0",
+                 &l->unbump_))
       return l->fail("cannot prepare the attempt ledger '" + path + "'");
     l->path_ = path;
     return l;
   }
 
   ~attempt_ledger() {
-    for (auto* x : {bump_, get_, done_, prune_})
+    for (auto* x : {bump_, get_, done_, prune_, unbump_})
       sqlite3_finalize(x);
     sqlite3_close(db_);
   }
@@ -665,14 +681,32 @@ public:
     }
   }
 
-  /// Whether the offset reached its terminal action (in any process).
-  bool done(const std::string& topic, int32_t partition, int64_t offset) {
+  /// The offset's durable count (handler runs cut short by a crash, plus
+  /// deliveries left unsettled by a clean close) and whether it reached its
+  /// terminal action (in any process).
+  std::pair<uint32_t, bool> lookup(const std::string& topic, int32_t partition,
+                                   int64_t offset) {
     std::lock_guard guard{mtx_};
     bind(get_, topic, partition, offset);
-    auto result = sqlite3_step(get_) == SQLITE_ROW
-                  && sqlite3_column_int64(get_, 1) != 0;
+    std::pair<uint32_t, bool> result{0, false};
+    if (sqlite3_step(get_) == SQLITE_ROW)
+      result = {static_cast<uint32_t>(sqlite3_column_int64(get_, 0)),
+                sqlite3_column_int64(get_, 1) != 0};
     sqlite3_reset(get_);
     return result;
+  }
+
+  /// Takes back one count of `x` (a run counted ahead that finished).
+  void unbump(const position& x) {
+    std::lock_guard guard{mtx_};
+    bind(unbump_, x.topic, x.partition, x.offset);
+    if (sqlite3_step(unbump_) != SQLITE_DONE)
+      spdlog::warn("kafka: {}", render(error("cannot take back a count")));
+    sqlite3_reset(unbump_);
+  }
+
+  const std::string& path() const {
+    return path_;
   }
 
   /// Forgets the rows of offsets below `offset` (committed).
@@ -716,30 +750,235 @@ private:
   sqlite3_stmt* get_ = nullptr;
   sqlite3_stmt* done_ = nullptr;
   sqlite3_stmt* prune_ = nullptr;
+  sqlite3_stmt* unbump_ = nullptr;
   std::string group_;
   std::string path_;
+};
+
+// Handler runs under way, in a small MAP_SHARED file next to the ledger
+// (`<ledger>.run-N`, N < run_files): a process that dies leaves its slots
+// behind, and the next process that can lock the file adds one attempt per
+// slot to the ledger. So the durable count is exactly the runs a crash cut
+// short. Each live process holds an exclusive flock on its own file.
+struct run_slot {
+  std::atomic<uint32_t> state; // 0 free, 1 being written, 2 running
+  int32_t partition;
+  int64_t offset;
+  char topic[256];
+};
+
+static_assert(std::atomic<uint32_t>::is_always_lock_free);
+
+constexpr size_t run_slot_count = 1024;
+constexpr int run_files = 64;
+constexpr size_t run_file_bytes = sizeof(run_slot) * run_slot_count;
+
+class run_slots {
+public:
+  /// Harvests the files of dead processes into `ledger` and keeps one file
+  /// for this process (none if all are held: counts then go to the ledger).
+  static std::unique_ptr<run_slots> open(attempt_ledger& ledger) {
+    std::unique_ptr<run_slots> self{new run_slots};
+    for (int i = 0; i < run_files && self->slots_ == nullptr; ++i) {
+      auto fd = lock_file(ledger.path(), i);
+      if (fd < 0)
+        continue;
+      auto* slots = map(fd);
+      if (slots == nullptr) {
+        ::close(fd);
+        continue;
+      }
+      harvest(ledger, slots);
+      self->fd_ = fd;
+      self->slots_ = slots;
+    }
+    if (self->slots_ == nullptr)
+      spdlog::warn("kafka: no free run file next to {} — every handler run "
+                   "costs two ledger writes",
+                   ledger.path());
+    harvest_dead(ledger);
+    return self;
+  }
+
+  /// Adds the runs of files no live process holds to the ledger.
+  static void harvest_dead(attempt_ledger& ledger) {
+    for (int i = 0; i < run_files; ++i) {
+      auto path = file_name(ledger.path(), i);
+      if (::access(path.c_str(), F_OK) != 0)
+        continue;
+      auto fd = lock_file(ledger.path(), i);
+      if (fd < 0)
+        continue;
+      if (auto* slots = map(fd)) {
+        harvest(ledger, slots);
+        ::munmap(slots, run_file_bytes);
+      }
+      ::close(fd); // releases the lock
+    }
+  }
+
+  ~run_slots() {
+    if (slots_ != nullptr)
+      ::munmap(slots_, run_file_bytes);
+    if (fd_ >= 0)
+      ::close(fd_);
+  }
+
+  /// Claims a slot for a run of `x`; 0 when none is free.
+  uint64_t claim(const std::string& topic, int32_t partition,
+                 int64_t offset) noexcept {
+    if (slots_ == nullptr || topic.size() >= sizeof(run_slot::topic))
+      return 0;
+    auto start = hint_.fetch_add(1, std::memory_order_relaxed);
+    for (size_t k = 0; k < run_slot_count; ++k) {
+      auto i = (start + k) % run_slot_count;
+      auto& slot = slots_[i];
+      uint32_t expected = 0;
+      if (!slot.state.compare_exchange_strong(expected, 1,
+                                              std::memory_order_acquire))
+        continue;
+      slot.partition = partition;
+      slot.offset = offset;
+      std::memcpy(slot.topic, topic.c_str(), topic.size() + 1);
+      slot.state.store(2, std::memory_order_release);
+      return i + 1;
+    }
+    return 0;
+  }
+
+  void release(uint64_t token) noexcept {
+    if (token == 0 || token > run_slot_count || slots_ == nullptr)
+      return;
+    slots_[token - 1].state.store(0, std::memory_order_release);
+  }
+
+private:
+  run_slots() = default;
+
+  static std::string file_name(const std::string& ledger, int i) {
+    return ledger + ".run-" + std::to_string(i);
+  }
+
+  // Opens and exclusively locks run file `i`; -1 when a live process holds
+  // it (or it cannot be opened).
+  static int lock_file(const std::string& ledger, int i) {
+    auto path = file_name(ledger, i);
+    auto fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    if (fd < 0)
+      return -1;
+    if (::flock(fd, LOCK_EX | LOCK_NB) != 0
+        || ::ftruncate(fd, static_cast<off_t>(run_file_bytes)) != 0) {
+      ::close(fd);
+      return -1;
+    }
+    return fd;
+  }
+
+  static run_slot* map(int fd) {
+    auto* p = ::mmap(nullptr, run_file_bytes, PROT_READ | PROT_WRITE,
+                     MAP_SHARED, fd, 0);
+    return p == MAP_FAILED ? nullptr : static_cast<run_slot*>(p);
+  }
+
+  // Counts every run left in `slots` (its process died mid-run) and frees
+  // the slots.
+  static void harvest(attempt_ledger& ledger, run_slot* slots) {
+    std::vector<attempt_ledger::position> cut_short;
+    for (size_t i = 0; i < run_slot_count; ++i) {
+      auto& slot = slots[i];
+      if (slot.state.load(std::memory_order_acquire) != 2)
+        continue;
+      slot.topic[sizeof(slot.topic) - 1] = '\0';
+      cut_short.push_back({slot.topic, slot.partition, slot.offset});
+    }
+    if (!cut_short.empty()) {
+      if (auto counted = ledger.bump(cut_short); !counted) {
+        spdlog::warn("{} — the runs a crash cut short are not counted",
+                     render(counted.error()));
+      } else {
+        spdlog::info("kafka: counted {} handler run(s) cut short by a crash",
+                     cut_short.size());
+      }
+    }
+    for (size_t i = 0; i < run_slot_count; ++i)
+      slots[i].state.store(0, std::memory_order_release);
+  }
+
+  int fd_ = -1;
+  run_slot* slots_ = nullptr;
+  std::atomic<size_t> hint_{0};
 };
 
 // -- the transport -------------------------------------------------------------
 
 std::atomic<uint64_t> next_tag{1};
 
-// One fetched record, kept until its terminal action (for redelivery).
+// One fetched record, kept until its terminal action (for redelivery). A
+// retry record (from `<topic>.retry`) lives at `topic`/`partition`/`offset`
+// in the retry topic and stands for the original at `subject`/
+// `orig_partition`/`orig_offset`.
 struct entry {
   std::string topic;
   int32_t partition = 0;
   int64_t offset = 0;
+  std::string subject; // the original topic
+  int32_t orig_partition = 0;
+  int64_t orig_offset = 0;
   std::string bytes;
   std::string key;
   std::string traceparent;
   std::string tracestate;
   uint32_t deliveries = 0; // handed out by this process
+  uint32_t counted = 0;    // the ledger's count when fetched
+  uint32_t attempts = 0;   // retry record: attempts before it was deferred
   uint64_t seq = 0;        // fetch order: redeliveries keep their place
   uint64_t gen = 0;        // the partition's assignment generation
+  bool retry = false;
+  bool holds_park = false; // a retry record keeping its key parked
   bool dead_lettered = false;
 };
 
 using entry_ptr = std::shared_ptr<entry>;
+
+// The key of a parked-key group: original topic, partition and record key.
+using key_id = std::tuple<std::string, int32_t, std::string>;
+
+key_id key_of(const entry& e) {
+  return {e.subject, e.orig_partition, e.key};
+}
+
+// Headers of a retry record (`<topic>.retry`): where the original lives, the
+// attempts made before it was deferred, and when the next one is due (Unix
+// time in milliseconds).
+constexpr const char* retry_topic_header = "evmesh-original-topic";
+constexpr const char* retry_partition_header = "evmesh-original-partition";
+constexpr const char* retry_offset_header = "evmesh-original-offset";
+constexpr const char* retry_attempts_header = "evmesh-attempts";
+constexpr const char* retry_due_header = "evmesh-due";
+
+// attempt_started tokens counted in the ledger (no free run slot).
+constexpr uint64_t fallback_bit = uint64_t{1} << 63;
+
+// How long a main partition waits for its retry partition to be read on
+// assign before it is released anyway.
+constexpr auto retry_catchup_bound = 30s;
+
+// Parked keys: a key with a record in the retry topic holds back its later
+// records until that one is settled for good.
+struct key_park {
+  uint32_t count = 0;            // retry records pending for the key
+  const entry* holder = nullptr; // its record out (or delayed), if any
+  std::vector<entry_ptr> parked; // its later records, in fetch order
+};
+
+int64_t parse_int(const std::string& x, int64_t fallback) {
+  int64_t v = 0;
+  auto end = x.data() + x.size();
+  if (auto [ptr, ec] = std::from_chars(x.data(), end, v);
+      ec == std::errc{} && ptr == end && !x.empty())
+    return v;
+  return fallback;
+}
 
 using tp_key = std::pair<std::string, int32_t>;
 
@@ -763,6 +1002,23 @@ struct partition_state {
   int64_t end = -1;
   std::map<int64_t, offset_info> offsets;
   int64_t committed = -1; // the last commit sent (or the group's, on assign)
+  // A main partition whose retry partition is still being read on assign:
+  // fetched records wait in `held` until the parked keys are known.
+  bool gated = false;
+  clock_type::time_point gate_until{};
+  std::vector<entry_ptr> held;
+  // A main partition: offsets whose retry record was read (they are settled
+  // by it; a replay skips them).
+  std::set<int64_t> deferred;
+  // A retry partition: the offset its reader must reach before the main
+  // partition is released (-1: none), and records this process produced
+  // (and parked for) that the reader has not read yet.
+  int64_t catchup = -1;
+  std::set<int64_t> expected;
+  // A main partition: records parked behind their key; fetching pauses
+  // while it is at max_buffered.
+  size_t parked_n = 0;
+  bool parked_paused = false;
 
   /// The group's position after an assignment is `off`: offsets below it
   /// are terminal, and what was handed out below it belongs to an older
@@ -821,6 +1077,8 @@ public:
       ledger_(std::move(ledger)) {
     if (!now_)
       now_ = [] { return clock_type::now(); };
+    if (ledger_)
+      slots_ = run_slots::open(*ledger_);
   }
 
   ~kafka_transport() override {
@@ -833,7 +1091,9 @@ public:
 
   transport_capabilities capabilities() const noexcept override {
     // Kafka counts no deliveries: only the ledger makes them durable.
-    return {ledger_ != nullptr, true, true, true};
+    transport_capabilities caps{ledger_ != nullptr, true, true, true};
+    caps.defer_after = settings_.retry_after;
+    return caps;
   }
 
   bool connected() const noexcept override {
@@ -900,6 +1160,26 @@ public:
                           + errstr);
     static_cast<void>(conf->release());
     rd_kafka_poll_set_consumer(consumer_);
+    if (settings_.retry_after != caf::timespan::max()) {
+      // Reads the retry partitions of the assigned main partitions (manual
+      // assignment; their offsets are committed by the group's consumer).
+      auto rconf = make_conf(settings_, true, "evmesh-" + node_ + "-retry",
+                             health_.get());
+      if (!rconf)
+        return rconf.error();
+      reader_ = rd_kafka_new(RD_KAFKA_CONSUMER, rconf->get(), errstr,
+                             sizeof errstr);
+      if (reader_ == nullptr) {
+        rd_kafka_destroy(consumer_);
+        consumer_ = nullptr;
+        return make_error(errc::invalid_config,
+                          "kafka: cannot create the retry topic reader of "
+                          "group '"
+                            + settings_.group + "': " + errstr);
+      }
+      static_cast<void>(rconf->release());
+      rd_kafka_poll_set_consumer(reader_);
+    }
     subscribed_ = true;
     consumer_thread_ = std::thread{[this] { consume_loop(); }};
     return {};
@@ -914,37 +1194,39 @@ public:
                         "kafka transport: poll after close (make a new "
                         "transport to consume again)");
     auto first = out.size();
-    std::vector<attempt_ledger::position> positions;
-    {
-      std::lock_guard guard{mtx_};
-      if (!fatal_.empty())
-        return make_error(errc::unavailable, fatal_);
-      promote_due(now_());
-      while (out.size() - first < max && !ready_.empty()) {
-        auto e = std::move(ready_.begin()->second);
-        ready_.erase(ready_.begin());
-        auto& p = parts_[tp_key{e->topic, e->partition}];
-        if (!p.assigned || p.gen != e->gen)
-          continue; // revoked meanwhile
-        raw_message raw;
-        raw.tag = next_tag++;
-        raw.bytes = e->bytes;
-        raw.subject = e->topic;
-        raw.traceparent = e->traceparent;
-        raw.tracestate = e->tracestate;
-        raw.key = e->key;
-        raw.delivery_count = ++e->deliveries;
-        raw.position = position_of(e->topic, e->partition, e->offset);
-        p.offsets[e->offset] = offset_info{offset_state::out, raw.tag};
-        if (ledger_)
-          positions.push_back({e->topic, e->partition, e->offset});
-        unacked_.emplace(raw.tag, std::move(e));
-        out.push_back(std::move(raw));
+    std::lock_guard guard{mtx_};
+    if (!fatal_.empty())
+      return make_error(errc::unavailable, fatal_);
+    promote_due(now_());
+    while (out.size() - first < max && !ready_.empty()) {
+      auto e = std::move(ready_.begin()->second);
+      ready_.erase(ready_.begin());
+      auto& p = parts_[tp_key{e->topic, e->partition}];
+      if (!p.assigned || p.gen != e->gen)
+        continue; // revoked meanwhile
+      if (parked(*e)) {
+        // Its key went into the retry topic, or another record of its key
+        // went out, after it was queued.
+        park_behind(std::move(e));
+        continue;
       }
-      waiting_ = out.size() - first < max;
+      hold_key(*e);
+      raw_message raw;
+      raw.tag = next_tag++;
+      raw.bytes = e->bytes;
+      raw.subject = e->subject;
+      raw.traceparent = e->traceparent;
+      raw.tracestate = e->tracestate;
+      raw.key = e->key;
+      // Attempts before a deferral, runs a crash cut short (ledger), and
+      // this process's deliveries.
+      raw.delivery_count = e->attempts + e->counted + ++e->deliveries;
+      raw.position = position_of(e->subject, e->orig_partition, e->orig_offset);
+      p.offsets[e->offset] = offset_info{offset_state::out, raw.tag};
+      unacked_.emplace(raw.tag, std::move(e));
+      out.push_back(std::move(raw));
     }
-    if (ledger_ && !positions.empty())
-      count_attempts(positions, out, first);
+    waiting_ = out.size() - first < max;
     return {};
   }
 
@@ -957,8 +1239,11 @@ public:
     unacked_.erase(i);
     mark(*e, tag);
     settled_.notify_all();
+    auto wake = release_park(*e);
     lock.unlock();
     record_settled();
+    if (wake)
+      wake_up();
     return {};
   }
 
@@ -978,13 +1263,17 @@ public:
     if (!p.assigned || p.gen != e->gen) {
       // Revoked: the partition's owner reads it again from the watermark.
       p.forget(e->offset);
+      release_key(*e);
       return {};
     }
     o->second = offset_info{offset_state::queued, 0};
-    if (delay.count() > 0)
+    if (delay.count() > 0) {
+      // Still the key's current record: its successors keep waiting.
       delayed_.emplace(now_() + delay, std::move(e));
-    else
-      ready_.emplace(e->seq, std::move(e));
+    } else {
+      release_key(*e); // first in fetch order: it goes out first again
+      route(std::move(e));
+    }
     return {};
   }
 
@@ -998,33 +1287,38 @@ public:
       e = i->second;
     }
     auto hdrs = make_headers();
-    add_header(hdrs.get(), "evmesh-original-topic", e->topic);
+    add_header(hdrs.get(), "evmesh-original-topic", e->subject);
     add_header(hdrs.get(), "evmesh-original-partition",
-               std::to_string(e->partition));
-    add_header(hdrs.get(), "evmesh-original-offset", std::to_string(e->offset));
+               std::to_string(e->orig_partition));
+    add_header(hdrs.get(), "evmesh-original-offset",
+               std::to_string(e->orig_offset));
     add_header(hdrs.get(), "evmesh-category", rec.category);
     add_header(hdrs.get(), "evmesh-attempts", std::to_string(rec.attempts));
     add_header(hdrs.get(), "evmesh-group", settings_.group);
     add_header(hdrs.get(), "traceparent",
                rec.traceparent.empty() ? e->traceparent : rec.traceparent);
-    auto dlq = e->topic + ".dlq";
+    auto dlq = e->subject + ".dlq";
     if (auto err = producer_->produce(dlq, e->key, to_json(rec),
                                       std::move(hdrs)))
-      return make_error(errc::unavailable,
-                        "kafka: the dead letter for "
-                          + position_of(e->topic, e->partition, e->offset)
-                          + " was not confirmed by '" + dlq
-                          + "' (the original stays uncommitted): "
-                          + render(err));
+      return make_error(
+        errc::unavailable,
+        "kafka: the dead letter for "
+          + position_of(e->subject, e->orig_partition, e->orig_offset)
+          + " was not confirmed by '" + dlq
+          + "' (the original stays uncommitted): " + render(err));
+    bool wake = false;
     {
       std::lock_guard guard{mtx_};
       // Confirmed: the original's offset may now pass the watermark.
       if (unacked_.count(tag) != 0) {
         e->dead_lettered = true;
         mark(*e, tag);
+        wake = release_park(*e);
       }
     }
     record_settled();
+    if (wake)
+      wake_up();
     return {};
   }
 
@@ -1035,6 +1329,124 @@ public:
     if (unacked_.count(tag) == 0)
       return not_ours("extend", tag);
     return {};
+  }
+
+  caf::error defer(uint64_t tag, caf::timespan delay,
+                   uint32_t attempts) override {
+    if (settings_.retry_after == caf::timespan::max())
+      return make_error(errc::invalid_state,
+                        "kafka: retry topics are off (retry_topic_after=off)");
+    entry_ptr e;
+    {
+      std::lock_guard guard{mtx_};
+      auto i = unacked_.find(tag);
+      if (i == unacked_.end())
+        return not_ours("defer", tag);
+      e = i->second;
+    }
+    auto due = std::chrono::duration_cast<std::chrono::milliseconds>(
+                 std::chrono::system_clock::now().time_since_epoch() + delay)
+                 .count();
+    auto hdrs = make_headers();
+    add_header(hdrs.get(), retry_topic_header, e->subject);
+    add_header(hdrs.get(), retry_partition_header,
+               std::to_string(e->orig_partition));
+    add_header(hdrs.get(), retry_offset_header, std::to_string(e->orig_offset));
+    add_header(hdrs.get(), retry_attempts_header, std::to_string(attempts));
+    add_header(hdrs.get(), retry_due_header, std::to_string(due));
+    add_header(hdrs.get(), "evmesh-group", settings_.group);
+    add_header(hdrs.get(), "traceparent", e->traceparent);
+    add_header(hdrs.get(), "tracestate", e->tracestate);
+    // Retry partition = original partition: its owner reads both.
+    auto retry = e->subject + ".retry";
+    std::pair<int32_t, int64_t> where{-1, -1};
+    if (auto err = producer_->produce(retry, e->key, e->bytes, std::move(hdrs),
+                                      e->orig_partition, &where))
+      return make_error(errc::unavailable,
+                        "kafka: the retry record for "
+                          + position_of(e->subject, e->orig_partition,
+                                        e->orig_offset)
+                          + " was not confirmed by '" + retry
+                          + "' (create it with at least as many partitions "
+                            "as '"
+                          + e->subject + "'): " + render(err));
+    bool wake = false;
+    {
+      std::lock_guard guard{mtx_};
+      tp_key rtp{retry, where.first};
+      auto& rp = parts_[rtp];
+      // Park the key first (unless the reader already read the record and
+      // parked it), then settle the delivery: the key never looks free.
+      if (!e->key.empty() && where.second >= rp.end
+          && rp.offsets.count(where.second) == 0) {
+        rp.expected.insert(where.second);
+        ++parks_[key_of(*e)].count;
+      }
+      if (!rp.assigned
+          && parts_[tp_key{e->subject, e->orig_partition}].assigned)
+        reader_add_.insert(rtp);
+      if (unacked_.erase(tag) != 0) {
+        mark(*e, tag);
+        settled_.notify_all();
+        wake = release_park(*e);
+      }
+    }
+    record_settled();
+    if (wake)
+      wake_up();
+    return {};
+  }
+
+  uint64_t attempt_started(uint64_t tag) noexcept override {
+    if (!ledger_)
+      return 0;
+    try {
+      attempt_ledger::position pos;
+      {
+        std::lock_guard guard{mtx_};
+        auto i = unacked_.find(tag);
+        if (i == unacked_.end())
+          return 0;
+        pos = {i->second->topic, i->second->partition, i->second->offset};
+      }
+      if (auto token
+          = slots_ ? slots_->claim(pos.topic, pos.partition, pos.offset) : 0)
+        return token;
+      // No free slot: count ahead in the ledger, take it back when the run
+      // is over.
+      if (!ledger_->bump({pos}))
+        return 0;
+      std::lock_guard guard{fallback_mtx_};
+      auto token = fallback_bit | next_fallback_++;
+      fallback_.emplace(token, std::move(pos));
+      return token;
+    } catch (...) {
+      return 0;
+    }
+  }
+
+  void attempt_finished(uint64_t token) noexcept override {
+    if (token == 0)
+      return;
+    if ((token & fallback_bit) == 0) {
+      if (slots_)
+        slots_->release(token);
+      return;
+    }
+    try {
+      attempt_ledger::position pos;
+      {
+        std::lock_guard guard{fallback_mtx_};
+        auto i = fallback_.find(token);
+        if (i == fallback_.end())
+          return;
+        pos = std::move(i->second);
+        fallback_.erase(i);
+      }
+      ledger_->unbump(pos);
+    } catch (...) {
+      // Counted once too often: errs on the side of stopping a crash loop.
+    }
   }
 
   caf::error publish(const envelope& env) override {
@@ -1059,6 +1471,23 @@ public:
   caf::error close() override {
     if (closed_.exchange(true))
       return {};
+    if (ledger_) {
+      // Handed out but not settled: the group delivers them again, and this
+      // delivery counts (the contract's delivery_count across consumers).
+      std::vector<attempt_ledger::position> unsettled;
+      {
+        std::lock_guard guard{mtx_};
+        for (auto& [tag, e] : unacked_) {
+          auto& p = parts_[tp_key{e->topic, e->partition}];
+          auto o = p.offsets.find(e->offset);
+          if (o != p.offsets.end() && o->second.tag == tag)
+            unsettled.push_back({e->topic, e->partition, e->offset});
+        }
+      }
+      if (!unsettled.empty())
+        if (auto counted = ledger_->bump(unsettled); !counted)
+          spdlog::warn("{}", render(counted.error()));
+    }
     if (subscribed_) {
       {
         std::lock_guard guard{mtx_};
@@ -1070,6 +1499,8 @@ public:
       std::lock_guard guard{mtx_};
       ready_.clear();
       delayed_.clear();
+      retry_wait_.clear();
+      parks_.clear();
       unacked_.clear();
       wakeup_ = nullptr;
     }
@@ -1117,19 +1548,110 @@ private:
     ledger_->mark_done(settled);
   }
 
-  void count_attempts(const std::vector<attempt_ledger::position>& positions,
-                      std::vector<raw_message>& out, size_t first) {
-    auto counts = ledger_->bump(positions);
-    if (!counts) {
-      // Not fatal: the in-process count still bounds retries here.
-      spdlog::warn("{} — using in-process attempt counts",
-                   render(counts.error()));
-      return;
+  // -- parked keys (all require mtx_) ----------------------------------------
+
+  // With retry topics on, a key's records go out one at a time (the next
+  // after the previous one is settled) so that a deferral never has a later
+  // record of its key already handed out behind it.
+  bool gate() const {
+    return settings_.retry_after != caf::timespan::max();
+  }
+
+  // Whether `e` must wait: its key has a record in the retry topic, or
+  // another record of its key is out.
+  bool parked(const entry& e) {
+    if (e.key.empty() || parks_.empty() || e.retry)
+      return false;
+    auto i = parks_.find(key_of(e));
+    return i != parks_.end()
+           && (i->second.count > 0
+               || (i->second.holder != nullptr && i->second.holder != &e));
+  }
+
+  // Queues `e` behind its key, in fetch order.
+  void park_behind(entry_ptr e) {
+    ++parts_[tp_key{e->topic, e->partition}].parked_n;
+    auto& xs = parks_[key_of(*e)].parked;
+    auto pos = std::upper_bound(xs.begin(), xs.end(), e->seq,
+                                [](uint64_t seq, const entry_ptr& x) {
+                                  return seq < x->seq;
+                                });
+    xs.insert(pos, std::move(e));
+  }
+
+  // A queued record: ready, or parked behind its key.
+  void route(entry_ptr e) {
+    if (parked(*e))
+      park_behind(std::move(e));
+    else
+      ready_.emplace(e->seq, std::move(e));
+  }
+
+  // `e` is handed out: it holds its key until settled.
+  void hold_key(entry& e) {
+    if (gate() && !e.key.empty())
+      parks_[key_of(e)].holder = &e;
+  }
+
+  // Frees the key of `i` when nothing holds it; returns whether parked
+  // records became ready.
+  bool settle_key(std::map<key_id, key_park>::iterator i) {
+    if (i->second.count > 0 || i->second.holder != nullptr)
+      return false;
+    auto released = !i->second.parked.empty();
+    for (auto& e : i->second.parked) {
+      auto& n = parts_[tp_key{e->topic, e->partition}].parked_n;
+      n = n > 0 ? n - 1 : 0;
+      ready_.emplace(e->seq, std::move(e));
     }
-    for (size_t i = 0; i < counts->size(); ++i) {
-      auto& raw = out[first + i];
-      raw.delivery_count = std::max(raw.delivery_count, (*counts)[i]);
+    parks_.erase(i);
+    return released;
+  }
+
+  // `e` no longer holds its key (settled, or queued again).
+  bool release_key(const entry& e) {
+    if (e.key.empty())
+      return false;
+    auto i = parks_.find(key_of(e));
+    if (i == parks_.end() || i->second.holder != &e)
+      return false;
+    i->second.holder = nullptr;
+    return settle_key(i);
+  }
+
+  // One retry record of `k` is settled for good; returns whether its parked
+  // records became ready.
+  bool unpark(const key_id& k) {
+    auto i = parks_.find(k);
+    if (i == parks_.end())
+      return false;
+    if (i->second.count > 0)
+      --i->second.count;
+    return settle_key(i);
+  }
+
+  // `e` is settled: its key's hold and, for a retry record, its park end.
+  bool release_park(entry& e) {
+    auto released = release_key(e);
+    if (!e.holds_park)
+      return released;
+    e.holds_park = false;
+    return unpark(key_of(e)) || released;
+  }
+
+  // Calls the wakeup if the source waits (records became ready outside the
+  // consumer thread).
+  void wake_up() {
+    std::function<void()> wake;
+    {
+      std::lock_guard guard{mtx_};
+      if (waiting_ && !ready_.empty()) {
+        waiting_ = false;
+        wake = wakeup_;
+      }
     }
+    if (wake)
+      wake();
   }
 
   // Moves delayed entries whose time came to the ready queue. Requires mtx_.
@@ -1205,6 +1727,8 @@ private:
       if (p.fresh || (only == nullptr && !p.assigned))
         continue;
       auto wm = p.watermark();
+      // Originals below the watermark are never fetched again here.
+      p.deferred.erase(p.deferred.begin(), p.deferred.lower_bound(p.low));
       if (wm < 0 || wm <= p.committed)
         continue;
       p.committed = wm;
@@ -1223,6 +1747,34 @@ private:
       committed(err, list.get());
   }
 
+  // The retry partitions that go with main partitions `tps` (`T.retry`/p for
+  // `T`/p, when `T.retry` exists with partition p). Consumer thread.
+  std::vector<tp_key> retry_partitions_of(const std::set<tp_key>& tps) {
+    std::vector<tp_key> result;
+    if (settings_.retry_after == caf::timespan::max() || reader_ == nullptr)
+      return result;
+    const rd_kafka_metadata_t* md = nullptr;
+    if (rd_kafka_metadata(consumer_, 1, nullptr, &md, 2000)
+        != RD_KAFKA_RESP_ERR_NO_ERROR) {
+      spdlog::warn("kafka: group '{}': cannot list the retry topics; parked "
+                   "keys of the assigned partitions are not restored",
+                   settings_.group);
+      return result;
+    }
+    metadata_ptr guard{md};
+    std::map<std::string, int, std::less<>> retry_topics;
+    for (int i = 0; i < md->topic_cnt; ++i)
+      if (md->topics[i].err == RD_KAFKA_RESP_ERR_NO_ERROR
+          && ends_with(md->topics[i].topic, ".retry"))
+        retry_topics.emplace(md->topics[i].topic, md->topics[i].partition_cnt);
+    for (auto& [t, part] : tps) {
+      auto i = retry_topics.find(t + ".retry");
+      if (i != retry_topics.end() && part < i->second)
+        result.emplace_back(i->first, part);
+    }
+    return result;
+  }
+
   void rebalance(rd_kafka_t* rk, rd_kafka_resp_err_t err,
                  rd_kafka_topic_partition_list_t* parts) {
     bool cooperative
@@ -1231,13 +1783,37 @@ private:
     for (int i = 0; i < parts->cnt; ++i)
       tps.emplace(parts->elems[i].topic, parts->elems[i].partition);
     if (err == RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS) {
+      // Runs a dead process on this host cut short count before anything of
+      // these partitions is handed out.
+      if (ledger_)
+        run_slots::harvest_dead(*ledger_);
+      // The retry partitions go with their main partitions: read them up to
+      // their current end before main records are handed out, so the keys
+      // parked before a crash or a move are parked again.
+      auto retry_tps = retry_partitions_of(tps);
       // The group's committed offsets: where fetching starts, and what to
       // re-commit when our own last commit failed (the mock refuses commits
       // during a rebalance). Unknown (no commit yet, or no answer): the first
       // fetched record tells.
       tplist_ptr start{rd_kafka_topic_partition_list_copy(parts)};
+      for (auto& [t, part] : retry_tps)
+        rd_kafka_topic_partition_list_add(start.get(), t.c_str(), part)->offset
+          = RD_KAFKA_OFFSET_INVALID;
       auto known = rd_kafka_committed(rk, start.get(), 2000)
                    == RD_KAFKA_RESP_ERR_NO_ERROR;
+      // The retry partitions' ends: what must be read before release.
+      std::map<tp_key, std::pair<int64_t, int64_t>> ends; // lo, hi
+      for (auto& tp : retry_tps) {
+        int64_t lo = 0;
+        int64_t hi = 0;
+        if (rd_kafka_query_watermark_offsets(reader_, tp.first.c_str(),
+                                             tp.second, &lo, &hi, 2000)
+            == RD_KAFKA_RESP_ERR_NO_ERROR)
+          ends[tp] = {lo, hi};
+        else
+          ends[tp] = {0, -1}; // unknown: read until the bound
+      }
+      tplist_ptr reader_list{rd_kafka_topic_partition_list_new(0)};
       {
         std::lock_guard guard{mtx_};
         for (auto& tp : tps) {
@@ -1245,19 +1821,61 @@ private:
           p.assigned = true;
           p.fresh = true;
           ++p.gen;
+          p.gated = false;
+          p.held.clear();
+          p.deferred.clear();
+          p.parked_n = 0;
+          p.parked_paused = false;
         }
+        for (auto& tp : retry_tps) {
+          auto& p = parts_[tp];
+          p.assigned = true;
+          p.fresh = true;
+          ++p.gen;
+          p.expected.clear();
+          p.catchup = -1;
+        }
+        std::map<tp_key, int64_t> committed;
         for (int i = 0; known && i < start->cnt; ++i) {
           auto& x = start->elems[i];
           if (x.err == RD_KAFKA_RESP_ERR_NO_ERROR && x.offset >= 0) {
             auto& p = parts_[tp_key{x.topic, x.partition}];
             p.start_at(x.offset);
             p.committed = x.offset;
+            committed[tp_key{x.topic, x.partition}] = x.offset;
+          }
+        }
+        for (auto& tp : retry_tps) {
+          auto c = committed.find(tp);
+          auto from = c != committed.end() ? c->second : ends[tp].first;
+          auto hi = ends[tp].second;
+          rd_kafka_topic_partition_list_add(reader_list.get(), tp.first.c_str(),
+                                            tp.second)
+            ->offset
+            = c != committed.end() ? c->second : RD_KAFKA_OFFSET_BEGINNING;
+          if (hi < 0 || hi > from) {
+            auto& rp = parts_[tp];
+            rp.catchup = hi < 0 ? std::numeric_limits<int64_t>::max() : hi;
+            auto& mp = parts_[tp_key{tp.first.substr(0, tp.first.size() - 6),
+                                     tp.second}];
+            mp.gated = true;
+            mp.gate_until = clock_type::now() + retry_catchup_bound;
           }
         }
         paused_ = false;
       }
-      spdlog::info("kafka: group '{}' assigned {} partition(s) to {}",
-                   settings_.group, tps.size(), rd_kafka_name(rk));
+      if (reader_list->cnt > 0)
+        if (auto* e = rd_kafka_incremental_assign(reader_, reader_list.get())) {
+          spdlog::warn("kafka: cannot read the retry partitions: {}",
+                       rd_kafka_error_string(e));
+          rd_kafka_error_destroy(e);
+        }
+      spdlog::info("kafka: group '{}' assigned {} partition(s) to {}{}",
+                   settings_.group, tps.size(), rd_kafka_name(rk),
+                   retry_tps.empty()
+                     ? std::string{}
+                     : " (and " + std::to_string(retry_tps.size())
+                         + " retry partition(s))");
       if (cooperative) {
         if (auto* e = rd_kafka_incremental_assign(rk, parts))
           rd_kafka_error_destroy(e);
@@ -1269,12 +1887,24 @@ private:
     // Revoked (or lost): stop handing out, let handed-out messages finish
     // within revoke_wait, commit the watermark, forget what was queued. A
     // lost assignment (session timed out, generation fenced) cannot commit:
-    // the group has moved on.
+    // the group has moved on. The retry partitions go with their main ones.
     auto lost = err != RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS
                 || rd_kafka_assignment_lost(rk) != 0;
     tplist_ptr list;
+    tplist_ptr reader_list{rd_kafka_topic_partition_list_new(0)};
     {
       std::unique_lock lock{mtx_};
+      std::set<tp_key> mains = tps;
+      for (auto& [t, part] : mains) {
+        tp_key rtp{t + ".retry", part};
+        auto r = parts_.find(rtp);
+        if (r != parts_.end() && r->second.assigned) {
+          tps.insert(rtp);
+          rd_kafka_topic_partition_list_add(reader_list.get(),
+                                            rtp.first.c_str(), part);
+        }
+        reader_add_.erase(rtp);
+      }
       for (auto& tp : tps) {
         auto& p = parts_[tp];
         p.assigned = false;
@@ -1284,8 +1914,13 @@ private:
             queued.push_back(off);
         for (auto off : queued)
           p.forget(off);
+        p.gated = false;
+        p.held.clear();
+        p.deferred.clear();
+        p.expected.clear();
+        p.catchup = -1;
       }
-      drop_queued(tps);
+      drop_queued(tps, mains);
       auto in_flight = [&] {
         for (auto& [tag, e] : unacked_)
           if (tps.count(tp_key{e->topic, e->partition}) != 0) {
@@ -1304,6 +1939,9 @@ private:
     // The mock cluster (and a real one mid-rebalance) may refuse this commit;
     // the new owner then starts from the last accepted watermark.
     commit(std::move(list), true);
+    if (reader_ != nullptr && reader_list->cnt > 0)
+      if (auto* e = rd_kafka_incremental_unassign(reader_, reader_list.get()))
+        rd_kafka_error_destroy(e);
     spdlog::info("kafka: group '{}' {} {} partition(s) of {}", settings_.group,
                  lost ? "lost" : "revoked", tps.size(), rd_kafka_name(rk));
     if (cooperative) {
@@ -1314,29 +1952,29 @@ private:
     }
   }
 
-  // Forgets queued and delayed entries of `tps`. Requires mtx_.
-  void drop_queued(const std::set<tp_key>& tps) {
-    for (auto i = ready_.begin(); i != ready_.end();) {
-      if (tps.count(tp_key{i->second->topic, i->second->partition}) != 0)
-        i = ready_.erase(i);
-      else
-        ++i;
+  // Forgets queued, delayed, due-later and parked entries of `tps`, and the
+  // parked keys of main partitions `mains`. Requires mtx_.
+  void drop_queued(const std::set<tp_key>& tps, const std::set<tp_key>& mains) {
+    auto gone = [&](const entry_ptr& e) {
+      return tps.count(tp_key{e->topic, e->partition}) != 0;
+    };
+    for (auto i = ready_.begin(); i != ready_.end();)
+      i = gone(i->second) ? ready_.erase(i) : std::next(i);
+    for (auto i = delayed_.begin(); i != delayed_.end();)
+      i = gone(i->second) ? delayed_.erase(i) : std::next(i);
+    for (auto i = retry_wait_.begin(); i != retry_wait_.end();)
+      i = gone(i->second) ? retry_wait_.erase(i) : std::next(i);
+    for (auto i = parks_.begin(); i != parks_.end();) {
+      auto& [t, part, key] = i->first;
+      i = mains.count(tp_key{t, part}) != 0 ? parks_.erase(i) : std::next(i);
     }
-    for (auto i = delayed_.begin(); i != delayed_.end();) {
-      if (tps.count(tp_key{i->second->topic, i->second->partition}) != 0)
-        i = delayed_.erase(i);
-      else
-        ++i;
-    }
+    for (auto& tp : mains)
+      parts_[tp].parked_n = 0;
   }
 
-  // Takes one fetched record. Requires mtx_. Returns whether it was queued.
-  bool take(const rd_kafka_message_t* m, bool done) {
-    auto topic = std::string{rd_kafka_topic_name(m->rkt)};
-    auto& p = parts_[tp_key{topic, m->partition}];
-    if (!p.assigned)
-      return false;
-    auto off = m->offset;
+  // Offset bookkeeping of a fetched record at `off` of `p`: whether it is new
+  // here (to be queued). Requires mtx_.
+  bool admit(partition_state& p, int64_t off) {
     if (p.fresh)
       p.start_at(off); // the group committed everything below it
     if (off < p.low)
@@ -1353,30 +1991,155 @@ private:
     if (off < p.end)
       return false; // terminal here
     p.end = off + 1;
-    if (done) {
-      // Settled before a crash or rebalance, not yet committed: the ledger
-      // remembers it.
-      p.offsets[off] = offset_info{offset_state::terminal, 0};
-      return false;
-    }
+    return true;
+  }
+
+  entry_ptr make_entry(const rd_kafka_message_t* m, std::string topic,
+                       const partition_state& p, rd_kafka_headers_t** hdrs) {
     auto e = std::make_shared<entry>();
     e->topic = std::move(topic);
     e->partition = m->partition;
-    e->offset = off;
+    e->offset = m->offset;
+    e->subject = e->topic;
+    e->orig_partition = m->partition;
+    e->orig_offset = m->offset;
     if (m->payload != nullptr)
       e->bytes.assign(static_cast<const char*>(m->payload), m->len);
     if (m->key != nullptr)
       e->key.assign(static_cast<const char*>(m->key), m->key_len);
-    rd_kafka_headers_t* hdrs = nullptr;
-    if (rd_kafka_message_headers(m, &hdrs) == RD_KAFKA_RESP_ERR_NO_ERROR) {
-      e->traceparent = header_of(hdrs, "traceparent");
-      e->tracestate = header_of(hdrs, "tracestate");
+    if (rd_kafka_message_headers(m, hdrs) == RD_KAFKA_RESP_ERR_NO_ERROR) {
+      e->traceparent = header_of(*hdrs, "traceparent");
+      e->tracestate = header_of(*hdrs, "tracestate");
+    } else {
+      *hdrs = nullptr;
     }
     e->seq = next_seq_++;
     e->gen = p.gen;
+    return e;
+  }
+
+  // Takes one fetched record of a main topic. Requires mtx_.
+  void take(const rd_kafka_message_t* m, std::pair<uint32_t, bool> counted) {
+    auto topic = std::string{rd_kafka_topic_name(m->rkt)};
+    auto& p = parts_[tp_key{topic, m->partition}];
+    if (!p.assigned || !admit(p, m->offset))
+      return;
+    auto off = m->offset;
+    if (counted.second || p.deferred.count(off) != 0) {
+      // Settled before a crash or rebalance, not yet committed (the ledger
+      // remembers it), or in the retry topic now (its retry record says so).
+      p.offsets[off] = offset_info{offset_state::terminal, 0};
+      return;
+    }
+    rd_kafka_headers_t* hdrs = nullptr;
+    auto e = make_entry(m, std::move(topic), p, &hdrs);
+    e->counted = counted.first;
     p.offsets[off] = offset_info{offset_state::queued, 0};
-    ready_.emplace(e->seq, std::move(e));
-    return true;
+    if (p.gated)
+      p.held.push_back(std::move(e));
+    else
+      route(std::move(e));
+  }
+
+  // Takes one record of a retry partition: it parks its key and waits until
+  // due. Requires mtx_.
+  void take_retry(const rd_kafka_message_t* m,
+                  std::pair<uint32_t, bool> counted) {
+    auto topic = std::string{rd_kafka_topic_name(m->rkt)};
+    tp_key rtp{topic, m->partition};
+    auto& rp = parts_[rtp];
+    if (!rp.assigned || !admit(rp, m->offset))
+      return;
+    auto off = m->offset;
+    rd_kafka_headers_t* hdrs = nullptr;
+    auto e = make_entry(m, std::move(topic), rp, &hdrs);
+    e->retry = true;
+    e->counted = counted.first;
+    e->subject = header_of(hdrs, retry_topic_header);
+    e->orig_partition = static_cast<int32_t>(
+      parse_int(header_of(hdrs, retry_partition_header), -1));
+    e->orig_offset = parse_int(header_of(hdrs, retry_offset_header), -1);
+    e->attempts = static_cast<uint32_t>(std::max<int64_t>(
+      parse_int(header_of(hdrs, retry_attempts_header), 0), 0));
+    auto due_ms = parse_int(header_of(hdrs, retry_due_header), 0);
+    auto counted_here = rp.expected.erase(off) != 0;
+    if (e->subject.empty() || e->orig_partition < 0 || e->orig_offset < 0) {
+      spdlog::warn("kafka: {} is not an evmesh retry record (no {} headers); "
+                   "skipped",
+                   position_of(rtp.first, rtp.second, off), retry_topic_header);
+      rp.offsets[off] = offset_info{offset_state::terminal, 0};
+      if (counted_here)
+        unpark(key_of(*e));
+      return;
+    }
+    auto& mp = parts_[tp_key{e->subject, e->orig_partition}];
+    mp.deferred.insert(e->orig_offset);
+    if (counted.second) {
+      // Settled for good before a crash: its key is free.
+      rp.offsets[off] = offset_info{offset_state::terminal, 0};
+      if (counted_here)
+        unpark(key_of(*e));
+      return;
+    }
+    // A crash between producing a retry record and settling the one it
+    // replaces leaves both: the newer one wins.
+    for (auto i = retry_wait_.begin(); i != retry_wait_.end(); ++i) {
+      auto& x = *i->second;
+      if (x.subject == e->subject && x.orig_partition == e->orig_partition
+          && x.orig_offset == e->orig_offset) {
+        auto& xp = parts_[tp_key{x.topic, x.partition}];
+        xp.offsets[x.offset] = offset_info{offset_state::terminal, 0};
+        release_park(x);
+        retry_wait_.erase(i);
+        break;
+      }
+    }
+    if (!e->key.empty()) {
+      e->holds_park = true;
+      if (!counted_here)
+        ++parks_[key_of(*e)].count;
+    }
+    rp.offsets[off] = offset_info{offset_state::queued, 0};
+    auto wall_now = std::chrono::duration_cast<std::chrono::milliseconds>(
+                      std::chrono::system_clock::now().time_since_epoch())
+                      .count();
+    auto due
+      = now_()
+        + std::chrono::milliseconds{std::max<int64_t>(due_ms - wall_now, 0)};
+    retry_wait_.emplace(due, std::move(e));
+  }
+
+  // Releases main partitions whose retry partition was read far enough (or
+  // waited too long), and moves due retry records to the ready queue.
+  // Requires mtx_.
+  void advance_retries() {
+    auto now = now_();
+    while (!retry_wait_.empty() && retry_wait_.begin()->first <= now) {
+      auto e = std::move(retry_wait_.begin()->second);
+      retry_wait_.erase(retry_wait_.begin());
+      ready_.emplace(e->seq, std::move(e));
+    }
+    for (auto& [rtp, rp] : parts_) {
+      if (rp.catchup < 0)
+        continue;
+      auto& mp
+        = parts_[tp_key{rtp.first.substr(0, rtp.first.size() - 6), rtp.second}];
+      auto timed_out = clock_type::now() >= mp.gate_until;
+      if (rp.end < rp.catchup && !timed_out && rp.assigned)
+        continue;
+      if (timed_out && rp.end < rp.catchup)
+        spdlog::warn("kafka: {}/{} was not read within {}: releasing {}/{} "
+                     "without knowing all of its parked keys",
+                     rtp.first, rtp.second,
+                     format_duration(retry_catchup_bound),
+                     rtp.first.substr(0, rtp.first.size() - 6), rtp.second);
+      rp.catchup = -1;
+      mp.gated = false;
+      auto held = std::move(mp.held);
+      mp.held.clear();
+      for (auto& e : held)
+        route(std::move(e));
+    }
   }
 
   // The topics to consume now (plain names and discovered pattern matches).
@@ -1426,10 +2189,13 @@ private:
     current_topics_ = topics;
   }
 
-  // Pauses fetching while `max_buffered` records wait locally.
+  // Pauses fetching while `max_buffered` records wait locally, and a
+  // partition while `max_buffered` of its records wait behind their keys.
   void flow_control() {
     bool pause = false;
     bool resume = false;
+    tplist_ptr stop{rd_kafka_topic_partition_list_new(0)};
+    tplist_ptr go{rd_kafka_topic_partition_list_new(0)};
     {
       std::lock_guard guard{mtx_};
       if (!paused_ && ready_.size() >= settings_.max_buffered) {
@@ -1439,17 +2205,47 @@ private:
         resume = true;
         paused_ = false;
       }
+      for (auto& [tp, p] : parts_) {
+        if (!p.assigned)
+          continue;
+        if (!p.parked_paused && p.parked_n >= settings_.max_buffered) {
+          p.parked_paused = true;
+          rd_kafka_topic_partition_list_add(stop.get(), tp.first.c_str(),
+                                            tp.second);
+        } else if (p.parked_paused && p.parked_n < settings_.max_buffered / 2) {
+          p.parked_paused = false;
+          if (!paused_ && !resume)
+            rd_kafka_topic_partition_list_add(go.get(), tp.first.c_str(),
+                                              tp.second);
+        }
+      }
     }
+    if (stop->cnt > 0)
+      rd_kafka_pause_partitions(consumer_, stop.get());
+    if (go->cnt > 0)
+      rd_kafka_resume_partitions(consumer_, go.get());
     if (!pause && !resume)
       return;
     rd_kafka_topic_partition_list_t* raw = nullptr;
     if (rd_kafka_assignment(consumer_, &raw) != RD_KAFKA_RESP_ERR_NO_ERROR)
       return;
     tplist_ptr assignment{raw};
-    if (pause)
+    if (pause) {
       rd_kafka_pause_partitions(consumer_, assignment.get());
-    else
-      rd_kafka_resume_partitions(consumer_, assignment.get());
+      return;
+    }
+    // Resume all but the partitions held back by their parked records.
+    tplist_ptr list{rd_kafka_topic_partition_list_new(0)};
+    {
+      std::lock_guard guard{mtx_};
+      for (int i = 0; i < assignment->cnt; ++i) {
+        auto& x = assignment->elems[i];
+        auto p = parts_.find(tp_key{x.topic, x.partition});
+        if (p == parts_.end() || !p->second.parked_paused)
+          rd_kafka_topic_partition_list_add(list.get(), x.topic, x.partition);
+      }
+    }
+    rd_kafka_resume_partitions(consumer_, list.get());
   }
 
   void wake_if_waiting() {
@@ -1468,6 +2264,88 @@ private:
   // Requires mtx_.
   bool due_now() {
     return !delayed_.empty() && delayed_.begin()->first <= now_();
+  }
+
+  // Takes what `rk` fetched (at most 500 records).
+  void fetch(rd_kafka_t* rk, int timeout_ms, bool retry) {
+    auto* m = rd_kafka_consumer_poll(rk, timeout_ms);
+    size_t n = 0;
+    while (m != nullptr) {
+      if (m->err == RD_KAFKA_RESP_ERR_NO_ERROR) {
+        health_->connected = true;
+        std::pair<uint32_t, bool> counted{0, false};
+        if (ledger_)
+          counted = ledger_->lookup(rd_kafka_topic_name(m->rkt), m->partition,
+                                    m->offset);
+        std::lock_guard guard{mtx_};
+        if (retry)
+          take_retry(m, counted);
+        else
+          take(m, counted);
+      } else if (m->err != RD_KAFKA_RESP_ERR__PARTITION_EOF) {
+        spdlog::warn("kafka: group '{}': {}", settings_.group,
+                     rd_kafka_message_errstr(m));
+      }
+      rd_kafka_message_destroy(m);
+      if (++n >= 500)
+        break;
+      m = rd_kafka_consumer_poll(rk, 0);
+    }
+  }
+
+  // Retry partitions that came into being (or were unknown) after their main
+  // partition was assigned: read them from the group's committed offset, or
+  // from the start.
+  void add_retry_partitions() {
+    std::set<tp_key> add;
+    {
+      std::lock_guard guard{mtx_};
+      add.swap(reader_add_);
+    }
+    if (add.empty())
+      return;
+    tplist_ptr list{rd_kafka_topic_partition_list_new(0)};
+    for (auto& [t, part] : add)
+      rd_kafka_topic_partition_list_add(list.get(), t.c_str(), part)->offset
+        = RD_KAFKA_OFFSET_INVALID;
+    auto known = rd_kafka_committed(consumer_, list.get(), 2000)
+                 == RD_KAFKA_RESP_ERR_NO_ERROR;
+    {
+      std::lock_guard guard{mtx_};
+      for (int i = 0; i < list->cnt; ++i) {
+        auto& x = list->elems[i];
+        auto& p = parts_[tp_key{x.topic, x.partition}];
+        auto& mp = parts_[tp_key{
+          std::string{x.topic}.substr(0, std::strlen(x.topic) - 6),
+          x.partition}];
+        if (!mp.assigned || p.assigned) {
+          x.offset = RD_KAFKA_OFFSET_INVALID; // moved on meanwhile
+          continue;
+        }
+        p.assigned = true;
+        p.fresh = true;
+        ++p.gen;
+        if (known && x.err == RD_KAFKA_RESP_ERR_NO_ERROR && x.offset >= 0) {
+          p.start_at(x.offset);
+          p.committed = x.offset;
+        } else {
+          x.offset = RD_KAFKA_OFFSET_BEGINNING;
+        }
+      }
+    }
+    tplist_ptr assign{rd_kafka_topic_partition_list_new(0)};
+    for (int i = 0; i < list->cnt; ++i)
+      if (list->elems[i].offset != RD_KAFKA_OFFSET_INVALID)
+        rd_kafka_topic_partition_list_add(assign.get(), list->elems[i].topic,
+                                          list->elems[i].partition)
+          ->offset
+          = list->elems[i].offset;
+    if (assign->cnt > 0)
+      if (auto* e = rd_kafka_incremental_assign(reader_, assign.get())) {
+        spdlog::warn("kafka: cannot read the retry partitions: {}",
+                     rd_kafka_error_string(e));
+        rd_kafka_error_destroy(e);
+      }
   }
 
   void consume_loop() {
@@ -1499,24 +2377,12 @@ private:
         next_commit = now + settings_.commit_interval;
       }
       flow_control();
-      auto* m = rd_kafka_consumer_poll(consumer_, 50);
-      size_t n = 0;
-      while (m != nullptr) {
-        if (m->err == RD_KAFKA_RESP_ERR_NO_ERROR) {
-          health_->connected = true;
-          auto done = ledger_
-                      && ledger_->done(rd_kafka_topic_name(m->rkt),
-                                       m->partition, m->offset);
-          std::lock_guard guard{mtx_};
-          take(m, done);
-        } else if (m->err != RD_KAFKA_RESP_ERR__PARTITION_EOF) {
-          spdlog::warn("kafka: group '{}': {}", settings_.group,
-                       rd_kafka_message_errstr(m));
-        }
-        rd_kafka_message_destroy(m);
-        if (++n >= 500)
-          break;
-        m = rd_kafka_consumer_poll(consumer_, 0);
+      fetch(consumer_, 50, false);
+      if (reader_ != nullptr) {
+        fetch(reader_, 0, true);
+        add_retry_partitions();
+        std::lock_guard guard{mtx_};
+        advance_retries();
       }
       wake_if_waiting();
       if (!health_->connected && now >= next_probe) {
@@ -1543,9 +2409,15 @@ private:
     if (ledger_)
       ledger_->mark_done(settled);
     commit(std::move(list), true);
+    // The group consumer first: its revoke callback still uses the reader.
     rd_kafka_consumer_close(consumer_);
     rd_kafka_destroy(consumer_);
     consumer_ = nullptr;
+    if (reader_ != nullptr) {
+      rd_kafka_consumer_close(reader_);
+      rd_kafka_destroy(reader_);
+      reader_ = nullptr;
+    }
   }
 
   kafka_settings settings_;
@@ -1554,8 +2426,13 @@ private:
   std::unique_ptr<health> health_;
   std::unique_ptr<producer> producer_;
   std::unique_ptr<attempt_ledger> ledger_;
+  std::unique_ptr<run_slots> slots_;
+  std::mutex fallback_mtx_; // guards the two below
+  std::unordered_map<uint64_t, attempt_ledger::position> fallback_;
+  uint64_t next_fallback_ = 1;
   opaque opaque_;
   rd_kafka_t* consumer_ = nullptr;
+  rd_kafka_t* reader_ = nullptr; // the retry partitions
   std::thread consumer_thread_;
   std::vector<std::string> patterns_;
   std::vector<std::string> current_topics_; // consumer thread only
@@ -1567,6 +2444,10 @@ private:
   std::map<tp_key, partition_state> parts_;
   std::map<uint64_t, entry_ptr> ready_; // by fetch order
   std::multimap<clock_type::time_point, entry_ptr> delayed_;
+  // Retry records waiting until due, and the keys they park.
+  std::multimap<clock_type::time_point, entry_ptr> retry_wait_;
+  std::map<key_id, key_park> parks_;
+  std::set<tp_key> reader_add_; // retry partitions to start reading
   std::unordered_map<uint64_t, entry_ptr> unacked_;
   // With a ledger: settled offsets not yet recorded in it.
   std::vector<attempt_ledger::position> done_pending_;

@@ -194,6 +194,83 @@ result run_bare(const std::string& url, const std::string& stream,
   return {static_cast<double>(n) / secs, 1e6 * cpu / static_cast<double>(n)};
 }
 
+/// The bare consumer's latency: an empty stream, `payloads` published at
+/// `rate` from a second connection (after a warm-up message that shows the
+/// consumer is subscribed) while this thread fetches and acks as in
+/// run_bare; latency = publish call to fetch return.
+void run_bare_latency(const std::string& url, const std::string& stream,
+                      const std::vector<std::string>& payloads, double rate,
+                      evmesh::bench::latency_recorder& lat) {
+  auto subject = "s" + stream;
+  js_conn producer{url};
+  producer.preload(stream, subject, {});
+  js_conn c{url};
+  jsOptions jo;
+  jsOptions_Init(&jo);
+  jsSubOptions so;
+  jsSubOptions_Init(&so);
+  so.Stream = stream.c_str();
+  so.Config.AckPolicy = js_AckExplicit;
+  so.Config.MaxAckPending = 20'000;
+  so.Config.DeliverPolicy = js_DeliverAll;
+  natsSubscription* sub = nullptr;
+  jsErrCode jerr{};
+  auto filter = subject + ".>";
+  check(js_PullSubscribe(&sub, c.js, filter.c_str(), "bare", &jo, &so, &jerr),
+        "pull subscribe");
+  std::atomic<bool> warm{false};
+  auto topic = subject + ".created";
+  std::thread pacer{[&] {
+    evmesh::envelope w;
+    w.topic = topic;
+    w.id = "warmup";
+    w.payload = boost::json::object{};
+    auto wb = evmesh::encode_envelope(w);
+    check(js_PublishAsync(producer.js, topic.c_str(), wb.data(),
+                          static_cast<int>(wb.size()), nullptr),
+          "publish");
+    while (!warm)
+      std::this_thread::sleep_for(milliseconds{1});
+    evmesh::bench::paced(payloads.size(), rate, [&](size_t i) {
+      lat.sent(i);
+      check(js_PublishAsync(producer.js, topic.c_str(), payloads[i].data(),
+                            static_cast<int>(payloads[i].size()), nullptr),
+            "publish");
+    });
+    jsPubOptions po;
+    jsPubOptions_Init(&po);
+    po.MaxWait = 60'000;
+    check(js_PublishAsyncComplete(producer.js, &po), "publish complete");
+  }};
+  uint64_t got = 0;
+  auto deadline = steady_clock::now() + minutes{3};
+  while (got < payloads.size() + 1 && steady_clock::now() < deadline) {
+    natsMsgList list{nullptr, 0};
+    auto st = natsSubscription_Fetch(&list, sub, 256, 100, &jerr);
+    if (st != NATS_OK && st != NATS_TIMEOUT)
+      die(std::string{"fetch: "} + natsStatus_GetText(st));
+    for (int i = 0; i < list.Count; ++i) {
+      auto* m = list.Msgs[i];
+      std::string_view bytes{natsMsg_GetData(m),
+                             static_cast<size_t>(natsMsg_GetDataLength(m))};
+      auto id = evmesh::bench::envelope_id(bytes);
+      if (id == "warmup")
+        warm = true;
+      else
+        lat.seen(id);
+      natsMsg_Ack(m, nullptr);
+    }
+    got += static_cast<uint64_t>(list.Count);
+    natsMsgList_Destroy(&list);
+  }
+  warm = true;
+  pacer.join();
+  natsSubscription_Destroy(sub);
+  if (got < payloads.size() + 1)
+    std::fprintf(stderr, "bare latency run: only %llu messages in 3 minutes\n",
+                 static_cast<unsigned long long>(got));
+}
+
 /// Drains a preloaded stream; with `rate` > 0 the stream starts empty and a
 /// second connection publishes the payloads at that rate while the runtime
 /// consumes, and `lat` records each message's latency.
@@ -377,5 +454,15 @@ int main(int argc, char** argv) {
               "messages: p50 %.0f µs, p99 %.0f µs, p99.9 %.0f µs\n",
               half, static_cast<unsigned long long>(lat_n), p[0], p[1], p[2]);
   json.latency("evmesh nats, memory dedupe", half, lat, lat_n);
+  // The bare consumer at half its own rate.
+  auto bare_half = base / 2;
+  auto bn = static_cast<uint64_t>(std::max(1000.0, bare_half * 3));
+  evmesh::bench::latency_recorder blat{bn};
+  auto s_bare = "B" + std::to_string(++stream_no);
+  run_bare_latency(server.url(), s_bare,
+                   make_payloads("s" + s_bare + ".created", bn, keys),
+                   bare_half, blat);
+  evmesh::bench::print_latency("bare nats.c", bare_half, blat, bn);
+  json.latency("bare nats.c", bare_half, blat, bn);
   return 0;
 }

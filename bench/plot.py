@@ -102,7 +102,7 @@ def main():
         ax.set_xlabel("latency, publish to handler (ms, log)")
         ax.set_ylabel("fraction of messages")
         ax.set_title("Latency CDF at about half the maximum rate", fontsize=10)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=6.5, loc="upper left")
         ax.grid(alpha=0.3)
         fig.tight_layout()
         path = out + "/latency_cdf.png"

@@ -294,7 +294,10 @@ public:
       auto lane = pick_lane();
       auto& slot = st_->lanes[lane];
       size_t want = 1;
-      if (slot.progress && !slot.remote) {
+      // With peers' lanes in play, local lanes take one attempt at a time
+      // too: a batch would make the local node look as loaded as a peer
+      // running a single attempt, and the work would pile up here.
+      if (slot.progress && !slot.remote && st_->remote_slots == 0) {
         auto lanes = st_->idle.size() + 1;
         want = std::clamp<size_t>((st_->ready.size() + lanes - 1) / lanes, 1,
                                   max_lane_batch);
@@ -1003,6 +1006,13 @@ caf::behavior topic_supervisor(caf::event_based_actor* self,
     st->defer_after = env->transport->capabilities().defer_after;
   auto impl = std::make_shared<supervisor_impl>(self, st);
   impl->start_lanes();
+  // However this supervisor ends (a crash included), its lanes run nothing
+  // more of their batches: a restarted supervisor gets those messages again.
+  self->attach_functor([st] {
+    for (auto& slot : st->lanes)
+      if (slot.progress)
+        slot.progress->abandoned.store(true, std::memory_order_release);
+  });
   self->set_exit_handler([self, impl, st](caf::exit_msg& msg) {
     for (auto& slot : st->lanes)
       if (slot.handle && slot.handle.address() == msg.source) {

@@ -5,6 +5,7 @@
 //   e2e_inproc [messages] [keys] [--runs R] [--concurrency C] [--json FILE]
 //   e2e_inproc --mode memory [--in-flight N] [--json FILE]
 //   e2e_inproc --mode soak [--seconds S] [--rate R] [--keep K] [--json FILE]
+//   e2e_inproc --mode latency [--rates R1,R2,...] [--json FILE]
 //
 // throughput (default): medians of R runs (default 3) of each row, then the
 // mesh latency at about half its measured rate. C is the handler concurrency
@@ -12,6 +13,8 @@
 // memory: bytes per in-flight message beyond its payload — RSS with N
 // (default 65 536) deliveries parked behind blocked handlers minus RSS with
 // none, divided by N, minus the envelope's size.
+// latency: the mesh latency at fixed offered rates (default 1 000, 5 000,
+// 20 000 msg/s), about 3 s each.
 // soak: the mesh at a steady R msg/s (default 2 000) for S seconds (default
 // 600), RSS sampled every 10 s (dedupe.keep = K s, default 60, so the dedupe
 // window, not the run length, bounds the store).
@@ -348,15 +351,35 @@ int main(int argc, char** argv) {
   auto soak_secs = std::stoi(eb::take_option(argc, argv, "seconds", "600"));
   auto soak_rate = std::stod(eb::take_option(argc, argv, "rate", "2000"));
   auto keep = std::stoi(eb::take_option(argc, argv, "keep", "60"));
+  auto rates = eb::take_option(argc, argv, "rates", "1000,5000,20000");
   uint64_t n = argc > 1 ? std::stoull(argv[1]) : 200000;
   uint64_t keys = argc > 2 ? std::stoull(argv[2]) : 1000;
   spdlog::set_level(spdlog::level::warn);
   if (mode == "memory")
     return run_memory(in_flight, keys, json);
+  if (mode == "latency") {
+    // Fixed offered rates, about 3 s each.
+    std::printf("concurrency %u, load average %.2f\n", concurrency,
+                eb::load_average());
+    for (size_t pos = 0; pos < rates.size();) {
+      auto comma = rates.find(',', pos);
+      auto rate = std::stod(rates.substr(pos, comma - pos));
+      pos = comma == std::string::npos ? rates.size() : comma + 1;
+      auto ln = static_cast<uint64_t>(std::max(1000.0, rate * 3));
+      eb::latency_recorder lat{ln};
+      run_mesh(ln, keys, rate, &lat);
+      auto p = lat.percentiles();
+      std::printf("evmesh inproc latency at a fixed %.0f msg/s, %llu "
+                  "messages: p50 %.0f µs, p99 %.0f µs, p99.9 %.0f µs\n",
+                  rate, static_cast<unsigned long long>(ln), p[0], p[1], p[2]);
+      json.latency("evmesh inproc @ fixed rate", rate, lat, ln);
+    }
+    return 0;
+  }
   if (mode == "soak")
     return run_soak(soak_rate, soak_secs, keep, keys, json);
   if (mode != "throughput") {
-    std::fprintf(stderr, "unknown --mode %s (throughput|memory|soak)\n",
+    std::fprintf(stderr, "unknown --mode %s (throughput|memory|soak|latency)\n",
                  mode.c_str());
     return 2;
   }

@@ -2137,8 +2137,14 @@ private:
       mp.gated = false;
       auto held = std::move(mp.held);
       mp.held.clear();
-      for (auto& e : held)
+      for (auto& e : held) {
+        if (mp.deferred.count(e->offset) != 0) {
+          // Fetched before its retry record was read: settled by it.
+          mp.offsets[e->offset] = offset_info{offset_state::terminal, 0};
+          continue;
+        }
         route(std::move(e));
+      }
     }
   }
 

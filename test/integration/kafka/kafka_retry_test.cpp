@@ -376,4 +376,106 @@ TEST(kafka_retry_topic,
   EXPECT_TRUE(dlq->empty());
 }
 
+// The parked state lives in the broker: a member that defers a record and
+// leaves (with an earlier record still unsettled, so the original's offset
+// stays above the committed watermark) hands the partition to a member that
+// knows nothing of it. That one skips the deferred original, hands the retry
+// record out only when due (delivery_count = attempts + 1), and holds the
+// key's later record until the retry record is settled.
+TEST(kafka_retry_topic, parked_keys_survive_a_move_to_another_member) {
+  evmesh::register_kafka_transport();
+  kafka_mock_cluster cluster;
+  ASSERT_TRUE(cluster.create_topic("orders", 1));
+  ASSERT_TRUE(cluster.create_topic("orders.retry", 1));
+  raw_producer producer{cluster.bootstraps()};
+  ASSERT_TRUE(producer.send(0, "o-0", "o")); // offset 0: left unsettled
+  ASSERT_TRUE(producer.send(0, "d-0", "d")); // offset 1: deferred
+  ASSERT_TRUE(producer.send(0, "d-1", "d")); // offset 2: parked behind it
+  ASSERT_TRUE(producer.flush());
+  auto url = cluster.url(std::string{kafka_fast_settings}
+                         + "&group=g&topics=orders&retry_topic_after=100ms");
+  auto id_of = [](const evmesh::raw_message& m) {
+    auto e = evmesh::decode_envelope(m.bytes, {m.subject, m.traceparent,
+                                               m.tracestate, m.key});
+    return e ? e->id : std::string{"?"};
+  };
+  constexpr auto delay = 4s;
+  steady::time_point due;
+  {
+    auto a = evmesh::make_transport(url, {{}, "a"});
+    ASSERT_TRUE(a) << evmesh::render(a.error());
+    ASSERT_FALSE((*a)->subscribe({}));
+    std::map<std::string, evmesh::raw_message> got;
+    auto deadline = steady::now() + 30s;
+    while (got.size() < 2 && steady::now() < deadline) {
+      std::vector<evmesh::raw_message> out;
+      ASSERT_FALSE((*a)->poll(8, out));
+      for (auto& m : out)
+        got[id_of(m)] = m;
+      std::this_thread::sleep_for(10ms);
+    }
+    ASSERT_EQ(got.count("o-0"), 1u);
+    ASSERT_EQ(got.count("d-0"), 1u);
+    EXPECT_EQ(got.count("d-1"), 0u) << "d-1 went out while d-0 was out";
+    due = steady::now() + delay;
+    ASSERT_FALSE((*a)->defer(got["d-0"].tag, delay, 1));
+    EXPECT_EQ(producer.end_of("orders.retry", 0), 1);
+    // d-1 stays parked here too.
+    std::vector<evmesh::raw_message> out;
+    ASSERT_FALSE((*a)->poll(8, out));
+    EXPECT_TRUE(out.empty());
+    EXPECT_FALSE((*a)->close()); // o-0 unsettled: the watermark stays at 0
+  }
+  auto b = evmesh::make_transport(url, {{}, "b"});
+  ASSERT_TRUE(b) << evmesh::render(b.error());
+  ASSERT_FALSE((*b)->subscribe({}));
+  struct seen {
+    std::string id;
+    uint32_t count;
+    std::string position;
+    steady::time_point at;
+  };
+  std::vector<seen> log;
+  std::optional<steady::time_point> retry_acked;
+  auto deadline = steady::now() + 40s;
+  while (steady::now() < deadline
+         && !std::any_of(log.begin(), log.end(),
+                         [](auto& x) { return x.id == "d-1"; })) {
+    std::vector<evmesh::raw_message> out;
+    ASSERT_FALSE((*b)->poll(8, out));
+    for (auto& m : out) {
+      log.push_back({id_of(m), m.delivery_count, m.position, steady::now()});
+      EXPECT_FALSE((*b)->ack(m.tag));
+      if (log.back().id == "d-0")
+        retry_acked = steady::now();
+    }
+    std::this_thread::sleep_for(10ms);
+  }
+  EXPECT_FALSE((*b)->close());
+  std::vector<seen> d0;
+  std::optional<seen> d1;
+  for (auto& x : log) {
+    if (x.id == "d-0")
+      d0.push_back(x);
+    if (x.id == "d-1")
+      d1 = x;
+  }
+  std::string shown;
+  for (auto& x : log)
+    shown += x.id + " count " + std::to_string(x.count) + " at "
+             + x.position + "\n";
+  ASSERT_EQ(d0.size(), 1u)
+    << "the deferred original must come back once, from the retry topic:\n"
+    << shown;
+  EXPECT_EQ(d0[0].count, 2u) << "attempts + 1";
+  EXPECT_EQ(d0[0].position, "kafka:orders/0@1");
+  EXPECT_GE(d0[0].at, due) << "the retry record went out before it was due";
+  ASSERT_TRUE(d1) << "d-1 was never handed out";
+  ASSERT_TRUE(retry_acked);
+  EXPECT_GE(d1->at, *retry_acked) << "d-1 overtook its key's retry record";
+  EXPECT_TRUE(
+    std::any_of(log.begin(), log.end(), [](auto& x) { return x.id == "o-0"; }))
+    << "the unsettled o-0 was not redelivered";
+}
+
 } // namespace

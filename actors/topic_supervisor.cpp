@@ -692,11 +692,25 @@ public:
                        : next_backoff(r.executions, opts().backoff, st_->rng);
     if (delay >= st_->defer_after) {
       // Too long to hold the broker's position: the transport takes it out
-      // of the stream (retry topic) and keeps the key's order itself.
+      // of the stream (retry topic) and keeps the key's order itself. The
+      // key's successors waiting here go back to the transport (nacked after
+      // the deferral), which holds them until the deferred message is done.
+      std::vector<uint64_t> successors;
+      auto& key = r.msg->env.key;
+      if (opts().ordering == ordering::per_key && !key.empty())
+        if (auto k = st_->keys.find(key); k != st_->keys.end()) {
+          while (!k->second.empty())
+            successors.push_back(k->second.pop());
+          st_->keys.erase(k);
+        }
       settlement s{id, settle_kind::defer, nullptr};
       s.delay = delay;
       s.attempts = n;
       finish(std::move(s));
+      for (auto next : successors)
+        if (st_->records.erase(next) > 0)
+          settle(next, settle_kind::nack, nullptr);
+      check_drained();
       return;
     }
     r.state = record_state::waiting;

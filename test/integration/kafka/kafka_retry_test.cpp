@@ -462,8 +462,8 @@ TEST(kafka_retry_topic, parked_keys_survive_a_move_to_another_member) {
   }
   std::string shown;
   for (auto& x : log)
-    shown += x.id + " count " + std::to_string(x.count) + " at "
-             + x.position + "\n";
+    shown += x.id + " count " + std::to_string(x.count) + " at " + x.position
+             + "\n";
   ASSERT_EQ(d0.size(), 1u)
     << "the deferred original must come back once, from the retry topic:\n"
     << shown;

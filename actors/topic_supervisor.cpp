@@ -552,17 +552,9 @@ public:
       return;
     if (timeout) {
       stats_block::inc(stats().timeouts);
-      spdlog::warn(
-        "{}: attempt {} of {} exceeded its timeout of {} ms; "
-        "abandoning the handler lane",
-        st_->sub->name, attempt_of(*r) + 1, r->msg->env.topic,
-        std::chrono::duration_cast<std::chrono::milliseconds>(opts().timeout)
-          .count());
+      warn_timeout(*r);
     }
-    release_claim(*r);
-    r->last_span = r->span.span;
-    r->attempted = true;
-    ++r->executions;
+    count_abandoned_run(*r);
     failed_attempt(id, *r, std::move(reason), std::nullopt, false);
   }
 
@@ -671,11 +663,8 @@ public:
     if (count) {
       // Crash or timeout: the lane never finished its claim. Release it so the
       // retry is not mistaken for another worker's in-flight attempt.
-      release_claim(r);
       free_lane(r);
-      r.last_span = r.span.span;
-      r.attempted = true;
-      ++r.executions;
+      count_abandoned_run(r);
     }
     auto n = attempt_of(r);
     r.history().add_error(n, wall_ms(), reason);
@@ -874,14 +863,7 @@ public:
         auto since = time_point{time_point::duration{started}};
         if (now - since < opts().timeout)
           continue;
-        abandon_batch(i, k,
-                      "handler exceeded its timeout of "
-                        + std::to_string(
-                          std::chrono::duration_cast<std::chrono::milliseconds>(
-                            opts().timeout)
-                            .count())
-                        + " ms",
-                      true, true);
+        abandon_batch(i, k, timeout_reason(), true, true);
         continue;
       }
       if (slot.running == 0 || now - slot.started < opts().timeout)
@@ -890,29 +872,13 @@ public:
       slot.running = 0;
       if (auto r = find(id); r && r->state == record_state::running) {
         stats_block::inc(stats().timeouts);
-        spdlog::warn(
-          "{}: attempt {} of {} exceeded its timeout of {} ms; "
-          "abandoning the handler lane",
-          st_->sub->name, attempt_of(*r) + 1, r->msg->env.topic,
-          std::chrono::duration_cast<std::chrono::milliseconds>(opts().timeout)
-            .count());
+        warn_timeout(*r);
         // The old lane is killed; its exit is ignored (handle replaced).
         --st_->running;
-        release_claim(*r);
-        r->last_span = r->span.span;
-        r->attempted = true;
-        ++r->executions;
+        count_abandoned_run(*r);
         replace_lane(i, true);
         // replace_lane put the fresh lane into `idle`.
-        failed_attempt(
-          id, *r,
-          "handler exceeded its timeout of "
-            + std::to_string(
-              std::chrono::duration_cast<std::chrono::milliseconds>(
-                opts().timeout)
-                .count())
-            + " ms",
-          std::nullopt, false);
+        failed_attempt(id, *r, timeout_reason(), std::nullopt, false);
       } else {
         st_->idle.push_back(i);
       }
@@ -920,6 +886,33 @@ public:
     if (st_->running > 0)
       schedule_tick();
     dispatch();
+  }
+
+  /// A run that never answered (crash, timeout, lost node) still counts: its
+  /// claim is released (or the retry would look like another worker's
+  /// in-flight attempt) and its span becomes the previous one.
+  void count_abandoned_run(record& r) {
+    release_claim(r);
+    r.last_span = r.span.span;
+    r.attempted = true;
+    ++r.executions;
+  }
+
+  int64_t timeout_ms() const {
+    return std::chrono::duration_cast<std::chrono::milliseconds>(opts().timeout)
+      .count();
+  }
+
+  std::string timeout_reason() const {
+    return "handler exceeded its timeout of " + std::to_string(timeout_ms())
+           + " ms";
+  }
+
+  void warn_timeout(const record& r) {
+    spdlog::warn("{}: attempt {} of {} exceeded its timeout of {} ms; "
+                 "abandoning the handler lane",
+                 st_->sub->name, attempt_of(r) + 1, r.msg->env.topic,
+                 timeout_ms());
   }
 
   // -- shutdown ----------------------------------------------------------------

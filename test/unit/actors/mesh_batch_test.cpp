@@ -51,17 +51,6 @@ outcome gated_handler(event_context& ctx) {
   return ok();
 }
 
-template <class Pred>
-bool wait_for(Pred pred, std::chrono::seconds limit) {
-  auto deadline = std::chrono::steady_clock::now() + limit;
-  while (!pred()) {
-    if (std::chrono::steady_clock::now() > deadline)
-      return false;
-    std::this_thread::yield();
-  }
-  return true;
-}
-
 } // namespace
 
 TEST(batching, a_timeout_mid_batch_fails_only_that_attempt) {

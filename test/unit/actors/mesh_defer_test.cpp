@@ -120,17 +120,6 @@ outcome fail_k1(event_context& ctx) {
   return ctx.message().id == "K-1" ? retry("not yet") : ok();
 }
 
-template <class Pred>
-bool wait_for(Pred pred, std::chrono::seconds limit) {
-  auto deadline = std::chrono::steady_clock::now() + limit;
-  while (!pred()) {
-    if (std::chrono::steady_clock::now() > deadline)
-      return false;
-    std::this_thread::yield();
-  }
-  return true;
-}
-
 } // namespace
 
 TEST(defer, a_late_retry_leaves_through_the_transport_and_parks_its_key) {

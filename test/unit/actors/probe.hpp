@@ -1,10 +1,12 @@
 // Shared test helpers: a probe service handlers reach through DI.
 #pragma once
 
+#include <chrono>
 #include <functional>
 #include <map>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -77,6 +79,19 @@ inline envelope make_env(std::string topic, std::string id,
   e.key = std::move(key);
   e.payload = boost::json::object{{"n", 1}};
   return e;
+}
+
+/// For tests on a real scheduler: waits (yielding) until `pred` holds;
+/// false after `limit`.
+template <class Pred>
+bool wait_for(Pred pred, std::chrono::seconds limit) {
+  auto deadline = std::chrono::steady_clock::now() + limit;
+  while (!pred()) {
+    if (std::chrono::steady_clock::now() > deadline)
+      return false;
+    std::this_thread::yield();
+  }
+  return true;
 }
 
 /// The running test's name (unique broker names per test).

@@ -20,6 +20,28 @@ bool idempotency_store::remote() const noexcept {
   return false;
 }
 
+void idempotency_store::try_begin_many(std::span<const std::string_view> keys,
+                                       caf::timespan lease,
+                                       std::span<claim_result> out) {
+  auto n = std::min(keys.size(), out.size());
+  for (size_t i = 0; i < n; ++i)
+    out[i] = try_begin(keys[i], lease);
+}
+
+caf::error idempotency_store::finish_many(std::span<const finish_op> ops,
+                                          caf::timespan keep,
+                                          std::span<caf::error> errors) {
+  auto n = std::min(ops.size(), errors.size());
+  caf::error first;
+  for (size_t i = 0; i < n; ++i) {
+    errors[i] = ops[i].kind == finish_op::commit ? commit(ops[i].key, keep)
+                                                 : abort(ops[i].key);
+    if (errors[i] && !first)
+      first = errors[i];
+  }
+  return first;
+}
+
 dead_letter_store::~dead_letter_store() = default;
 
 namespace {

@@ -99,11 +99,13 @@ memory_idempotency_store::now() const {
   return clock_ ? clock_() : clock_type::now();
 }
 
-claim_result memory_idempotency_store::try_begin(std::string_view key,
-                                                 caf::timespan lease) {
-  auto t = now();
-  auto& s = shard_for(key);
-  std::lock_guard<std::mutex> guard{s.mtx};
+namespace {
+
+// The single-key operations on a locked shard.
+
+template <class Shard>
+claim_result claim_locked(Shard& s, std::string_view key, time_point t,
+                          caf::timespan lease) {
   s.tick(t);
   if (auto it = s.entries.find(key); it != s.entries.end()) {
     if (it->second.expires_at > t)
@@ -118,23 +120,49 @@ claim_result memory_idempotency_store::try_begin(std::string_view key,
   return claim_result::fresh;
 }
 
-caf::error memory_idempotency_store::commit(std::string_view key,
-                                            caf::timespan keep) {
-  auto t = now();
-  auto& s = shard_for(key);
-  std::lock_guard<std::mutex> guard{s.mtx};
+template <class Shard>
+void commit_locked(Shard& s, std::string_view key, time_point t,
+                   caf::timespan keep) {
   s.tick(t);
   auto it = s.entries.find(key);
   if (keep.count() <= 0) {
     if (it != s.entries.end())
       s.entries.erase(it);
-    return caf::error{};
+    return;
   }
   entry e{entry_state::committed, deadline(t, keep)};
   if (it != s.entries.end())
     it->second = e;
   else
     s.entries.emplace(std::string{key}, e);
+}
+
+template <class Shard>
+void abort_locked(Shard& s, std::string_view key, time_point t) {
+  s.tick(t);
+  if (auto it = s.entries.find(key);
+      it != s.entries.end()
+      && (it->second.state == entry_state::in_flight
+          || it->second.expires_at <= t))
+    s.entries.erase(it);
+}
+
+} // namespace
+
+claim_result memory_idempotency_store::try_begin(std::string_view key,
+                                                 caf::timespan lease) {
+  auto t = now();
+  auto& s = shard_for(key);
+  std::lock_guard<std::mutex> guard{s.mtx};
+  return claim_locked(s, key, t, lease);
+}
+
+caf::error memory_idempotency_store::commit(std::string_view key,
+                                            caf::timespan keep) {
+  auto t = now();
+  auto& s = shard_for(key);
+  std::lock_guard<std::mutex> guard{s.mtx};
+  commit_locked(s, key, t, keep);
   return caf::error{};
 }
 
@@ -142,12 +170,56 @@ caf::error memory_idempotency_store::abort(std::string_view key) {
   auto t = now();
   auto& s = shard_for(key);
   std::lock_guard<std::mutex> guard{s.mtx};
-  s.tick(t);
-  if (auto it = s.entries.find(key);
-      it != s.entries.end()
-      && (it->second.state == entry_state::in_flight
-          || it->second.expires_at <= t))
-    s.entries.erase(it);
+  abort_locked(s, key, t);
+  return caf::error{};
+}
+
+void memory_idempotency_store::try_begin_many(
+  std::span<const std::string_view> keys, caf::timespan lease,
+  std::span<claim_result> out) {
+  auto n = std::min(keys.size(), out.size());
+  if (n == 0)
+    return;
+  auto t = now();
+  shard* held = nullptr;
+  std::unique_lock<std::mutex> guard;
+  for (size_t i = 0; i < n; ++i) {
+    auto& s = shard_for(keys[i]);
+    if (&s != held) {
+      // Never two shards at once: release the previous one first.
+      if (guard.owns_lock())
+        guard.unlock();
+      guard = std::unique_lock<std::mutex>{s.mtx};
+      held = &s;
+    }
+    out[i] = claim_locked(s, keys[i], t, lease);
+  }
+}
+
+caf::error memory_idempotency_store::finish_many(std::span<const finish_op> ops,
+                                                 caf::timespan keep,
+                                                 std::span<caf::error> errors) {
+  auto n = std::min(ops.size(), errors.size());
+  if (n == 0)
+    return caf::error{};
+  auto t = now();
+  shard* held = nullptr;
+  std::unique_lock<std::mutex> guard;
+  for (size_t i = 0; i < n; ++i) {
+    auto& s = shard_for(ops[i].key);
+    if (&s != held) {
+      // Never two shards at once: release the previous one first.
+      if (guard.owns_lock())
+        guard.unlock();
+      guard = std::unique_lock<std::mutex>{s.mtx};
+      held = &s;
+    }
+    if (ops[i].kind == finish_op::commit)
+      commit_locked(s, ops[i].key, t, keep);
+    else
+      abort_locked(s, ops[i].key, t);
+    errors[i] = caf::error{};
+  }
   return caf::error{};
 }
 

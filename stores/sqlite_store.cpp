@@ -154,6 +154,11 @@ public:
     return stmt;
   }
 
+  /// Runs `sql` (no result rows), e.g. BEGIN / COMMIT.
+  caf::error run(const char* sql, std::string_view what) {
+    return exec(sql, what);
+  }
+
 private:
   database(sqlite3* db, std::string path) : db_(db), path_(std::move(path)) {
     // Nothing else to do.
@@ -395,6 +400,11 @@ struct sqlite_idempotency_store::state {
     return static_cast<size_t>(sqlite3_changes(db->get()));
   }
 
+  // Require mtx. The single-key operations.
+  caf::error commit_locked(std::string_view key, caf::timespan keep,
+                           int64_t now);
+  caf::error abort_locked(std::string_view key, int64_t now);
+
   // Requires mtx. Counts an operation; purges a batch every purge_interval.
   void tick(int64_t now) {
     if (++ops % purge_interval != 0)
@@ -479,6 +489,13 @@ caf::error sqlite_idempotency_store::commit(std::string_view key,
   auto& st = *state_;
   auto now = st.now_ms();
   std::lock_guard<std::mutex> guard{st.mtx};
+  return st.commit_locked(key, keep, now);
+}
+
+caf::error sqlite_idempotency_store::state::commit_locked(std::string_view key,
+                                                          caf::timespan keep,
+                                                          int64_t now) {
+  auto& st = *this;
   st.tick(now);
   if (keep.count() <= 0) {
     query q{st.forget};
@@ -499,12 +516,50 @@ caf::error sqlite_idempotency_store::abort(std::string_view key) {
   auto& st = *state_;
   auto now = st.now_ms();
   std::lock_guard<std::mutex> guard{st.mtx};
-  st.tick(now);
-  query q{st.abort};
+  return st.abort_locked(key, now);
+}
+
+caf::error sqlite_idempotency_store::state::abort_locked(std::string_view key,
+                                                         int64_t now) {
+  tick(now);
+  query q{abort};
   q.bind(1, key);
   if (auto rc = q.step(); rc != SQLITE_DONE)
-    return st.db->failure("abort of a key", rc);
+    return db->failure("abort of a key", rc);
   return caf::error{};
+}
+
+caf::error sqlite_idempotency_store::finish_many(std::span<const finish_op> ops,
+                                                 caf::timespan keep,
+                                                 std::span<caf::error> errors) {
+  auto n = std::min(ops.size(), errors.size());
+  if (n == 0)
+    return caf::error{};
+  auto& st = *state_;
+  auto now = st.now_ms();
+  std::lock_guard<std::mutex> guard{st.mtx};
+  auto fail_all = [&](const caf::error& err) {
+    for (size_t i = 0; i < n; ++i)
+      errors[i] = err;
+    return err;
+  };
+  // One transaction: one WAL commit for the whole batch.
+  if (auto err = st.db->run("BEGIN IMMEDIATE", "begin a batch in"))
+    return fail_all(err);
+  caf::error first;
+  for (size_t i = 0; i < n; ++i) {
+    errors[i] = ops[i].kind == finish_op::commit
+                  ? st.commit_locked(ops[i].key, keep, now)
+                  : st.abort_locked(ops[i].key, now);
+    if (errors[i] && !first)
+      first = errors[i];
+  }
+  if (auto err = st.db->run("COMMIT", "commit a batch to")) {
+    // Nothing of the batch was written.
+    (void) st.db->run("ROLLBACK", "roll back a batch in");
+    return fail_all(err);
+  }
+  return first;
 }
 
 caf::error sqlite_idempotency_store::flush() {

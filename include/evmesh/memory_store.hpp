@@ -63,6 +63,18 @@ public:
   /// Forgets an in-flight claim of `key`; committed keys stay. Never fails.
   caf::error abort(std::string_view key) override;
 
+  /// `try_begin` for every key, with one clock reading for the batch and
+  /// one lock per run of consecutive keys on the same shard.
+  void try_begin_many(std::span<const std::string_view> keys,
+                      caf::timespan lease,
+                      std::span<claim_result> out) override;
+
+  /// `commit` / `abort` for every step, with one clock reading for the
+  /// batch and one lock per run of consecutive keys on the same shard.
+  /// Never fails.
+  caf::error finish_many(std::span<const finish_op> ops, caf::timespan keep,
+                         std::span<caf::error> errors) override;
+
   /// Number of entries held, including expired ones not yet swept.
   size_t size() const;
 

@@ -4,6 +4,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <span>
 #include <string>
 #include <string_view>
 
@@ -96,6 +97,22 @@ public:
   /// claim of `key`; otherwise (committed, re-claimed by someone else,
   /// expired, never claimed here) does nothing.
   caf::error abort(std::string_view key) override;
+
+  /// `try_begin` for every key of the batch in one pipelined write and one
+  /// read of the replies (one round trip, shared with other callers'
+  /// commands on the same connection). Answers per key; keys the server did
+  /// not answer (connection lost, timeout) are `unavailable`, and their
+  /// tokens are remembered as after a failed `try_begin`.
+  void try_begin_many(std::span<const std::string_view> keys,
+                      caf::timespan lease,
+                      std::span<claim_result> out) override;
+
+  /// `commit` / `abort` for every step of the batch in one pipelined write
+  /// and one read of the replies, executed by the server in order. Aborts
+  /// of keys without a remembered token send nothing (as `abort` does).
+  /// Per-step errors as from `commit` / `abort`; returns the first.
+  caf::error finish_many(std::span<const finish_op> ops, caf::timespan keep,
+                         std::span<caf::error> errors) override;
 
   /// Nothing is buffered: every call already reached the server.
   caf::error flush() override;

@@ -64,6 +64,13 @@ public:
   /// retryable `errc::io_error`.
   caf::error abort(std::string_view key) override;
 
+  /// `commit` / `abort` for every step in one transaction (one WAL commit
+  /// for the batch). A failed step does not stop the others; if the
+  /// transaction itself cannot begin or commit, every step reports that
+  /// error and nothing of the batch is written.
+  caf::error finish_many(std::span<const finish_op> ops, caf::timespan keep,
+                         std::span<caf::error> errors) override;
+
   /// Checkpoints the write-ahead log, syncing it to disk.
   caf::error flush() override;
 

@@ -5,6 +5,7 @@
 #include <functional>
 #include <memory>
 #include <optional>
+#include <span>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -38,8 +39,27 @@ enum class store_failure_policy : uint8_t {
   fail_closed,
 };
 
+/// One step of `idempotency_store::finish_many`: commit or abort one key.
+struct finish_op {
+  enum kind_t : uint8_t {
+    /// `commit(key, keep)`: the handler ran to a final outcome.
+    commit,
+    /// `abort(key)`: release the claim so a retry can claim again.
+    abort,
+  };
+  /// The idempotency key (as passed to `try_begin`).
+  std::string_view key;
+  kind_t kind = commit;
+};
+
 /// Remembers which idempotency keys were handled. Thread-safe: lanes call it
 /// concurrently. Implementations: `memory://`, `sqlite://`, `redis://`.
+///
+/// The batch calls `try_begin_many` and `finish_many` do what the single-key
+/// calls do for every key of a batch; a store overrides them to pay one
+/// round trip (or one lock, one transaction) per batch instead of one per
+/// key. Their defaults loop over the single-key calls, so every store
+/// supports them.
 class idempotency_store {
 public:
   virtual ~idempotency_store();
@@ -53,6 +73,27 @@ public:
   /// Releases a claim after a failed attempt so a retry can claim again. Never
   /// removes a committed key.
   virtual caf::error abort(std::string_view key) = 0;
+
+  /// Claims every key of `keys` for `lease`, as `try_begin` would one after
+  /// the other, and writes the answer of `keys[i]` to `out[i]`. Only the
+  /// first `min(keys.size(), out.size())` keys are claimed; pass spans of
+  /// the same size. Answers are per key: one batch can mix `fresh`,
+  /// `duplicate`, `in_flight` and `unavailable` (a store that loses its
+  /// server mid-batch answers `unavailable` for the keys it has no answer
+  /// for). A key that appears twice in one batch is claimed in order: the
+  /// second answer is `in_flight`. Default: loops over `try_begin`.
+  virtual void try_begin_many(std::span<const std::string_view> keys,
+                              caf::timespan lease, std::span<claim_result> out);
+
+  /// Runs every step of `ops` in order — `commit(key, keep)` or
+  /// `abort(key)` — and writes each step's error (none on success) to
+  /// `errors[i]`. Only the first `min(ops.size(), errors.size())` steps
+  /// run; pass spans of the same size. A failed step does not stop the
+  /// others. Returns the first error of the batch (none if every step
+  /// succeeded). Default: loops over `commit` and `abort`.
+  virtual caf::error finish_many(std::span<const finish_op> ops,
+                                 caf::timespan keep,
+                                 std::span<caf::error> errors);
 
   /// Makes pending writes durable (called on shutdown).
   virtual caf::error flush();

@@ -12,6 +12,7 @@
 #include <mutex>
 #include <random>
 #include <semaphore>
+#include <span>
 #include <string>
 #include <string_view>
 #include <unordered_map>
@@ -250,19 +251,44 @@ std::string describe_reply_error(std::string_view text) {
   return msg;
 }
 
-/// One command waiting in a connection's pipeline queue. The caller owns it
-/// (on its stack) and waits until `done`.
+struct waiter;
+
+/// One command waiting in a connection's pipeline queue, with its arguments
+/// (views of strings the caller keeps alive until the command is done). The
+/// caller owns it and waits on its `waiter` until every one of its commands
+/// is done.
 struct pending_command {
-  const char** argv = nullptr;
-  const size_t* argvlen = nullptr;
+  static constexpr size_t max_args = 8;
+  const char* argv[max_args] = {};
+  size_t argvlen[max_args] = {};
   int argc = 0;
+  /// Source of the script an EVALSHA runs (empty for plain commands), for
+  /// the EVAL fallback after NOSCRIPT.
+  std::string_view script;
   reply_ptr reply;
   std::string failure; // set instead of `reply` when the connection failed
-  bool done = false;
-  // Set (under the connection's mutex) when this caller is to write next.
-  bool writer = false;
-  // Released once: when the command is done or its caller is to write.
+  waiter* owner = nullptr;
+
+  void set(std::initializer_list<std::string_view> args) {
+    argc = 0;
+    for (auto arg : args) {
+      if (static_cast<size_t>(argc) == max_args)
+        break; // not reached: the commands of this file take at most 7
+      argv[argc] = arg.data();
+      argvlen[argc] = arg.size();
+      ++argc;
+    }
+  }
+};
+
+/// One caller with one or more queued commands (all on one connection).
+/// Woken exactly once per wait: either when every command of it is done or
+/// when it is to write next (`writer` says which; set before the release).
+struct waiter {
   std::binary_semaphore wake{0};
+  /// Commands not done yet; only the connection's current writer changes it.
+  size_t remaining = 0;
+  bool writer = false;
 };
 
 /// One pooled connection with automatic pipelining: callers queue their
@@ -615,46 +641,38 @@ struct redis_idempotency_store::impl {
     }
   }
 
-  /// Runs one command, pipelined with whatever other callers send on the
-  /// same connection meanwhile, (re)connecting first if needed. Error
-  /// replies come back as replies; connection problems and timeouts as
-  /// `errc::unavailable` (and the connection is dropped).
-  caf::expected<reply_ptr> call(std::initializer_list<std::string_view> args) {
-    constexpr size_t max_args = 8;
-    const char* argv[max_args];
-    size_t argvlen[max_args];
-    size_t argc = 0;
-    for (auto arg : args) {
-      if (argc == max_args)
-        break; // not reached: the commands above take at most 7
-      argv[argc] = arg.data();
-      argvlen[argc] = arg.size();
-      ++argc;
-    }
-    pending_command self;
-    self.argv = argv;
-    self.argvlen = argvlen;
-    self.argc = static_cast<int>(argc);
+  /// Runs `cmds` (one caller's, in order) on one connection, pipelined with
+  /// whatever other callers send on it meanwhile, (re)connecting first if
+  /// needed. Fills each command's `reply`, or its `failure` after a
+  /// connection problem or timeout (then the connection is dropped).
+  void submit(std::span<pending_command> cmds) {
+    if (cmds.empty())
+      return;
+    waiter self;
+    self.remaining = cmds.size();
     auto& conn = pick();
+    bool writer = false;
     {
       std::lock_guard<std::mutex> guard{conn.mtx};
-      conn.queue.push_back(&self);
+      for (auto& cmd : cmds) {
+        cmd.owner = &self;
+        conn.queue.push_back(&cmd);
+      }
       if (!conn.writing) {
         conn.writing = true;
-        self.writer = true;
+        writer = true;
       }
     }
     std::vector<pending_command*> batch;
     for (;;) {
-      if (!self.writer) {
+      if (!writer) {
         self.wake.acquire();
-        if (self.done)
-          break;
-        continue; // woken as the next writer
+        writer = self.writer;
+        if (!writer)
+          return; // every command is done
       }
-      // Write everything queued so far (ours is at the front).
+      // Write everything queued so far (ours first when we just joined).
       batch.clear();
-      pending_command* successor = nullptr;
       {
         std::lock_guard<std::mutex> guard{conn.mtx};
         while (!conn.queue.empty() && batch.size() < max_pipeline) {
@@ -663,36 +681,91 @@ struct redis_idempotency_store::impl {
         }
       }
       run_batch(conn, batch);
+      waiter* successor = nullptr;
       {
         std::lock_guard<std::mutex> guard{conn.mtx};
         if (conn.queue.empty()) {
           conn.writing = false;
         } else {
-          successor = conn.queue.front();
+          successor = conn.queue.front()->owner;
           successor->writer = true;
         }
       }
-      self.writer = false;
-      // A released caller returns at once and its command is gone: touch
-      // nothing after the release.
+      // The successor still has a queued command, so it is not released as
+      // done below. A released caller returns at once and its commands are
+      // gone: touch nothing of it after the release.
       for (auto* cmd : batch) {
-        cmd->done = true;
-        if (cmd != &self)
-          cmd->wake.release();
+        auto* owner = cmd->owner;
+        if (--owner->remaining == 0 && owner != &self) {
+          owner->writer = false;
+          owner->wake.release();
+        }
       }
+      if (successor == &self)
+        continue; // more of ours is queued: write again
       if (successor != nullptr)
         successor->wake.release();
-      if (self.done)
-        break;
+      if (self.remaining == 0)
+        return;
+      writer = false;
     }
-    if (!self.failure.empty()) {
-      auto err = make_error(errc::unavailable, std::move(self.failure));
+  }
+
+  /// `submit`, then runs the scripts the server answered NOSCRIPT for
+  /// (restart, SCRIPT FLUSH) again with EVAL, which caches them again.
+  void submit_scripts(std::span<pending_command> cmds) {
+    submit(cmds);
+    std::vector<size_t> lost;
+    for (size_t i = 0; i < cmds.size(); ++i)
+      if (!cmds[i].script.empty() && cmds[i].reply
+          && cmds[i].reply->type == REDIS_REPLY_ERROR
+          && starts_with(reply_text(*cmds[i].reply), "NOSCRIPT"))
+        lost.push_back(i);
+    if (lost.empty())
+      return;
+    std::vector<pending_command> again(lost.size());
+    for (size_t j = 0; j < lost.size(); ++j) {
+      auto& from = cmds[lost[j]];
+      auto& to = again[j];
+      to.argc = from.argc;
+      for (int a = 0; a < from.argc; ++a) {
+        to.argv[a] = from.argv[a];
+        to.argvlen[a] = from.argvlen[a];
+      }
+      to.argv[0] = "EVAL";
+      to.argvlen[0] = 4;
+      to.argv[1] = from.script.data();
+      to.argvlen[1] = from.script.size();
+    }
+    submit(again);
+    for (size_t j = 0; j < lost.size(); ++j) {
+      cmds[lost[j]].reply = std::move(again[j].reply);
+      cmds[lost[j]].failure = std::move(again[j].failure);
+    }
+  }
+
+  /// The outcome of a done command: its reply (error replies included), or
+  /// `errc::unavailable` after a connection problem or timeout.
+  caf::expected<reply_ptr> outcome_of(pending_command& cmd) {
+    if (!cmd.failure.empty()) {
+      auto err = make_error(errc::unavailable, std::move(cmd.failure));
       mark_failed(err);
       return err;
     }
-    if (self.reply->type != REDIS_REPLY_ERROR)
+    if (cmd.reply->type != REDIS_REPLY_ERROR)
       mark_ok();
-    return std::move(self.reply);
+    return std::move(cmd.reply);
+  }
+
+  /// Runs one command, pipelined with whatever other callers send on the
+  /// same connection meanwhile, (re)connecting first if needed. Error
+  /// replies come back as replies; connection problems and timeouts as
+  /// `errc::unavailable` (and the connection is dropped).
+  caf::expected<reply_ptr> call(std::initializer_list<std::string_view> args) {
+    pending_command cmd;
+    cmd.set(args);
+    submit({&cmd, 1});
+    return outcome_of(cmd);
   }
 
   /// Runs a loaded script, loading it again if the server lost it (restart,
@@ -746,7 +819,13 @@ struct redis_idempotency_store::impl {
   void remember(std::string_view key, std::string token,
                 steady::time_point expires_at, bool replace) {
     std::lock_guard<std::mutex> guard{claims_mtx};
-    auto now = steady::now();
+    remember_locked(key, std::move(token), expires_at, replace, steady::now());
+  }
+
+  // Requires claims_mtx.
+  void remember_locked(std::string_view key, std::string token,
+                       steady::time_point expires_at, bool replace,
+                       steady::time_point now) {
     if (++claims_since_sweep >= sweep_interval) {
       claims_since_sweep = 0;
       std::erase_if(claims, [now](const auto& kv) {
@@ -763,14 +842,25 @@ struct redis_idempotency_store::impl {
 
   std::string token_of(std::string_view key) const {
     std::lock_guard<std::mutex> guard{claims_mtx};
+    return token_of_locked(key, steady::now());
+  }
+
+  // Requires claims_mtx.
+  std::string token_of_locked(std::string_view key,
+                              steady::time_point now) const {
     auto it = claims.find(key);
-    if (it == claims.end() || it->second.expires_at <= steady::now())
+    if (it == claims.end() || it->second.expires_at <= now)
       return {};
     return it->second.token;
   }
 
   void forget(std::string_view key, std::string_view token) {
     std::lock_guard<std::mutex> guard{claims_mtx};
+    forget_locked(key, token);
+  }
+
+  // Requires claims_mtx.
+  void forget_locked(std::string_view key, std::string_view token) {
     auto it = claims.find(key);
     if (it != claims.end() && (token.empty() || it->second.token == token))
       claims.erase(it);
@@ -873,6 +963,134 @@ caf::error redis_idempotency_store::abort(std::string_view key) {
   }
   st.forget(key, token);
   return caf::error{};
+}
+
+void redis_idempotency_store::try_begin_many(
+  std::span<const std::string_view> keys, caf::timespan lease,
+  std::span<claim_result> out) {
+  auto n = std::min(keys.size(), out.size());
+  if (n == 0)
+    return;
+  auto& st = *impl_;
+  auto ms = std::to_string(ttl_ms(lease));
+  auto expires_at = local_deadline(steady::now(), lease);
+  std::vector<std::string> full(n);
+  std::vector<std::string> tokens(n);
+  std::vector<pending_command> cmds(n);
+  for (size_t i = 0; i < n; ++i) {
+    full[i] = st.full_key(keys[i]);
+    tokens[i] = st.make_token();
+    cmds[i].set(
+      {"EVALSHA", st.claim_sha, "1", full[i], tokens[i], ms, committed_marker});
+    cmds[i].script = claim_script;
+  }
+  // One pipelined write and one read of the replies for the whole batch.
+  st.submit_scripts(cmds);
+  bool any_ok = false;
+  caf::error first;
+  std::lock_guard<std::mutex> guard{st.claims_mtx};
+  auto now = steady::now();
+  for (size_t i = 0; i < n; ++i) {
+    auto& cmd = cmds[i];
+    if (!cmd.failure.empty() || cmd.reply->type != REDIS_REPLY_INTEGER) {
+      if (!first)
+        first = !cmd.failure.empty()
+                  ? make_error(errc::unavailable, std::move(cmd.failure))
+                  : st.unexpected("claim a key", *cmd.reply);
+      // As in try_begin: the claim may have reached the server.
+      st.remember_locked(keys[i], std::move(tokens[i]), expires_at, false, now);
+      out[i] = claim_result::unavailable;
+      continue;
+    }
+    any_ok = true;
+    switch (cmd.reply->integer) {
+      case 1:
+        st.remember_locked(keys[i], std::move(tokens[i]), expires_at, true,
+                           now);
+        out[i] = claim_result::fresh;
+        break;
+      case 2:
+        out[i] = claim_result::duplicate;
+        break;
+      default:
+        out[i] = claim_result::in_flight;
+    }
+  }
+  if (first)
+    st.mark_failed(first);
+  else if (any_ok)
+    st.mark_ok();
+}
+
+caf::error redis_idempotency_store::finish_many(std::span<const finish_op> ops,
+                                                caf::timespan keep,
+                                                std::span<caf::error> errors) {
+  auto n = std::min(ops.size(), errors.size());
+  if (n == 0)
+    return caf::error{};
+  auto& st = *impl_;
+  std::vector<std::string> tokens(n);
+  {
+    std::lock_guard<std::mutex> guard{st.claims_mtx};
+    auto now = steady::now();
+    for (size_t i = 0; i < n; ++i)
+      tokens[i] = st.token_of_locked(ops[i].key, now);
+  }
+  auto keep_ms = std::to_string(ttl_ms(keep));
+  std::vector<std::string> full(n);
+  std::vector<pending_command> cmds;
+  cmds.reserve(n);
+  // Which command answers step i (npos: nothing to send).
+  constexpr auto none = std::numeric_limits<size_t>::max();
+  std::vector<size_t> cmd_of(n, none);
+  for (size_t i = 0; i < n; ++i) {
+    errors[i] = caf::error{};
+    full[i] = st.full_key(ops[i].key);
+    if (ops[i].kind == finish_op::abort && tokens[i].empty())
+      continue; // never claimed here, or the lease ended: nothing to release
+    cmd_of[i] = cmds.size();
+    auto& cmd = cmds.emplace_back();
+    if (ops[i].kind == finish_op::abort) {
+      cmd.set({"EVALSHA", st.release_sha, "1", full[i], tokens[i]});
+      cmd.script = release_script;
+    } else if (keep.count() > 0) {
+      cmd.set({"SET", full[i], committed_marker, "PX", keep_ms});
+    } else {
+      cmd.set(
+        {"EVALSHA", st.forget_sha, "1", full[i], tokens[i], committed_marker});
+      cmd.script = forget_script;
+    }
+  }
+  // One pipelined write and one read of the replies for the whole batch.
+  st.submit_scripts(cmds);
+  caf::error first;
+  bool any_ok = false;
+  std::lock_guard<std::mutex> guard{st.claims_mtx};
+  for (size_t i = 0; i < n; ++i) {
+    if (cmd_of[i] == none)
+      continue;
+    auto& cmd = cmds[cmd_of[i]];
+    bool commit = ops[i].kind == finish_op::commit;
+    if (!cmd.failure.empty()) {
+      errors[i] = make_error(errc::unavailable, cmd.failure);
+    } else if (auto type = cmd.reply->type;
+               type != REDIS_REPLY_INTEGER
+               && !(commit && type == REDIS_REPLY_STATUS)) {
+      errors[i] = st.unexpected(commit ? "commit a key" : "abort a key",
+                                *cmd.reply);
+    } else {
+      any_ok = true;
+      st.forget_locked(ops[i].key, tokens[i]);
+      continue;
+    }
+    if (!first)
+      first = errors[i];
+  }
+  if (first)
+    st.mark_failed(first);
+  else if (any_ok)
+    st.mark_ok();
+  return first;
 }
 
 bool redis_idempotency_store::remote() const noexcept {

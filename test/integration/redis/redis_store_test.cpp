@@ -2,6 +2,7 @@
 // test on a free loopback port and always stopped. Every wait has a deadline.
 #include "evmesh/redis_store.hpp"
 
+#include <algorithm>
 #include <atomic>
 #include <barrier>
 #include <cerrno>
@@ -630,4 +631,315 @@ TEST_F(redis_store_test, concurrent_calls_survive_repeated_server_stalls) {
     [&] { return shared->try_begin("after", 30s) == claim_result::fresh; }));
   ASSERT_FALSE(shared->commit("after", 1h));
   EXPECT_EQ(shared->try_begin("after", 30s), claim_result::duplicate);
+}
+
+// -- batch calls: one pipelined write per batch -------------------------------------
+
+namespace {
+
+std::vector<std::string_view> views_of(const std::vector<std::string>& keys) {
+  return {keys.begin(), keys.end()};
+}
+
+size_t count_of(const std::vector<claim_result>& out, claim_result what) {
+  return static_cast<size_t>(std::count(out.begin(), out.end(), what));
+}
+
+} // namespace
+
+TEST_F(redis_store_test, batch_claim_answers_per_key_in_one_round_trip) {
+  ASSERT_TRUE(store);
+  auto other = open(server.url("/0?timeout_ms=5000"));
+  ASSERT_TRUE(other);
+  ASSERT_EQ(store->try_begin("done", 30s), claim_result::fresh);
+  ASSERT_FALSE(store->commit("done", 1h));
+  ASSERT_EQ(other->try_begin("held", 30s), claim_result::fresh);
+  std::vector<std::string_view> keys{"new1", "done", "held", "new2", "new1"};
+  std::vector<claim_result> out(keys.size(), claim_result::unavailable);
+  auto before = store->pipelining();
+  store->try_begin_many(keys, 30s, out);
+  auto after = store->pipelining();
+  EXPECT_EQ(out, (std::vector<claim_result>{
+                   claim_result::fresh, claim_result::duplicate,
+                   claim_result::in_flight, claim_result::fresh,
+                   claim_result::in_flight}));
+  EXPECT_EQ(after.commands - before.commands, keys.size());
+  EXPECT_EQ(after.round_trips - before.round_trips, 1u)
+    << "the batch must go out in one pipelined write";
+  // The batch's claims are ordinary claims of this instance.
+  EXPECT_EQ(other->try_begin("new2", 30s), claim_result::in_flight);
+  EXPECT_EQ(store->pending_claims(), 2u) << "new1 and new2 only";
+}
+
+TEST_F(redis_store_test, batch_finish_commits_and_aborts_in_one_round_trip) {
+  ASSERT_TRUE(store);
+  auto other = open(server.url("/0?timeout_ms=5000"));
+  ASSERT_TRUE(other);
+  std::vector<std::string_view> keys{"a", "b", "c", "d"};
+  std::vector<claim_result> out(keys.size(), claim_result::unavailable);
+  store->try_begin_many(keys, 30s, out);
+  ASSERT_EQ(out, std::vector<claim_result>(4, claim_result::fresh));
+  std::vector<finish_op> ops{{"a", finish_op::commit},
+                             {"b", finish_op::abort},
+                             {"c", finish_op::commit},
+                             {"c", finish_op::abort},
+                             {"never-claimed", finish_op::abort},
+                             {"d", finish_op::abort}};
+  std::vector<caf::error> errors(ops.size(), make_error(errc::io_error, "x"));
+  auto before = store->pipelining();
+  EXPECT_FALSE(store->finish_many(ops, 1h, errors));
+  auto after = store->pipelining();
+  for (size_t i = 0; i < errors.size(); ++i)
+    EXPECT_FALSE(errors[i]) << "step " << i;
+  EXPECT_EQ(after.round_trips - before.round_trips, 1u);
+  // Nothing is sent for the key never claimed here; c's abort after its
+  // commit is sent (the tokens are read before the batch runs) and finds
+  // the key committed, which it leaves alone.
+  EXPECT_EQ(after.commands - before.commands, 5u);
+  EXPECT_EQ(other->try_begin("a", 30s), claim_result::duplicate);
+  EXPECT_EQ(other->try_begin("b", 30s), claim_result::fresh);
+  EXPECT_EQ(other->try_begin("c", 30s), claim_result::duplicate);
+  EXPECT_EQ(other->try_begin("d", 30s), claim_result::fresh);
+  EXPECT_EQ(store->pending_claims(), 0u);
+}
+
+TEST_F(redis_store_test, batch_abort_leaves_a_newer_claim_and_commits_alone) {
+  ASSERT_TRUE(store);
+  auto other = open(server.url("/0?timeout_ms=5000"));
+  ASSERT_TRUE(other);
+  // Our lease on "late" expires and another worker claims it; "kept" is
+  // committed by someone else before our abort arrives.
+  std::vector<std::string_view> keys{"late", "kept"};
+  std::vector<claim_result> out(keys.size());
+  store->try_begin_many(keys, 50ms, out);
+  ASSERT_EQ(out, std::vector<claim_result>(2, claim_result::fresh));
+  ASSERT_TRUE(wait_for(
+    [&] { return other->try_begin("late", 30s) == claim_result::fresh; }));
+  ASSERT_FALSE(other->commit("kept", 1h));
+  std::vector<finish_op> ops{{"late", finish_op::abort},
+                             {"kept", finish_op::abort}};
+  std::vector<caf::error> errors(ops.size());
+  EXPECT_FALSE(store->finish_many(ops, 1h, errors));
+  EXPECT_EQ(store->try_begin("late", 30s), claim_result::in_flight)
+    << "a late abort released another worker's claim";
+  EXPECT_EQ(store->try_begin("kept", 30s), claim_result::duplicate);
+}
+
+TEST_F(redis_store_test, batches_larger_than_one_write_keep_their_order) {
+  ASSERT_TRUE(store);
+  std::vector<std::string> names;
+  for (int i = 0; i < 1500; ++i)
+    names.push_back("big-" + std::to_string(i));
+  // Every third key is committed already: the answers must line up.
+  for (size_t i = 0; i < names.size(); i += 3)
+    ASSERT_FALSE(store->commit(names[i], 1h));
+  auto keys = views_of(names);
+  std::vector<claim_result> out(keys.size(), claim_result::unavailable);
+  auto before = store->pipelining();
+  store->try_begin_many(keys, 30s, out);
+  auto after = store->pipelining();
+  for (size_t i = 0; i < out.size(); ++i)
+    ASSERT_EQ(out[i],
+              i % 3 == 0 ? claim_result::duplicate : claim_result::fresh)
+      << names[i];
+  // 512 commands per write at most.
+  EXPECT_EQ(after.round_trips - before.round_trips, 3u);
+  std::vector<finish_op> ops;
+  for (size_t i = 0; i < keys.size(); ++i)
+    if (out[i] == claim_result::fresh)
+      ops.push_back({keys[i], finish_op::commit});
+  std::vector<caf::error> errors(ops.size());
+  EXPECT_FALSE(store->finish_many(ops, 1h, errors));
+  store->try_begin_many(keys, 30s, out);
+  EXPECT_EQ(count_of(out, claim_result::duplicate), keys.size());
+}
+
+TEST_F(redis_store_test,
+       batch_against_a_stopped_server_is_unavailable_per_key) {
+  ASSERT_TRUE(store);
+  std::vector<std::string> names{"s0", "s1", "s2", "s3", "s4", "s5"};
+  auto keys = views_of(names);
+  std::vector<claim_result> out(keys.size(), claim_result::fresh);
+  store->try_begin_many({keys.data(), 2}, 30s, {out.data(), 2});
+  ASSERT_EQ(out[0], claim_result::fresh);
+  server.stop();
+  auto start = steady::now();
+  store->try_begin_many(keys, 30s, out);
+  EXPECT_EQ(count_of(out, claim_result::unavailable), keys.size());
+  std::vector<finish_op> ops{{"s0", finish_op::commit},
+                             {"s1", finish_op::abort},
+                             {"s2", finish_op::abort}};
+  std::vector<caf::error> errors(ops.size());
+  auto first = store->finish_many(ops, 1h, errors);
+  EXPECT_EQ(code_of(first), errc::unavailable);
+  for (auto& err : errors)
+    EXPECT_EQ(code_of(err), errc::unavailable) << render(err);
+  EXPECT_LT(steady::now() - start, 5s) << "calls must not hang";
+  ASSERT_TRUE(server.start());
+  EXPECT_TRUE(wait_for([&] {
+    store->try_begin_many(keys, 30s, out);
+    return out[0] == claim_result::fresh;
+  }));
+  // The remembered tokens of the failed claims were replaced by the fresh
+  // ones: a batch abort releases them.
+  std::vector<finish_op> release;
+  for (auto key : keys)
+    release.push_back({key, finish_op::abort});
+  std::vector<caf::error> release_errors(release.size());
+  EXPECT_FALSE(store->finish_many(release, 1h, release_errors));
+  store->try_begin_many(keys, 30s, out);
+  EXPECT_EQ(count_of(out, claim_result::fresh), keys.size());
+}
+
+TEST_F(redis_store_test, batch_against_a_frozen_server_times_out_per_key) {
+  auto single = open(server.url("/0?pool=1&timeout_ms=200"));
+  ASSERT_TRUE(single);
+  std::vector<std::string> names;
+  for (int i = 0; i < 40; ++i)
+    names.push_back("frozen-" + std::to_string(i));
+  auto keys = views_of(names);
+  std::vector<claim_result> out(keys.size(), claim_result::fresh);
+  single->try_begin_many({keys.data(), 1}, 30s, {out.data(), 1});
+  ASSERT_EQ(out[0], claim_result::fresh);
+  server.freeze(true);
+  auto start = steady::now();
+  single->try_begin_many(keys, 30s, out);
+  auto took = steady::now() - start;
+  EXPECT_EQ(count_of(out, claim_result::unavailable), keys.size());
+  EXPECT_GE(took, 150ms);
+  EXPECT_LT(took, 2s);
+  std::vector<finish_op> ops;
+  for (auto key : keys)
+    ops.push_back({key, finish_op::commit});
+  std::vector<caf::error> errors(ops.size());
+  start = steady::now();
+  EXPECT_EQ(code_of(single->finish_many(ops, 1h, errors)), errc::unavailable);
+  EXPECT_LT(steady::now() - start, 2s);
+  for (auto& err : errors)
+    EXPECT_EQ(code_of(err), errc::unavailable);
+  server.freeze(false);
+  // Back: the first key is still ours (claimed before the freeze).
+  EXPECT_TRUE(wait_for([&] {
+    single->try_begin_many({keys.data(), 1}, 30s, {out.data(), 1});
+    return out[0] == claim_result::in_flight;
+  }));
+}
+
+TEST_F(redis_store_test, racing_batches_claim_each_key_exactly_once) {
+  auto shared = open(server.url("/0?pool=2&timeout_ms=20000"));
+  ASSERT_TRUE(shared);
+  constexpr int threads = 8;
+  std::vector<std::string> names;
+  for (int i = 0; i < 64; ++i)
+    names.push_back("rb-" + std::to_string(i));
+  std::atomic<int> fresh{0};
+  std::atomic<int> other{0};
+  std::barrier sync{threads};
+  std::vector<std::thread> workers;
+  for (int t = 0; t < threads; ++t)
+    workers.emplace_back([&, t] {
+      auto keys = views_of(names);
+      std::rotate(keys.begin(), keys.begin() + t * 7, keys.end());
+      std::vector<claim_result> out(keys.size());
+      sync.arrive_and_wait();
+      shared->try_begin_many(keys, 30s, out);
+      fresh += static_cast<int>(count_of(out, claim_result::fresh));
+      other += static_cast<int>(keys.size() - count_of(out, claim_result::fresh)
+                                - count_of(out, claim_result::in_flight));
+    });
+  for (auto& w : workers)
+    w.join();
+  EXPECT_EQ(fresh.load(), 64);
+  EXPECT_EQ(other.load(), 0);
+}
+
+TEST_F(redis_store_test, batches_and_single_calls_survive_repeated_stalls) {
+  // Batch callers and single-key callers share two pipelined connections
+  // while the server stalls past the command timeout again and again. Every
+  // call must come back with an answer for every key (under ASan: without
+  // touching freed memory), and the store must work normally afterwards.
+  auto shared = open(server.url("/0?pool=2&timeout_ms=100"));
+  ASSERT_TRUE(shared);
+  constexpr int threads = 8;
+  std::atomic<bool> stop{false};
+  std::atomic<uint64_t> batches{0};
+  std::atomic<uint64_t> unavailable{0};
+  std::atomic<uint64_t> wrong{0};
+  std::vector<std::thread> workers;
+  for (int t = 0; t < threads; ++t)
+    workers.emplace_back([&, t] {
+      for (int k = 0; !stop.load(); ++k) {
+        auto prefix = "bs-" + std::to_string(t) + "-" + std::to_string(k) + "-";
+        if (t % 4 == 3) { // a single-key caller among the batches
+          auto res = shared->try_begin(prefix, 30s);
+          if (res == claim_result::fresh)
+            (void) shared->commit(prefix, 1h);
+          continue;
+        }
+        std::vector<std::string> names;
+        for (int i = 0; i < 16; ++i)
+          names.push_back(prefix + std::to_string(i));
+        auto keys = views_of(names);
+        std::vector<claim_result> out(keys.size(), claim_result::duplicate);
+        shared->try_begin_many(keys, 30s, out);
+        std::vector<finish_op> ops;
+        for (size_t i = 0; i < keys.size(); ++i) {
+          if (out[i] == claim_result::unavailable)
+            ++unavailable;
+          else if (out[i] != claim_result::fresh)
+            ++wrong; // every key is new: only fresh or unavailable
+          if (out[i] == claim_result::fresh)
+            ops.push_back(
+              {keys[i], i % 3 == 0 ? finish_op::abort : finish_op::commit});
+        }
+        std::vector<caf::error> errors(ops.size());
+        (void) shared->finish_many(ops, 1h, errors);
+        ++batches;
+      }
+    });
+  for (int round = 0; round < 6; ++round) {
+    server.freeze(true);
+    std::this_thread::sleep_for(250ms);
+    server.freeze(false);
+    std::this_thread::sleep_for(150ms);
+  }
+  stop = true;
+  for (auto& w : workers)
+    w.join();
+  EXPECT_GT(batches.load(), uint64_t{threads});
+  EXPECT_EQ(wrong.load(), 0u);
+  EXPECT_GT(unavailable.load(), 0u) << "the stalls never made a batch time out";
+  std::vector<std::string_view> keys{"after-1", "after-2"};
+  std::vector<claim_result> out(keys.size());
+  EXPECT_TRUE(wait_for([&] {
+    shared->try_begin_many(keys, 30s, out);
+    return out[0] == claim_result::fresh && out[1] == claim_result::fresh;
+  }));
+  std::vector<finish_op> ops{{"after-1", finish_op::commit},
+                             {"after-2", finish_op::commit}};
+  std::vector<caf::error> errors(ops.size());
+  ASSERT_FALSE(shared->finish_many(ops, 1h, errors));
+  EXPECT_EQ(shared->try_begin("after-2", 30s), claim_result::duplicate);
+}
+
+TEST_F(redis_store_test, batch_scripts_survive_a_script_flush) {
+  ASSERT_TRUE(store);
+  if (std::system("command -v redis-cli >/dev/null 2>&1") != 0)
+    GTEST_SKIP() << "redis-cli is not installed";
+  auto flush = "redis-cli -p " + std::to_string(server.port())
+               + " SCRIPT FLUSH >/dev/null";
+  ASSERT_EQ(std::system(flush.c_str()), 0);
+  std::vector<std::string_view> keys{"f1", "f2"};
+  std::vector<claim_result> out(keys.size());
+  store->try_begin_many(keys, 30s, out);
+  EXPECT_EQ(out, std::vector<claim_result>(2, claim_result::fresh))
+    << "NOSCRIPT must fall back to EVAL";
+  ASSERT_EQ(std::system(flush.c_str()), 0);
+  std::vector<finish_op> ops{{"f1", finish_op::abort},
+                             {"f2", finish_op::abort}};
+  std::vector<caf::error> errors(ops.size());
+  EXPECT_FALSE(store->finish_many(ops, 1h, errors));
+  store->try_begin_many(keys, 30s, out);
+  EXPECT_EQ(out, std::vector<claim_result>(2, claim_result::fresh))
+    << "the aborts after the flush released both claims";
 }

@@ -254,3 +254,189 @@ TEST(make_idempotency_store, url_without_scheme_is_invalid) {
     EXPECT_NE(render(store.error()).find("invalid_url"), std::string::npos);
   }
 }
+
+// -- batch calls -------------------------------------------------------------------
+
+namespace {
+
+/// Records the single-key calls the default batch implementations make and
+/// answers from a script: `answers` for try_begin (in call order), errors for
+/// the keys in `failing`.
+class recording_store : public idempotency_store {
+public:
+  std::vector<std::string> calls;
+  std::vector<claim_result> answers;
+  std::vector<std::string> failing;
+  caf::timespan last_lease{0};
+  caf::timespan last_keep{0};
+
+  claim_result try_begin(std::string_view key, caf::timespan lease) override {
+    calls.push_back("begin " + std::string{key});
+    last_lease = lease;
+    auto i = static_cast<size_t>(
+      std::count_if(calls.begin(), calls.end(),
+                    [](const std::string& c) { return c.starts_with("begin"); })
+      - 1);
+    return i < answers.size() ? answers[i] : claim_result::fresh;
+  }
+
+  caf::error commit(std::string_view key, caf::timespan keep) override {
+    calls.push_back("commit " + std::string{key});
+    last_keep = keep;
+    return fail(key);
+  }
+
+  caf::error abort(std::string_view key) override {
+    calls.push_back("abort " + std::string{key});
+    return fail(key);
+  }
+
+private:
+  caf::error fail(std::string_view key) {
+    if (std::find(failing.begin(), failing.end(), key) == failing.end())
+      return caf::error{};
+    return make_error(errc::unavailable, "no store for " + std::string{key});
+  }
+};
+
+} // namespace
+
+TEST(idempotency_store_batch_defaults,
+     try_begin_many_claims_each_key_in_order) {
+  recording_store store;
+  store.answers = {claim_result::fresh, claim_result::duplicate,
+                   claim_result::in_flight, claim_result::unavailable};
+  std::vector<std::string_view> keys{"a", "b", "c", "d"};
+  std::vector<claim_result> out(keys.size(), claim_result::fresh);
+  store.try_begin_many(keys, 7s, out);
+  EXPECT_EQ(store.calls, (std::vector<std::string>{"begin a", "begin b",
+                                                   "begin c", "begin d"}));
+  EXPECT_EQ(store.last_lease, caf::timespan{7s});
+  EXPECT_EQ(out, store.answers);
+}
+
+TEST(idempotency_store_batch_defaults,
+     try_begin_many_stops_at_the_shorter_span) {
+  recording_store store;
+  std::vector<std::string_view> keys{"a", "b", "c"};
+  std::vector<claim_result> out(2, claim_result::unavailable);
+  store.try_begin_many(keys, 1s, out);
+  EXPECT_EQ(store.calls, (std::vector<std::string>{"begin a", "begin b"}));
+  EXPECT_EQ(out[0], claim_result::fresh);
+  EXPECT_EQ(out[1], claim_result::fresh);
+  store.try_begin_many({}, 1s, out);
+  EXPECT_EQ(store.calls.size(), 2u) << "an empty batch calls nothing";
+}
+
+TEST(idempotency_store_batch_defaults,
+     finish_many_runs_every_step_and_returns_the_first_error) {
+  recording_store store;
+  store.failing = {"c", "d"};
+  std::vector<finish_op> ops{{"a", finish_op::commit},
+                             {"b", finish_op::abort},
+                             {"c", finish_op::commit},
+                             {"d", finish_op::abort},
+                             {"e", finish_op::commit}};
+  std::vector<caf::error> errors(ops.size());
+  auto first = store.finish_many(ops, 3h, errors);
+  EXPECT_EQ(store.calls,
+            (std::vector<std::string>{"commit a", "abort b", "commit c",
+                                      "abort d", "commit e"}))
+    << "a failed step must not stop the others";
+  EXPECT_EQ(store.last_keep, caf::timespan{3h});
+  EXPECT_FALSE(errors[0]);
+  EXPECT_FALSE(errors[1]);
+  ASSERT_TRUE(errors[2]);
+  EXPECT_NE(render(errors[2]).find("no store for c"), std::string::npos);
+  ASSERT_TRUE(errors[3]);
+  EXPECT_NE(render(errors[3]).find("no store for d"), std::string::npos);
+  EXPECT_FALSE(errors[4]);
+  ASSERT_TRUE(first);
+  EXPECT_EQ(render(first), render(errors[2]));
+}
+
+TEST(idempotency_store_batch_defaults, finish_many_without_failures_is_ok) {
+  recording_store store;
+  std::vector<finish_op> ops{{"a", finish_op::abort}, {"b", finish_op::commit}};
+  std::vector<caf::error> errors(1);
+  EXPECT_FALSE(store.finish_many(ops, 1h, errors));
+  EXPECT_EQ(store.calls, (std::vector<std::string>{"abort a"}))
+    << "only as many steps as there are error slots";
+}
+
+TEST_F(memory_idempotency_store_test, batch_claim_answers_per_key) {
+  ASSERT_EQ(store.try_begin("done", 30s), claim_result::fresh);
+  ASSERT_FALSE(store.commit("done", 1h));
+  ASSERT_EQ(store.try_begin("held", 30s), claim_result::fresh);
+  std::vector<std::string_view> keys{"new1", "done", "held", "new2", "new1"};
+  std::vector<claim_result> out(keys.size(), claim_result::unavailable);
+  store.try_begin_many(keys, 30s, out);
+  EXPECT_EQ(out, (std::vector<claim_result>{
+                   claim_result::fresh, claim_result::duplicate,
+                   claim_result::in_flight, claim_result::fresh,
+                   claim_result::in_flight}))
+    << "a key twice in one batch is claimed once";
+  // The batch's claims are ordinary leases.
+  EXPECT_EQ(store.try_begin("new2", 30s), claim_result::in_flight);
+  clock.advance(31s);
+  EXPECT_EQ(store.try_begin("new2", 30s), claim_result::fresh);
+}
+
+TEST_F(memory_idempotency_store_test, batch_finish_commits_and_aborts) {
+  std::vector<std::string_view> keys{"a", "b", "c"};
+  std::vector<claim_result> out(keys.size(), claim_result::unavailable);
+  store.try_begin_many(keys, 30s, out);
+  ASSERT_EQ(out, std::vector<claim_result>(3, claim_result::fresh));
+  std::vector<finish_op> ops{{"a", finish_op::commit},
+                             {"b", finish_op::abort},
+                             {"c", finish_op::commit},
+                             {"c", finish_op::abort}};
+  std::vector<caf::error> errors(ops.size(), make_error(errc::io_error, "x"));
+  EXPECT_FALSE(store.finish_many(ops, 1h, errors));
+  for (auto& err : errors)
+    EXPECT_FALSE(err) << "every slot is written";
+  EXPECT_EQ(store.try_begin("a", 30s), claim_result::duplicate);
+  EXPECT_EQ(store.try_begin("b", 30s), claim_result::fresh);
+  EXPECT_EQ(store.try_begin("c", 30s), claim_result::duplicate)
+    << "an abort after the commit keeps it committed";
+  clock.advance(1h + 1s);
+  EXPECT_EQ(store.try_begin("a", 30s), claim_result::fresh)
+    << "the keep TTL of the batch applies";
+}
+
+TEST(memory_idempotency_store, racing_batches_claim_each_key_exactly_once) {
+  // Every thread claims the same keys in its own order (so the batches
+  // cross shards in different orders): each key is fresh exactly once.
+  memory_idempotency_store store{4};
+  constexpr int threads = 8;
+  constexpr int keys_per_batch = 64;
+  std::vector<std::string> names;
+  for (int i = 0; i < keys_per_batch; ++i)
+    names.push_back("key-" + std::to_string(i));
+  std::atomic<int> fresh{0};
+  std::barrier start{threads};
+  std::vector<std::thread> workers;
+  for (int t = 0; t < threads; ++t)
+    workers.emplace_back([&, t] {
+      std::vector<std::string_view> keys{names.begin(), names.end()};
+      std::rotate(keys.begin(), keys.begin() + t * 7, keys.end());
+      if (t % 2 == 1)
+        std::reverse(keys.begin(), keys.end());
+      std::vector<claim_result> out(keys.size());
+      start.arrive_and_wait();
+      store.try_begin_many(keys, 30s, out);
+      fresh += static_cast<int>(
+        std::count(out.begin(), out.end(), claim_result::fresh));
+      std::vector<finish_op> ops;
+      for (size_t i = 0; i < keys.size(); ++i)
+        if (out[i] == claim_result::fresh)
+          ops.push_back({keys[i], finish_op::commit});
+      std::vector<caf::error> errors(ops.size());
+      EXPECT_FALSE(store.finish_many(ops, 1h, errors));
+    });
+  for (auto& w : workers)
+    w.join();
+  EXPECT_EQ(fresh.load(), keys_per_batch);
+  for (auto& name : names)
+    EXPECT_EQ(store.try_begin(name, 30s), claim_result::duplicate) << name;
+}

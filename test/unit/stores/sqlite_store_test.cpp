@@ -195,6 +195,43 @@ TEST_F(sqlite_idempotency_store_test, keys_are_binary_safe_text) {
   EXPECT_EQ(store->try_begin(key.substr(0, 6), 30s), claim_result::fresh);
 }
 
+TEST_F(sqlite_idempotency_store_test, batch_calls_commit_and_abort_durably) {
+  {
+    auto store = open_keys();
+    ASSERT_NE(store, nullptr);
+    ASSERT_EQ(store->try_begin("done", 30s), claim_result::fresh);
+    ASSERT_FALSE(store->commit("done", 1h));
+    std::vector<std::string_view> keys{"a", "b", "c", "done", "a"};
+    std::vector<claim_result> out(keys.size(), claim_result::unavailable);
+    store->try_begin_many(keys, 30s, out);
+    EXPECT_EQ(out,
+              (std::vector<claim_result>{
+                claim_result::fresh, claim_result::fresh, claim_result::fresh,
+                claim_result::duplicate, claim_result::in_flight}));
+    std::vector<finish_op> ops{{"a", finish_op::commit},
+                               {"b", finish_op::abort},
+                               {"c", finish_op::commit},
+                               {"c", finish_op::abort}};
+    std::vector<caf::error> errors(ops.size(),
+                                   make_error(errc::io_error, "unset"));
+    EXPECT_FALSE(store->finish_many(ops, 1h, errors));
+    for (auto& err : errors)
+      EXPECT_FALSE(err) << render(err);
+  }
+  // Reopened: the batch's transaction was committed.
+  auto store = open_keys();
+  ASSERT_NE(store, nullptr);
+  EXPECT_EQ(store->try_begin("a", 30s), claim_result::duplicate);
+  EXPECT_EQ(store->try_begin("b", 30s), claim_result::fresh);
+  EXPECT_EQ(store->try_begin("c", 30s), claim_result::duplicate)
+    << "an abort after the commit keeps it committed";
+  clock.advance(1h + 1s);
+  EXPECT_EQ(store->try_begin("a", 30s), claim_result::fresh)
+    << "the batch's keep TTL applies";
+  std::vector<finish_op> none;
+  EXPECT_FALSE(store->finish_many(none, 1h, {}));
+}
+
 TEST_F(sqlite_idempotency_store_test, survives_restart) {
   {
     auto store = open_keys();

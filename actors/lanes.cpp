@@ -126,16 +126,13 @@ void emit_span(const attempt_scope& a, const char* status,
   a.env->spans->record(span);
 }
 
-/// Claims the idempotency key. Returns a result when the handler must not run.
-std::optional<attempt_result> begin_attempt(attempt_scope& a) {
-  a.start_ns = wall_ns();
+/// Starts attempt `a` whose idempotency key answered `claim`. Returns a result
+/// when the handler must not run; otherwise the transport has been told that
+/// the handler is about to run.
+std::optional<attempt_result> begin_claimed(attempt_scope& a,
+                                            claim_result claim) {
   auto& env = *a.env;
-  if (!env.dedupe) {
-    a.announce();
-    return std::nullopt;
-  }
-  a.key = scoped_dedupe_key(*a.sub, *a.msg->msg);
-  switch (env.dedupe->try_begin(a.key, env.config.dedupe_lease)) {
+  switch (claim) {
     case claim_result::fresh:
       a.claimed = true;
       a.announce();
@@ -160,19 +157,40 @@ std::optional<attempt_result> begin_attempt(attempt_scope& a) {
   }
 }
 
+/// Claims the idempotency key. Returns a result when the handler must not run.
+std::optional<attempt_result> begin_attempt(attempt_scope& a) {
+  a.start_ns = wall_ns();
+  auto& env = *a.env;
+  if (!env.dedupe) {
+    a.announce();
+    return std::nullopt;
+  }
+  a.key = scoped_dedupe_key(*a.sub, *a.msg->msg);
+  return begin_claimed(a,
+                       env.dedupe->try_begin(a.key, env.config.dedupe_lease));
+}
+
+/// Whether a claim is committed after `out` (else it is aborted).
+bool commits(const outcome& out) {
+  return out.kind == outcome_kind::ok || out.kind == outcome_kind::discard;
+}
+
+void warn_finish_failed(std::string_view key, bool commit,
+                        const caf::error& err) {
+  spdlog::warn("idempotency store: {} of key '{}' failed: {}",
+               commit ? "commit" : "abort", key, render(err));
+}
+
 /// Commits or aborts the claim and records the span.
 attempt_result finish_attempt(attempt_scope& a, outcome out) {
   a.conclude();
   auto& env = *a.env;
   if (a.claimed) {
-    caf::error err;
-    if (out.kind == outcome_kind::ok || out.kind == outcome_kind::discard)
-      err = env.dedupe->commit(a.key, env.config.dedupe_keep);
-    else
-      err = env.dedupe->abort(a.key);
+    auto commit = commits(out);
+    auto err = commit ? env.dedupe->commit(a.key, env.config.dedupe_keep)
+                      : env.dedupe->abort(a.key);
     if (err)
-      spdlog::warn("idempotency store: {} of key '{}' failed: {}",
-                   out.is_ok() ? "commit" : "abort", a.key, render(err));
+      warn_finish_failed(a.key, commit, err);
   }
   emit_span(a, status_of(out), out.reason);
   return attempt_result{attempt_result::handled, std::move(out)};
@@ -205,6 +223,96 @@ attempt_result run_function_attempt(const runtime_env& env, uint32_t sub,
   return result;
 }
 
+/// One attempt of a batch whose key was claimed up front (answer `claim`):
+/// runs the handler unless the claim says otherwise and records the span.
+/// The commit or abort is left to the batch (see `run_deduped_batch`);
+/// `claimed` says whether this attempt holds a claim to finish.
+attempt_result run_claimed_attempt(const runtime_env& env, uint32_t sub,
+                                   const attempt_msg& msg, claim_result claim,
+                                   bool& claimed) {
+  attempt_scope a{&env, &env.table.subscriptions[sub], &msg};
+  a.start_ns = wall_ns();
+  auto result = [&a, claim]() -> attempt_result {
+    if (auto early = begin_claimed(a, claim))
+      return std::move(*early);
+    return with_context(a, [&a](auto&&... xs) {
+      event_context ctx{xs...};
+      auto out = invoke_guarded(a.sub->handler->fn, ctx);
+      a.conclude();
+      emit_span(a, status_of(out), out.reason);
+      return attempt_result{attempt_result::handled, std::move(out)};
+    });
+  }();
+  claimed = a.claimed;
+  result.id = msg.id;
+  result.seq = msg.seq;
+  return result;
+}
+
+/// Runs `batch` with dedupe on: claims every key in one store call, runs the
+/// attempts in order, then commits or aborts every claim in one store call,
+/// so a remote store costs two round trips per batch instead of two per
+/// attempt. Results go to `results` only after their commit (ack after
+/// commit). When the supervisor abandons the batch (a timeout), nothing more
+/// runs: the claims of attempts that never ran are aborted, the finished
+/// ones are still committed, and the function returns false (the supervisor
+/// took the batch back; its attempts run again and find their commits).
+bool run_deduped_batch(caf::event_based_actor* self, const runtime_env& env,
+                       uint32_t sub, lane_progress* progress,
+                       const attempt_batch& batch,
+                       std::vector<attempt_result>& results) {
+  auto& s = env.table.subscriptions[sub];
+  auto n = batch.items.size();
+  if (progress && progress->abandoned.load(std::memory_order_acquire))
+    return false;
+  std::vector<std::string> keys;
+  keys.reserve(n);
+  for (auto& item : batch.items)
+    keys.push_back(scoped_dedupe_key(s, *item.msg));
+  std::vector<std::string_view> views{keys.begin(), keys.end()};
+  std::vector<claim_result> claims(n, claim_result::unavailable);
+  env.dedupe->try_begin_many(views, env.config.dedupe_lease, claims);
+  std::vector<finish_op> ops;
+  ops.reserve(n);
+  results.reserve(n);
+  bool abandoned = false;
+  size_t ran = 0;
+  for (; ran < n; ++ran) {
+    if (progress) {
+      // The supervisor took the batch back (a timeout): run no more.
+      if (progress->abandoned.load(std::memory_order_acquire)) {
+        abandoned = true;
+        break;
+      }
+      // Start time first, index second (see function_lane).
+      progress->started.store(self->clock().now().time_since_epoch().count(),
+                              std::memory_order_release);
+      progress->index.store(static_cast<uint32_t>(ran),
+                            std::memory_order_release);
+    }
+    bool claimed = false;
+    auto res = run_claimed_attempt(env, sub, batch.items[ran], claims[ran],
+                                   claimed);
+    if (claimed)
+      ops.push_back(finish_op{views[ran], commits(res.out) ? finish_op::commit
+                                                           : finish_op::abort});
+    results.push_back(std::move(res));
+  }
+  // Claims of attempts that never ran: released for their next run.
+  for (size_t k = ran; k < n; ++k)
+    if (claims[k] == claim_result::fresh)
+      ops.push_back(finish_op{views[k], finish_op::abort});
+  if (!ops.empty()) {
+    std::vector<caf::error> errors(ops.size());
+    if (env.dedupe->finish_many(ops, env.config.dedupe_keep, errors))
+      for (size_t i = 0; i < ops.size(); ++i)
+        if (errors[i])
+          warn_finish_failed(ops[i].key, ops[i].kind == finish_op::commit,
+                             errors[i]);
+  }
+  return !abandoned;
+}
+
 } // namespace
 
 caf::behavior function_lane(caf::event_based_actor* self, runtime_env_ptr env,
@@ -217,6 +325,19 @@ caf::behavior function_lane(caf::event_based_actor* self, runtime_env_ptr env,
       result_batch out;
       out.token = batch.token;
       auto n = static_cast<uint32_t>(batch.items.size());
+      if (env->dedupe) {
+        // Claims and commits for the whole batch at once; the results are
+        // published only after their commits.
+        std::vector<attempt_result> results;
+        if (!run_deduped_batch(self, *env, sub, progress.get(), batch, results))
+          return;
+        if (progress)
+          progress->index.store(n, std::memory_order_release);
+        out.items = std::move(results);
+        self->send(caf::actor_cast<caf::actor>(self->current_sender()),
+                   std::move(out));
+        return;
+      }
       for (uint32_t k = 0; k < n; ++k) {
         if (progress) {
           // The supervisor took the batch back (a timeout): run no more.

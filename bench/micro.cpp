@@ -295,6 +295,78 @@ void BM_dedupe_redis(benchmark::State& state) {
 }
 BENCHMARK(BM_dedupe_redis)->UseRealTime()->ThreadRange(1, 64);
 
+// The batch calls as a function lane makes them: `try_begin_many` for a
+// batch of `state.range(0)` new keys, then `finish_many` committing all of
+// them. Items are keys (claim + commit pairs), so items/s compares directly
+// with the single-call rows above.
+void claim_commit_batched(benchmark::State& state,
+                          evmesh::idempotency_store& store,
+                          const std::string& prefix) {
+  auto batch = static_cast<size_t>(state.range(0));
+  std::vector<std::string> names(batch);
+  std::vector<std::string_view> keys(batch);
+  std::vector<evmesh::claim_result> out(batch);
+  std::vector<evmesh::finish_op> ops(batch);
+  std::vector<caf::error> errors(batch);
+  uint64_t n = 0;
+  for (auto _ : state) {
+    for (size_t i = 0; i < batch; ++i) {
+      names[i] = prefix + std::to_string(n++);
+      keys[i] = names[i];
+      ops[i] = {keys[i], evmesh::finish_op::commit};
+    }
+    store.try_begin_many(keys, lease, out);
+    for (auto res : out)
+      if (res != evmesh::claim_result::fresh) {
+        state.SkipWithError("try_begin_many did not answer fresh");
+        return;
+      }
+    if (store.finish_many(ops, keep, errors)) {
+      state.SkipWithError("finish_many failed");
+      return;
+    }
+  }
+  state.SetItemsProcessed(state.iterations() * state.range(0));
+}
+
+void BM_dedupe_memory_batch(benchmark::State& state) {
+  evmesh::memory_idempotency_store store;
+  claim_commit_batched(state, store, unique_prefix("memory-batch"));
+}
+BENCHMARK(BM_dedupe_memory_batch)->Arg(64);
+
+void BM_dedupe_redis_batch(benchmark::State& state) {
+  const char* url = std::getenv("EVMESH_BENCH_REDIS");
+  if (url == nullptr || std::string_view{url}.rfind("redis://", 0) != 0) {
+    state.SkipWithError("set EVMESH_BENCH_REDIS=redis://HOST:PORT to run");
+    return;
+  }
+#ifdef EVMESH_BENCH_HAS_REDIS
+  static auto store = evmesh::redis_idempotency_store::open(url);
+  if (!store) {
+    state.SkipWithError("cannot connect to EVMESH_BENCH_REDIS");
+    return;
+  }
+  auto before = (*store)->pipelining();
+  claim_commit_batched(
+    state, **store,
+    unique_prefix("redis-batch-t" + std::to_string(state.thread_index())));
+  if (state.thread_index() == 0) {
+    auto after = (*store)->pipelining();
+    auto trips = after.round_trips - before.round_trips;
+    state.counters["depth"]
+      = trips == 0 ? 0.0
+                   : double(after.commands - before.commands) / double(trips);
+  }
+#else
+  state.SkipWithError("built without the redis:// store (libhiredis-dev)");
+#endif
+}
+BENCHMARK(BM_dedupe_redis_batch)
+  ->UseRealTime()
+  ->ArgsProduct({{1, 8, 64}})
+  ->ThreadRange(1, 4);
+
 } // namespace
 
 BENCHMARK_MAIN();

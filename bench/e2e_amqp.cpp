@@ -3,7 +3,12 @@
 // same run on the same broker.
 //
 //   e2e_amqp [messages] [keys] [runs] [--json FILE] [--nest-script PATH]
-//            [--node-path DIR]
+//            [--node-path DIR] [--no-nest 1] [--no-latency 1]
+//            [--only ROW]
+//
+// --no-nest 1 skips the NestJS row, --no-latency 1 the latency rows,
+// --only bare|transport|evmesh|nest runs that throughput row alone (for
+// profiling; implies --no-latency 1).
 //
 // Starts its own rabbitmq-server (test/integration/amqp/rabbitmq_server.hpp:
 // free loopback ports, temp dir, always stopped). Per run and consumer a
@@ -18,6 +23,10 @@
 // - bare rabbitmq-c: basic.qos prefetch 1000, basic.consume with manual
 //   acks, one basic.ack per message, nothing decoded; getrusage of this
 //   process over the drain.
+// - the amqp:// transport alone (no runtime): one thread polls up to 256
+//   and acks each message, sleeping on the transport's wakeup when a poll
+//   comes back short; splits the evmesh row's CPU into transport and
+//   runtime.
 // - evmesh: consumer_runtime on amqp://…?queue=Q&prefetch=1000 with
 //   guarantees on: memory dedupe (claim + commit per message), a span per
 //   attempt to a counting sink, per-key ordering, concurrency 2x cores;
@@ -28,16 +37,22 @@
 //   "listening" and "done". Skipped with a hint when node or the npm
 //   packages are missing (scripts/bench-amqp.sh installs them).
 //
+// Every run prints a line with each row's msg/s, CPU µs/msg and context
+// switches per message ("cs/msg", the consumer process's voluntary +
+// involuntary ones over the drain: each thread sleep and wake-up is one).
+//
 // Then the evmesh latency at about half its measured rate: a publisher paced
 // in 1 ms ticks on a second connection while the runtime consumes; latency =
 // publish call to handler call. The same for the bare consumer at half its
 // rate (latency = publish call to receipt; the id is found in the bytes).
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <csignal>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -72,6 +87,26 @@ namespace {
   std::fprintf(stderr, "e2e_amqp: %s\n", what.c_str());
   std::exit(1);
 }
+
+/// Context switches (voluntary + involuntary) of this process so far: every
+/// sleep and wake-up of a thread is one, the main cost of handing messages
+/// between threads on a busy machine.
+double ctx_switches() {
+  rusage ru{};
+  getrusage(RUSAGE_SELF, &ru);
+  return static_cast<double>(ru.ru_nvcsw + ru.ru_nivcsw);
+}
+
+/// The same without the calling thread's own (the evmesh row's main thread
+/// only sleeps in 1 ms steps while it waits for the runtime).
+double other_threads_ctx_switches() {
+  rusage ru{};
+  getrusage(RUSAGE_THREAD, &ru);
+  return ctx_switches() - static_cast<double>(ru.ru_nvcsw + ru.ru_nivcsw);
+}
+
+/// Context switches per message of the last run_* call.
+double last_ctx_per_msg = 0;
 
 void check(amqp_rpc_reply_t r, const char* what) {
   if (r.reply_type != AMQP_RESPONSE_NORMAL)
@@ -158,6 +193,7 @@ eb::result run_bare(uint16_t port, const std::string& q,
   const uint64_t n = bodies.size();
   uint64_t got = 0;
   double cpu0 = 0;
+  double ctx0 = 0;
   steady_clock::time_point start;
   auto deadline = steady_clock::now() + minutes{3};
   while (got < n) {
@@ -175,6 +211,7 @@ eb::result run_bare(uint16_t port, const std::string& q,
     }
     if (got == 0) {
       cpu0 = eb::cpu_seconds();
+      ctx0 = ctx_switches();
       start = steady_clock::now();
     }
     ++got;
@@ -187,6 +224,7 @@ eb::result run_bare(uint16_t port, const std::string& q,
   auto left = c.declare(q, true);
   auto secs = duration<double>(steady_clock::now() - start).count();
   auto cpu = eb::cpu_seconds() - cpu0;
+  last_ctx_per_msg = (ctx_switches() - ctx0) / static_cast<double>(n);
   if (left != 0)
     std::fprintf(stderr, "bare: %u messages left in %s\n", left, q.c_str());
   return {static_cast<double>(n) / secs, 1e6 * cpu / static_cast<double>(n)};
@@ -253,6 +291,69 @@ void run_bare_latency(uint16_t port, const std::string& q,
                  static_cast<unsigned long long>(got));
 }
 
+/// The transport alone, without the runtime: one thread polls up to 256,
+/// acks each message and, when a poll comes back short, sleeps until the
+/// transport's wakeup (bounded). The clock runs from the first message to
+/// the last ack call; close() (not measured) then flushes the acks, and the
+/// queue is checked empty. Splits the evmesh row's CPU into transport and
+/// runtime.
+eb::result run_transport(const std::string& url, uint16_t port,
+                         const std::string& q, uint64_t n) {
+  auto t = evmesh::make_transport(url + "?queue=" + q + "&prefetch=1000",
+                                  {{}, "bench"});
+  if (!t)
+    die("transport: " + evmesh::render(t.error()));
+  std::mutex m;
+  std::condition_variable cv;
+  bool woken = false;
+  (*t)->set_wakeup([&] {
+    std::lock_guard g{m};
+    woken = true;
+    cv.notify_one();
+  });
+  if (auto err = (*t)->subscribe({">"}))
+    die("transport subscribe: " + evmesh::render(err));
+  std::vector<evmesh::raw_message> buf;
+  uint64_t got = 0;
+  double cpu0 = 0;
+  double ctx0 = 0;
+  steady_clock::time_point start;
+  auto deadline = steady_clock::now() + minutes{3};
+  while (got < n) {
+    if (steady_clock::now() > deadline)
+      die("transport run did not finish within 3 minutes");
+    buf.clear();
+    {
+      std::lock_guard g{m};
+      woken = false;
+    }
+    if (auto err = (*t)->poll(256, buf))
+      die("poll: " + evmesh::render(err));
+    if (!buf.empty() && got == 0) {
+      cpu0 = eb::cpu_seconds();
+      ctx0 = ctx_switches();
+      start = steady_clock::now();
+    }
+    for (auto& msg : buf)
+      if (auto err = (*t)->ack(msg.tag))
+        die("ack: " + evmesh::render(err));
+    got += buf.size();
+    if (buf.size() < 256) {
+      std::unique_lock g{m};
+      cv.wait_for(g, milliseconds{100}, [&] { return woken; });
+    }
+  }
+  auto secs = duration<double>(steady_clock::now() - start).count();
+  auto cpu = eb::cpu_seconds() - cpu0;
+  last_ctx_per_msg = (ctx_switches() - ctx0) / static_cast<double>(n);
+  (*t)->close();
+  conn c{port};
+  if (auto left = c.declare(q, true); left != 0)
+    std::fprintf(stderr, "transport: %u messages left in %s\n", left,
+                 q.c_str());
+  return {static_cast<double>(n) / secs, 1e6 * cpu / static_cast<double>(n)};
+}
+
 /// Drains `n` messages of queue `q` (preloaded, or published by `pace` once
 /// the runtime consumes).
 template <class Pace>
@@ -282,8 +383,11 @@ eb::result run_evmesh(const std::string& url, const std::string& q, uint64_t n,
   if (auto err = rt.start())
     die("start failed: " + evmesh::render(err));
   auto deadline = steady_clock::now() + minutes{3};
+  double ctx0 = -1;
   auto wait = [&](auto done) {
     while (!done()) {
+      if (ctx0 < 0 && eb::handled.load() > 0)
+        ctx0 = other_threads_ctx_switches(); // within 1 ms of the first
       if (steady_clock::now() > deadline)
         die("evmesh run did not finish within 3 minutes (handled "
             + std::to_string(eb::handled.load()) + " of " + std::to_string(n)
@@ -296,6 +400,8 @@ eb::result run_evmesh(const std::string& url, const std::string& q, uint64_t n,
   auto end = eb::now_ns();
   auto cpu = eb::cpu_seconds() - eb::first_handled_cpu.load();
   auto secs = static_cast<double>(end - eb::first_handled_ns.load()) / 1e9;
+  last_ctx_per_msg = (other_threads_ctx_switches() - std::max(ctx0, 0.0))
+                     / static_cast<double>(n);
   rt.stop(seconds{5});
   eb::recorder = nullptr;
   if (eb::handled < expect || sink->spans < expect)
@@ -394,6 +500,29 @@ eb::result run_nest(const std::string& url, uint16_t port, const std::string& q,
 } // namespace
 
 int main(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i)
+    if (std::string_view{argv[i]} == "--help"
+        || std::string_view{argv[i]} == "-h") {
+      std::printf(
+        "usage: %s [messages=50000] [keys=1000] [runs=3] [--json FILE]\n"
+        "       [--nest-script PATH] [--node-path DIR] [--no-nest 1]\n"
+        "       [--no-latency 1] [--only bare|transport|evmesh|nest]\n"
+        "Starts its own rabbitmq-server; bare rabbitmq-c vs evmesh vs the\n"
+        "NestJS peer, medians of `runs`, then latency at half the rates.\n",
+        argv[0]);
+      return 0;
+    }
+  bool skip_nest = eb::take_option(argc, argv, "no-nest") == "1";
+  bool skip_latency = eb::take_option(argc, argv, "no-latency") == "1";
+  auto only = eb::take_option(argc, argv, "only");
+  if (!only.empty() && only != "bare" && only != "transport" && only != "evmesh"
+      && only != "nest")
+    die("--only takes bare, transport, evmesh or nest");
+  auto want = [&](const char* row) { return only.empty() || only == row; };
+  if (!want("nest"))
+    skip_nest = true;
+  if (!only.empty())
+    skip_latency = true;
   auto json_path = eb::take_option(argc, argv, "json");
   auto script = eb::take_option(argc, argv, "nest-script",
                                 EVMESH_BENCH_NEST_SCRIPT);
@@ -406,9 +535,10 @@ int main(int argc, char** argv) {
   if (!evmesh::testing::rabbitmq_server::available())
     die("rabbitmq-server is not installed (scripts/install-deps.sh "
         "--with-servers)");
-  bool nest = exists(script) && exists(modules + "/@nestjs/microservices")
+  bool nest = !skip_nest && exists(script)
+              && exists(modules + "/@nestjs/microservices")
               && std::system("command -v node >/dev/null 2>&1") == 0;
-  if (!nest)
+  if (!nest && !skip_nest)
     std::printf("NestJS row skipped: needs node and the npm packages in %s "
                 "(scripts/bench-amqp.sh installs them)\n",
                 modules.c_str());
@@ -423,31 +553,67 @@ int main(int argc, char** argv) {
   if (nest)
     for (auto& b : bodies)
       nest_bodies.push_back(R"({"pattern":"bench.created","data":)" + b + "}");
-  std::vector<eb::result> bare, mesh, nestjs;
+  std::vector<eb::result> bare, mesh, nestjs, transport;
+  std::vector<double> bare_ctx, transport_ctx, mesh_ctx;
   for (int r = 0; r < runs; ++r) {
     auto no = std::to_string(r);
-    bare.push_back(run_bare(port, "bare" + no, bodies));
-    {
-      conn c{port};
-      c.preload("evmesh" + no, bodies);
+    if (want("bare")) {
+      bare.push_back(run_bare(port, "bare" + no, bodies));
+      bare_ctx.push_back(last_ctx_per_msg);
     }
-    mesh.push_back(
-      run_evmesh(url, "evmesh" + no, n, [&](auto&&) { return n; }));
+    if (want("transport")) {
+      {
+        conn c{port};
+        c.preload("transport" + no, bodies);
+      }
+      transport.push_back(run_transport(url, port, "transport" + no, n));
+      transport_ctx.push_back(last_ctx_per_msg);
+    }
+    if (want("evmesh")) {
+      {
+        conn c{port};
+        c.preload("evmesh" + no, bodies);
+      }
+      mesh.push_back(
+        run_evmesh(url, "evmesh" + no, n, [&](auto&&) { return n; }));
+      mesh_ctx.push_back(last_ctx_per_msg);
+    }
     if (nest)
       nestjs.push_back(
         run_nest(url, port, "nest" + no, nest_bodies, script, modules));
+    auto last = [](const std::vector<eb::result>& v) {
+      return v.empty() ? eb::result{} : v.back();
+    };
+    auto ctx = [](const std::vector<double>& v) {
+      return v.empty() ? 0.0 : v.back();
+    };
+    std::printf("run %d (load %.2f): bare %.0f msg/s %.2f us/msg %.2f cs/msg"
+                " | transport alone %.0f msg/s %.2f us/msg %.2f cs/msg"
+                " | evmesh %.0f msg/s %.2f us/msg %.2f cs/msg"
+                " | NestJS %.0f msg/s %.2f us/msg\n",
+                r, eb::load_average(), last(bare).rate, last(bare).cpu_us,
+                ctx(bare_ctx), last(transport).rate, last(transport).cpu_us,
+                ctx(transport_ctx), last(mesh).rate, last(mesh).cpu_us,
+                ctx(mesh_ctx), last(nestjs).rate, last(nestjs).cpu_us);
+    std::fflush(stdout);
   }
-  auto b = eb::median_of(bare);
+  if (!only.empty())
+    return 0; // one row, for profiling: the per-run lines above
   auto m = eb::median_of(mesh);
+  auto b = eb::median_of(bare);
   std::printf("messages %llu, keys %llu, runs %d (medians), cores %u, load "
               "average %.2f\n",
               static_cast<unsigned long long>(n),
               static_cast<unsigned long long>(keys), runs,
               std::thread::hardware_concurrency(), eb::load_average());
   auto conc = 2 * std::thread::hardware_concurrency();
+  auto tr = eb::median_of(transport);
   eb::print_row("bare rabbitmq-c, prefetch 1000, manual acks", b, b.rate);
+  eb::print_row("amqp transport alone, poll 256 + ack each", tr, b.rate);
   eb::print_row("evmesh amqp, memory dedupe", m, b.rate);
   json.throughput("bare rabbitmq-c", n, keys, 1, b, 0, runs);
+  json.throughput("amqp transport alone (poll + ack, no runtime)", n, keys, 1,
+                  tr, b.rate, runs);
   json.throughput("evmesh amqp, memory dedupe", n, keys, conc, m, b.rate, runs);
   if (nest) {
     auto ns = eb::median_of(nestjs);
@@ -459,6 +625,8 @@ int main(int argc, char** argv) {
                   "%.2fx evmesh\n",
                   m.cpu_us / b.cpu_us, ns.cpu_us / m.cpu_us);
   }
+  if (skip_latency)
+    return 0;
   // Latency at about half the evmesh rate, ~3 s of load.
   auto half = m.rate / 2;
   auto lat_n = static_cast<uint64_t>(std::max(1000.0, half * 3));

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <charconv>
 #include <chrono>
 #include <condition_variable>
 #include <cstring>
@@ -12,7 +13,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
-#include <set>
+#include <optional>
 #include <thread>
 #include <unordered_map>
 
@@ -42,6 +43,19 @@ using clock_type = std::chrono::steady_clock;
 constexpr amqp_channel_t consume_ch = 1;
 constexpr amqp_channel_t publish_ch = 2;
 constexpr amqp_channel_t topology_ch = 3;
+
+// Acks are sent in batches (one `multiple` basic.ack per batch where the
+// delivery tags allow it): the I/O thread sends what collected once a quarter
+// of the prefetch window (at most 256) is waiting, or this long after the
+// first ack of a batch, whichever comes first. Either way the broker keeps at
+// least three quarters of the window in flight, so throughput does not wait
+// for acks, while one write (and one wake-up of the I/O thread) serves a whole
+// batch instead of every message.
+constexpr auto ack_delay = 2ms;
+// Acks of deliveries completed out of order wait for the earlier ones (one
+// `multiple` ack then covers them all), but no longer than this: behind a
+// long-running handler they go out one by one.
+constexpr auto ack_hold_max = 20ms;
 
 // Header names evmesh writes and reads.
 constexpr const char* key_header = "evmesh-key";
@@ -608,11 +622,6 @@ caf::error declare_queue(amqp_connection_state_t c, const amqp_settings& s,
                                          + "' on " + s.shown + ": " + why);
 }
 
-// -- the transport -------------------------------------------------------------
-
-std::atomic<uint64_t> next_tag{1};
-std::atomic<uint64_t> next_consumer{1};
-
 struct message_box {
   amqp_message_t m{};
   bool owned = false;
@@ -624,20 +633,156 @@ struct message_box {
 
 using box_ptr = std::unique_ptr<message_box>;
 
+// The deliveries of the consuming channel in delivery order (tags only grow
+// on a channel) with what became of them: still open, acked by the caller
+// but not yet on the wire, or settled on the wire (a nack, a single ack, a
+// retry's ack). Acks go out as one `multiple` basic.ack for the longest
+// prefix with nothing open (every tag below it is settled, so the broker acks
+// exactly those); acks above the first open delivery wait for it to settle
+// (see flush_window). No allocation per message: entries sit in a deque,
+// settled ones leave from the front, and the deque is compacted when a
+// long-held delivery at the front lets settled ones pile up behind it.
+// Each open delivery keeps rabbitmq-c's copy of the message (properties and
+// body, for a retry copy) until it is settled; it is freed here, on the I/O
+// thread that allocated it.
+class delivery_window {
+public:
+  void add(uint64_t tag, box_ptr box) {
+    tags_.push_back({tag, open, std::move(box)});
+    ++open_;
+  }
+
+  /// The message of open delivery `tag` (nullptr when it is not open).
+  message_box* message(uint64_t tag) {
+    auto* e = find(tag);
+    return e != nullptr && e->state == open ? e->box.get() : nullptr;
+  }
+
+  /// The caller acked `tag`; false when it is not an open delivery.
+  bool mark_acked(uint64_t tag) {
+    auto* e = find(tag);
+    if (e == nullptr || e->state != open)
+      return false;
+    e->state = acked;
+    e->box.reset();
+    --open_;
+    ++waiting_;
+    return true;
+  }
+
+  /// A terminal frame for `tag` is on the wire (nack, single ack).
+  void mark_done(uint64_t tag) {
+    auto* e = find(tag);
+    if (e == nullptr || e->state == done)
+      return;
+    if (e->state == open)
+      --open_;
+    else
+      --waiting_;
+    e->state = done;
+    e->box.reset();
+  }
+
+  /// Pops the prefix without open deliveries; returns the highest acked tag
+  /// in it (one `multiple` ack covers them all), 0 when there is none.
+  uint64_t take_prefix() {
+    uint64_t top = 0;
+    while (!tags_.empty() && tags_.front().state != open) {
+      if (tags_.front().state == acked) {
+        top = tags_.front().tag;
+        --waiting_;
+      }
+      tags_.pop_front();
+    }
+    if (tags_.size() > 1024 && tags_.size() > 4 * (open_ + waiting_))
+      compact();
+    return top;
+  }
+
+  /// Acked deliveries waiting behind an open one.
+  size_t waiting() const {
+    return waiting_;
+  }
+
+  /// Calls `send(tag)` for every waiting ack (to send it singly), in order,
+  /// and marks them done; stops at the first `send` returning false.
+  template <class F>
+  void send_waiting(F send) {
+    for (auto& e : tags_) {
+      if (waiting_ == 0)
+        break;
+      if (e.state != acked)
+        continue;
+      if (!send(e.tag))
+        return;
+      e.state = done;
+      --waiting_;
+    }
+  }
+
+  void clear() {
+    tags_.clear();
+    open_ = 0;
+    waiting_ = 0;
+  }
+
+private:
+  enum state_t : uint8_t { open, acked, done };
+
+  struct entry {
+    uint64_t tag;
+    state_t state;
+    box_ptr box;
+  };
+
+  entry* find(uint64_t tag) {
+    auto i
+      = std::lower_bound(tags_.begin(), tags_.end(), tag,
+                         [](const entry& e, uint64_t t) { return e.tag < t; });
+    if (i == tags_.end() || i->tag != tag)
+      return nullptr;
+    return &*i;
+  }
+
+  void compact() {
+    std::deque<entry> kept;
+    for (auto& e : tags_)
+      if (e.state != done)
+        kept.push_back(std::move(e));
+    tags_.swap(kept);
+  }
+
+  std::deque<entry> tags_;
+  size_t open_ = 0;
+  size_t waiting_ = 0;
+};
+
+// "amqp:Q#<gen>.<dtag>" without temporaries.
+void append_uint(std::string& out, uint64_t x) {
+  char buf[24];
+  auto [end, ec] = std::to_chars(buf, buf + sizeof(buf), x);
+  static_cast<void>(ec);
+  out.append(buf, end);
+}
+
+// -- the transport -------------------------------------------------------------
+
+std::atomic<uint64_t> next_tag{1};
+std::atomic<uint64_t> next_consumer{1};
+
 // A delivery read from the broker, waiting for poll.
 struct ready_message {
   raw_message raw;
   uint64_t gen = 0;
   uint64_t dtag = 0;
-  box_ptr box;
 };
 
-// A delivery handed out by poll, waiting for its terminal action.
+// A delivery handed out by poll, waiting for its terminal action (its
+// message stays in the I/O thread's delivery_window).
 struct held_message {
   uint64_t gen = 0;
   uint64_t dtag = 0;
   std::string subject;
-  box_ptr box;
 };
 
 // What the I/O thread publishes.
@@ -659,6 +804,8 @@ public:
   amqp_transport(amqp_settings s, conn_ptr conn, std::string node)
     : settings_(std::move(s)), node_(std::move(node)), conn_(std::move(conn)) {
     event_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    ack_batch_ = std::clamp<size_t>(settings_.prefetch / 4, 1, 256);
+    held_.reserve(settings_.prefetch);
     connected_ = true;
     gen_ = 1;
     io_ = std::thread{[this] { io_main(); }};
@@ -728,21 +875,42 @@ public:
     while (n < max && !ready_.empty()) {
       auto& r = ready_.front();
       r.raw.tag = next_tag++;
-      held_.emplace(r.raw.tag, held_message{r.gen, r.dtag, r.raw.subject,
-                                            std::move(r.box)});
+      held_.emplace(r.raw.tag, held_message{r.gen, r.dtag, r.raw.subject});
       out.push_back(std::move(r.raw));
       ready_.pop_front();
       ++n;
     }
-    waiting_ = n < max;
+    // The source waits for a wakeup whenever it got fewer than it asked for
+    // (or nothing is left): the I/O thread calls it when it queues more.
+    waiting_ = n < max || ready_.empty();
     return {};
   }
 
   caf::error ack(uint64_t tag) override {
+    // Acks bypass the command queue: they collect in acks_in_ and the I/O
+    // thread sends them in batches (see ack_delay). The first ack of a batch
+    // wakes it (to start the batch's clock), a full batch wakes it again.
     held_message h;
-    if (auto err = take(tag, "ack", h))
-      return err;
-    post(command{command::ack, h.gen, h.dtag, {}});
+    bool wake = false;
+    bool current = false;
+    {
+      std::lock_guard guard{mtx_};
+      auto i = held_.find(tag);
+      if (i == held_.end())
+        return not_ours("ack", tag);
+      h = std::move(i->second);
+      held_.erase(i);
+      current = h.gen == gen_;
+      if (current) {
+        acks_in_.push_back({h.gen, h.dtag});
+        auto n = acks_in_.size();
+        wake = n == 1 || n == ack_batch_;
+      }
+    }
+    if (!current)
+      return lost_connection_error();
+    if (wake)
+      signal();
     return {};
   }
 
@@ -860,7 +1028,7 @@ public:
 
 private:
   struct command {
-    enum kind_t { ack, nack, run } kind;
+    enum kind_t { nack, run } kind;
     uint64_t gen;
     uint64_t dtag;
     std::function<void()> fn;
@@ -963,10 +1131,14 @@ private:
         std::lock_guard guard{mtx_};
         cmds.swap(commands_);
         stopping = stop_;
+        take_acks(stopping || !cmds.empty());
       }
+      // Acks first: a command's own settlement (a nack, a retry's ack) comes
+      // after the acks the source sent before it.
+      flush_acks(stopping);
       for (auto& c : cmds)
         run(c);
-      flush_acks();
+      flush_window(stopping);
       if (stopping && commands_empty()) {
         shutdown();
         return;
@@ -985,8 +1157,46 @@ private:
         }
         continue;
       }
-      pump(1000);
+      pump(pump_timeout());
     }
+  }
+
+  // Moves the acks the source collected into acks_ when a batch is full, its
+  // time is up, or `now` (a command or close is waiting). Caller holds mtx_.
+  void take_acks(bool now) {
+    if (acks_in_.empty()) {
+      ack_due_.reset();
+      return;
+    }
+    if (!now && acks_in_.size() < ack_batch_) {
+      auto t = clock_type::now();
+      if (!ack_due_)
+        ack_due_ = t + ack_delay;
+      if (t < *ack_due_)
+        return;
+    }
+    for (auto [gen, dtag] : acks_in_)
+      if (gen == gen_)
+        acks_.push_back(dtag);
+    acks_in_.clear();
+    ack_due_.reset();
+  }
+
+  // How long pump may wait for the socket: until the pending ack batch or
+  // the acks waiting behind an open delivery are due, else 1s (heartbeats
+  // are checked at least that often).
+  int pump_timeout() const {
+    std::optional<clock_type::time_point> due = ack_due_;
+    if (window_.waiting() > 0 && held_since_) {
+      auto t = *held_since_ + ack_hold_max;
+      if (!due || t < *due)
+        due = t;
+    }
+    if (!due)
+      return 1000;
+    auto left
+      = std::chrono::ceil<std::chrono::milliseconds>(*due - clock_type::now());
+    return static_cast<int>(std::clamp<int64_t>(left.count(), 0, 1000));
   }
 
   bool commands_empty() {
@@ -1001,57 +1211,75 @@ private:
   }
 
   void drain_event() {
+    // One read resets an eventfd counter (not in semaphore mode).
     uint64_t x = 0;
-    while (::read(event_fd_, &x, sizeof(x)) > 0) {
-      // drained
-    }
+    auto rc = ::read(event_fd_, &x, sizeof(x));
+    static_cast<void>(rc);
   }
 
   void run(command& c) {
     switch (c.kind) {
-      case command::ack:
-        if (conn_ && c.gen == gen_)
-          acks_.push_back(c.dtag);
-        break;
       case command::nack:
-        flush_acks();
         if (conn_ && c.gen == gen_) {
-          unsettled_.erase(c.dtag);
+          window_.mark_done(c.dtag);
           if (auto rc = amqp_basic_nack(conn_.get(), consume_ch, c.dtag, 0, 1);
               rc != AMQP_STATUS_OK)
             connection_lost(std::string{"nack: "} + amqp_error_string2(rc));
         }
         break;
       case command::run:
-        flush_acks();
         c.fn();
         break;
     }
   }
 
-  // Sends the acks collected from one batch of commands: one `multiple` ack
-  // for those below the lowest delivery still unsettled (nothing else below
-  // it is outstanding on the channel), single acks for the rest. Under load
-  // that is one frame (and one write) for a whole batch.
-  void flush_acks() {
-    if (acks_.empty())
-      return;
+  // Records the acks taken from the source in the window and sends what
+  // can go (flush_window). `force`: nothing may wait (closing).
+  void flush_acks(bool force = false) {
     if (!conn_) {
       acks_.clear();
       return;
     }
     for (auto t : acks_)
-      unsettled_.erase(t);
-    std::sort(acks_.begin(), acks_.end());
-    auto low = unsettled_.empty() ? UINT64_MAX : *unsettled_.begin();
-    auto split = std::lower_bound(acks_.begin(), acks_.end(), low);
-    int rc = AMQP_STATUS_OK;
-    if (split != acks_.begin())
-      rc = amqp_basic_ack(conn_.get(), consume_ch, *(split - 1),
-                          split - acks_.begin() > 1 ? 1 : 0);
-    for (auto i = split; rc == AMQP_STATUS_OK && i != acks_.end(); ++i)
-      rc = amqp_basic_ack(conn_.get(), consume_ch, *i, 0);
+      if (window_.mark_acked(t))
+        window_dirty_ = true;
     acks_.clear();
+    flush_window(force);
+  }
+
+  // Sends one `multiple` basic.ack for the settled prefix of the window.
+  // Acks above the first open delivery wait for it (so out-of-order
+  // completions still cost one frame per batch) unless more than a batch of
+  // them waits, they waited ack_hold_max, or `force`: then they go as single
+  // acks (the broker must not keep a long-running delivery's successors
+  // unacked, nor hand them out again after a close).
+  void flush_window(bool force = false) {
+    if (!conn_)
+      return;
+    auto waiting = window_.waiting();
+    if (!window_dirty_ && !force && waiting == 0)
+      return;
+    window_dirty_ = false;
+    int rc = AMQP_STATUS_OK;
+    if (auto top = window_.take_prefix(); top != 0) {
+      rc = amqp_basic_ack(conn_.get(), consume_ch, top, 1);
+      held_since_.reset();
+    }
+    waiting = window_.waiting();
+    if (rc == AMQP_STATUS_OK && waiting > 0) {
+      auto now = clock_type::now();
+      if (!held_since_)
+        held_since_ = now;
+      if (force || waiting > ack_batch_ || now - *held_since_ >= ack_hold_max) {
+        window_.send_waiting([&](uint64_t tag) {
+          rc = amqp_basic_ack(conn_.get(), consume_ch, tag, 0);
+          return rc == AMQP_STATUS_OK;
+        });
+        held_since_.reset();
+      }
+    } else if (waiting == 0) {
+      held_since_.reset();
+    }
     if (rc != AMQP_STATUS_OK)
       connection_lost(std::string{"ack: "} + amqp_error_string2(rc));
   }
@@ -1079,6 +1307,9 @@ private:
       handle_frame(frame);
     }
     flush_ready();
+    // Confirms of retry copies settle their originals, which may free a
+    // prefix of waiting acks.
+    flush_window();
     if (conn_)
       amqp_maybe_release_buffers(conn_.get());
   }
@@ -1174,11 +1405,16 @@ private:
     r.raw.tracestate = field_string(find_header(p, "tracestate"));
     r.raw.key = field_string(find_header(p, key_header));
     r.raw.delivery_count = delivery_count(p, redelivered);
-    r.raw.position = "amqp:" + settings_.queue + "#"
-                     + std::to_string(gen_.load()) + "." + std::to_string(dtag);
+    auto& pos = r.raw.position;
+    pos.reserve(settings_.queue.size() + 32);
+    pos += "amqp:";
+    pos += settings_.queue;
+    pos += '#';
+    append_uint(pos, gen_.load());
+    pos += '.';
+    append_uint(pos, dtag);
     merge_properties(p, r.raw.bytes);
-    r.box = std::move(box);
-    unsettled_.insert(dtag);
+    window_.add(dtag, std::move(box));
     incoming_.push_back(std::move(r));
   }
 
@@ -1301,11 +1537,14 @@ private:
   void io_retry(held_message& h, int64_t ms) {
     if (!conn_ || h.gen != gen_)
       return; // the broker requeued the original with the lost channel
-    auto& base = h.box->m.properties;
+    auto* box = window_.message(h.dtag);
+    if (box == nullptr)
+      return; // cannot happen: held deliveries are open in the window
+    auto& base = box->m.properties;
     auto copy = std::make_shared<outgoing>();
     copy->exchange = "";
     copy->routing_key = settings_.retry_queue();
-    copy->body = str_of(h.box->m.body);
+    copy->body = str_of(box->m.body);
     copy->expiration = std::to_string(ms);
     copy->persistent = !(base._flags & AMQP_BASIC_DELIVERY_MODE_FLAG)
                        || base.delivery_mode == 2;
@@ -1317,7 +1556,8 @@ private:
       if (!conn_ || gen != gen_)
         return;
       int rc = AMQP_STATUS_OK;
-      unsettled_.erase(dtag);
+      window_.mark_done(dtag);
+      window_dirty_ = true;
       if (err) {
         spdlog::warn("amqp: the retry copy was not confirmed ({}); the "
                      "message is redelivered at once instead",
@@ -1411,13 +1651,17 @@ private:
                         "confirmed: "
                           + why));
     incoming_.clear();
-    unsettled_.clear();
+    window_.clear();
+    window_dirty_ = false;
+    held_since_.reset();
     acks_.clear();
     std::deque<ready_message> dropped;
     {
       std::lock_guard guard{mtx_};
       dropped.swap(ready_);
+      acks_in_.clear(); // their channel is gone; the broker requeued them
     }
+    ack_due_.reset();
   }
 
   bool reconnect() {
@@ -1455,6 +1699,9 @@ private:
       pump(50);
     if (!conn_)
       return;
+    flush_window(true); // no acked message may return with the channel
+    if (!conn_)
+      return;
     // Closing the consuming channel hands unacked messages back at once.
     amqp_channel_close(conn_.get(), consume_ch, AMQP_REPLY_SUCCESS);
     amqp_connection_close(conn_.get(), AMQP_REPLY_SUCCESS);
@@ -1482,13 +1729,20 @@ private:
   uint64_t next_seq_ = 1;
   std::map<uint64_t, pending_confirm> pending_;
   std::vector<ready_message> incoming_;
-  std::set<uint64_t> unsettled_; // delivery tags without a terminal action
-  std::vector<uint64_t> acks_;   // acks of the current command batch
+  delivery_window window_;    // deliveries without a terminal frame sent
+  bool window_dirty_ = false; // something settled since the last flush
+  std::optional<clock_type::time_point> held_since_; // acks wait since
+  std::vector<uint64_t> acks_; // acks taken for the next flush
+  std::optional<clock_type::time_point> ack_due_; // the pending batch's due
+  size_t ack_batch_ = 1;
   std::vector<std::string> bindings_;
   bool consuming_ = false;
 
   std::mutex mtx_; // guards everything below
   std::deque<command> commands_;
+  // Acks from the source (connection generation, delivery tag), not yet
+  // taken by the I/O thread.
+  std::vector<std::pair<uint64_t, uint64_t>> acks_in_;
   std::deque<ready_message> ready_;
   std::unordered_map<uint64_t, held_message> held_;
   bool waiting_ = true;

@@ -3,6 +3,8 @@
 //
 //   e2e_kafka [messages] [keys] [runs] [--partitions P] [--json FILE]
 //             [--evmesh-query K=V&...]   (appended to the evmesh URLs)
+//             [--latency 0]              (throughput rows only)
+//             [--rows bare,evmesh,alone] (which throughput rows to run)
 //
 // A 3-broker mock cluster (rdkafka_mock.h) lives inside this process. One
 // topic of P partitions (default 16, replication 3) is preloaded once with
@@ -18,8 +20,10 @@
 //   offset commit every 1 000 messages and at the end (manual commits).
 // - evmesh: consumer_runtime on kafka://…?group=G&topics=T with guarantees
 //   on: memory dedupe (claim + commit per message), a span per attempt to a
-//   counting sink, per-key ordering, concurrency 2x cores. Once with the
-//   transport's defaults, once with max_buffered=8192 (= max_in_flight).
+//   counting sink, per-key ordering, concurrency 2x cores, with the
+//   transport's defaults (max_buffered 8192, retry topics on).
+// - transport alone: the kafka:// transport polled (512 at a time) and acked
+//   by one thread, no runtime: the transport's own cost.
 //
 // Then the evmesh latency at about half its measured rate: a second topic,
 // a producer paced in 1 ms ticks (linger.ms=0) while the runtime consumes;
@@ -266,6 +270,50 @@ void run_bare_latency(const std::string& bootstraps, const std::string& topic,
                  static_cast<unsigned long long>(got));
 }
 
+/// The Kafka transport alone, without the runtime: one thread polls batches
+/// of 512 and acks each record (what the runtime's source does, minus
+/// decoding, dispatch, dedupe and spans). Shows what the transport itself
+/// costs next to the bare consumer.
+eb::result run_transport(const evmesh::testing::kafka_mock_cluster& cluster,
+                         const std::string& topic, const std::string& group,
+                         const std::string& extra, uint64_t n) {
+  auto url = cluster.url(std::string{evmesh::testing::kafka_fast_settings}
+                         + "&group=" + group + "&topics=" + topic + extra);
+  auto t = evmesh::make_transport(url, {{}, "bench"});
+  if (!t)
+    die("transport: " + evmesh::render(t.error()));
+  if (auto err = (*t)->subscribe({}))
+    die("subscribe: " + evmesh::render(err));
+  std::vector<evmesh::raw_message> out;
+  uint64_t got = 0;
+  double cpu0 = 0;
+  steady_clock::time_point start;
+  auto deadline = steady_clock::now() + minutes{3};
+  while (got < n) {
+    if (steady_clock::now() > deadline)
+      die("transport-only consumer did not finish within 3 minutes");
+    out.clear();
+    if (auto err = (*t)->poll(512, out))
+      die("poll: " + evmesh::render(err));
+    if (out.empty()) {
+      std::this_thread::sleep_for(microseconds{200});
+      continue;
+    }
+    if (got == 0) {
+      cpu0 = eb::cpu_seconds();
+      start = steady_clock::now();
+    }
+    for (auto& m : out)
+      if (auto err = (*t)->ack(m.tag))
+        die("ack: " + evmesh::render(err));
+    got += out.size();
+  }
+  auto secs = duration<double>(steady_clock::now() - start).count();
+  auto cpu = eb::cpu_seconds() - cpu0;
+  (*t)->close();
+  return {static_cast<double>(n) / secs, 1e6 * cpu / static_cast<double>(n)};
+}
+
 evmesh::runtime_config runtime_cfg(const std::string& url) {
   evmesh::runtime_config cfg;
   cfg.node_name = "bench";
@@ -333,15 +381,17 @@ int main(int argc, char** argv) {
   auto json_path = eb::take_option(argc, argv, "json");
   int partitions = std::stoi(eb::take_option(argc, argv, "partitions", "16"));
   auto extra = eb::take_option(argc, argv, "evmesh-query");
+  bool latency = eb::take_option(argc, argv, "latency", "1") != "0";
+  // Which throughput rows to run (for profiling one of them).
+  auto rows = eb::take_option(argc, argv, "rows", "bare,evmesh,alone");
+  auto want = [&](const char* row) {
+    return rows.find(row) != std::string::npos;
+  };
   uint64_t n = argc > 1 ? std::stoull(argv[1]) : 200'000;
   uint64_t keys = argc > 2 ? std::stoull(argv[2]) : 1000;
   int runs = argc > 3 ? std::stoi(argv[3]) : 3;
   if (!extra.empty())
     extra = "&" + extra;
-  // The transport's default max_buffered (1 000) pauses the assignment long
-  // before the runtime's max_in_flight (8 192) is reached; the second evmesh
-  // row raises it to max_in_flight.
-  const std::string tuned_query = "&max_buffered=8192";
   spdlog::set_level(spdlog::level::warn);
   evmesh::register_kafka_transport();
   eb::json_out json{json_path, "e2e_kafka"};
@@ -356,18 +406,28 @@ int main(int argc, char** argv) {
       p.send(topic, key_of(i, keys), payloads[i]);
     p.flush();
   }
-  std::vector<eb::result> bare, mesh, tuned;
+  std::vector<eb::result> bare, mesh, alone;
   auto all = [&](auto&, auto&&) { return n; };
   for (int r = 0; r < runs; ++r) {
     auto no = std::to_string(r);
-    bare.push_back(run_bare(cluster.bootstraps(), topic, "bare" + no, n));
-    mesh.push_back(run_evmesh(cluster, topic, "evmesh" + no, extra, n, all));
-    tuned.push_back(
-      run_evmesh(cluster, topic, "tuned" + no, tuned_query + extra, n, all));
+    bare.push_back(want("bare")
+                     ? run_bare(cluster.bootstraps(), topic, "bare" + no, n)
+                     : eb::result{});
+    mesh.push_back(want("evmesh")
+                     ? run_evmesh(cluster, topic, "evmesh" + no, extra, n, all)
+                     : eb::result{});
+    alone.push_back(want("alone")
+                      ? run_transport(cluster, topic, "alone" + no, extra, n)
+                      : eb::result{});
+    std::printf("run %d: bare %.0f msg/s %.2f us/msg, evmesh %.0f msg/s %.2f "
+                "us/msg, transport alone %.0f msg/s %.2f us/msg\n",
+                r, bare.back().rate, bare.back().cpu_us, mesh.back().rate,
+                mesh.back().cpu_us, alone.back().rate, alone.back().cpu_us);
+    std::fflush(stdout);
   }
   auto b = eb::median_of(bare);
   auto m = eb::median_of(mesh);
-  auto t = eb::median_of(tuned);
+  auto a = eb::median_of(alone);
   auto conc = 2 * std::thread::hardware_concurrency();
   std::printf("messages %llu, keys %llu, partitions %d, runs %d (medians), "
               "cores %u, load average %.2f\n",
@@ -376,15 +436,16 @@ int main(int argc, char** argv) {
               std::thread::hardware_concurrency(), eb::load_average());
   eb::print_row("bare librdkafka consumer, manual commits", b, b.rate);
   eb::print_row("evmesh kafka, memory dedupe", m, b.rate);
-  eb::print_row("evmesh kafka, memory dedupe, max_buffered=8192", t, b.rate);
+  eb::print_row("kafka transport alone (poll + ack)", a, b.rate);
   json.throughput("bare librdkafka", n, keys, 1, b, 0, runs);
   json.throughput("evmesh kafka, memory dedupe", n, keys, conc, m, b.rate,
                   runs);
-  json.throughput("evmesh kafka, memory dedupe, max_buffered=8192", n, keys,
-                  conc, t, b.rate, runs);
-  // Latency at about half the tuned evmesh rate, ~3 s of load, on a fresh
-  // topic.
-  auto half = t.rate / 2;
+  json.throughput("kafka transport alone (poll 512 + ack, no runtime)", n, keys,
+                  1, a, b.rate, runs);
+  if (!latency)
+    return 0;
+  // Latency at about half the evmesh rate, ~3 s of load, on a fresh topic.
+  auto half = m.rate / 2;
   auto lat_n = static_cast<uint64_t>(std::max(1000.0, half * 3));
   const std::string lat_topic = "bench.latency";
   if (!cluster.create_topic(lat_topic, partitions, 3))
@@ -393,7 +454,7 @@ int main(int argc, char** argv) {
   auto lat_payloads = eb::make_payloads(lat_topic, lat_n, keys);
   producer prod{cluster.bootstraps(), "0"};
   run_evmesh(
-    cluster, lat_topic, "latency", tuned_query + extra, lat_n,
+    cluster, lat_topic, "latency", extra, lat_n,
     [&](auto&, auto&& wait) {
       // A warm-up message (not counted) shows the group has been joined.
       evmesh::envelope w;
@@ -411,7 +472,7 @@ int main(int argc, char** argv) {
       return lat_n + 1;
     },
     &lat);
-  eb::print_latency("evmesh kafka (max_buffered=8192)", half, lat, lat_n);
+  eb::print_latency("evmesh kafka", half, lat, lat_n);
   // The bare consumer at half its own rate, on another fresh topic.
   {
     auto bare_half = b.rate / 2;
@@ -426,7 +487,6 @@ int main(int argc, char** argv) {
     eb::print_latency("bare librdkafka", bare_half, blat, bn);
     json.latency("bare librdkafka", bare_half, blat, bn);
   }
-  json.latency("evmesh kafka, memory dedupe, max_buffered=8192", half, lat,
-               lat_n);
+  json.latency("evmesh kafka, memory dedupe", half, lat, lat_n);
   return 0;
 }

@@ -21,7 +21,7 @@ namespace evmesh {
 ///             [&topics=a,b.*]
 ///             [&ledger=PATH][&discover=5s][&connect_timeout=5s]
 ///             [&publish_timeout=10s][&revoke_wait=2s][&commit_interval=100ms]
-///             [&max_buffered=1000][&retry_topic_after=10s]
+///             [&max_buffered=8192][&retry_topic_after=10s]
 ///             [&LIBRDKAFKA.PROPERTY=VALUE...]
 ///
 /// - Hosts are the bootstrap servers (port 9092 when omitted).
@@ -55,9 +55,11 @@ namespace evmesh {
 ///   messages of the revoked partitions to be settled before it commits the
 ///   watermark and lets the rebalance go on.
 /// - `commit_interval`: how often an advanced watermark is committed.
-/// - `max_buffered`: fetched messages held locally before the assignment is
-///   paused (and messages parked behind their key before their partition is
-///   paused).
+/// - `max_buffered`: records taken from librdkafka's prefetch queue ahead of
+///   the runtime; at this many the consumer thread stops taking records
+///   until half of them went out (librdkafka's own queue then stops
+///   fetching); the assignment is paused only at twice this many (records
+///   parked behind their key pause their partition at this many).
 /// - `retry_topic_after` (`capabilities().defer_after`): retries due this far
 ///   away or later are deferred to `<topic>.retry` (same partition number;
 ///   headers `evmesh-original-topic`, `-partition`, `-offset`,
@@ -66,9 +68,9 @@ namespace evmesh {
 ///   a retry record out when due, with `delivery_count = attempts + 1`. A key
 ///   with a record in retry parks its later records (not handed out, not
 ///   committed) until that record is settled for good; parked keys are
-///   rebuilt from the retry partition on every assignment. While retry
-///   topics are on, a key's records are handed out one at a time. `0` or
-///   `off`: retries stay in memory.
+///   rebuilt from the retry partition on every assignment; the key's records
+///   the runtime holds come back as nacks after the deferral and are parked
+///   too. `0` or `off`: retries stay in memory.
 /// - Any other key containing a dot is a librdkafka configuration property
 ///   applied to the consumer and producer (e.g. `session.timeout.ms=6000`,
 ///   `security.protocol=ssl`); an unknown property or bad value is an

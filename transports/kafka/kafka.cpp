@@ -50,7 +50,7 @@ struct kafka_settings {
   caf::timespan publish_timeout = 10s;
   caf::timespan revoke_wait = 2s;
   caf::timespan commit_interval = 100ms;
-  size_t max_buffered = 1000;
+  size_t max_buffered = 8192;
   // Retries due this late go through `<topic>.retry`; max(): never.
   caf::timespan retry_after = 10s;
   // librdkafka properties from the URL, applied after evmesh's defaults.
@@ -405,8 +405,15 @@ fetch_metadata(rd_kafka_t* rk, const kafka_settings& s, caf::timespan timeout) {
 
 std::string position_of(const std::string& topic, int32_t partition,
                         int64_t offset) {
-  return "kafka:" + topic + "/" + std::to_string(partition) + "@"
-         + std::to_string(offset);
+  // Once per delivery: one allocation, no temporaries.
+  char num[48];
+  auto end = std::to_chars(num, num + 20, partition).ptr;
+  *end++ = '@';
+  end = std::to_chars(end, num + sizeof num, offset).ptr;
+  std::string result;
+  result.reserve(7 + topic.size() + static_cast<size_t>(end - num));
+  result.append("kafka:").append(topic).append(1, '/').append(num, end);
+  return result;
 }
 
 // -- producer ------------------------------------------------------------------
@@ -559,14 +566,23 @@ void add_header(rd_kafka_headers_t* h, const char* name,
                         static_cast<ssize_t>(value.size()));
 }
 
-std::string header_of(rd_kafka_headers_t* h, const char* name) {
+// Assigns header `name` (the last of that name) to `out`, keeping its
+// capacity; empty when absent.
+void header_into(rd_kafka_headers_t* h, const char* name, std::string& out) {
   const void* v = nullptr;
   size_t n = 0;
   if (h != nullptr
       && rd_kafka_header_get_last(h, name, &v, &n) == RD_KAFKA_RESP_ERR_NO_ERROR
       && v != nullptr)
-    return std::string{static_cast<const char*>(v), n};
-  return {};
+    out.assign(static_cast<const char*>(v), n);
+  else
+    out.clear();
+}
+
+std::string header_of(rd_kafka_headers_t* h, const char* name) {
+  std::string result;
+  header_into(h, name, result);
+  return result;
 }
 
 // -- attempt ledger ------------------------------------------------------------
@@ -913,6 +929,8 @@ private:
 
 std::atomic<uint64_t> next_tag{1};
 
+struct partition_state;
+
 // One fetched record, kept until its terminal action (for redelivery). A
 // retry record (from `<topic>.retry`) lives at `topic`/`partition`/`offset`
 // in the retry topic and stands for the original at `subject`/
@@ -933,6 +951,9 @@ struct entry {
   uint32_t attempts = 0;   // retry record: attempts before it was deferred
   uint64_t seq = 0;        // fetch order: redeliveries keep their place
   uint64_t gen = 0;        // the partition's assignment generation
+  // The state of `topic`/`partition` (`parts_` never drops a node), so the
+  // per-message paths need no map lookup.
+  partition_state* part = nullptr;
   bool retry = false;
   bool holds_park = false; // a retry record keeping its key parked
   bool dead_lettered = false;
@@ -963,11 +984,17 @@ constexpr uint64_t fallback_bit = uint64_t{1} << 63;
 // assign before it is released anyway.
 constexpr auto retry_catchup_bound = 30s;
 
+// While max_buffered records wait, how often the consumer thread still polls
+// librdkafka for group events (rebalances).
+constexpr auto group_poll_interval = 100ms;
+
+// How many settled entries are kept for reuse.
+constexpr size_t spare_limit = 4096;
+
 // Parked keys: a key with a record in the retry topic holds back its later
 // records until that one is settled for good.
 struct key_park {
   uint32_t count = 0;            // retry records pending for the key
-  const entry* holder = nullptr; // its record out (or delayed), if any
   std::vector<entry_ptr> parked; // its later records, in fetch order
 };
 
@@ -1194,39 +1221,49 @@ public:
                         "kafka transport: poll after close (make a new "
                         "transport to consume again)");
     auto first = out.size();
-    std::lock_guard guard{mtx_};
-    if (!fatal_.empty())
-      return make_error(errc::unavailable, fatal_);
-    promote_due(now_());
-    while (out.size() - first < max && !ready_.empty()) {
-      auto e = std::move(ready_.begin()->second);
-      ready_.erase(ready_.begin());
-      auto& p = parts_[tp_key{e->topic, e->partition}];
-      if (!p.assigned || p.gen != e->gen)
-        continue; // revoked meanwhile
-      if (parked(*e)) {
-        // Its key went into the retry topic, or another record of its key
-        // went out, after it was queued.
-        park_behind(std::move(e));
-        continue;
+    bool refill = false;
+    {
+      std::lock_guard guard{mtx_};
+      if (!fatal_.empty())
+        return make_error(errc::unavailable, fatal_);
+      promote_due(now_());
+      out.reserve(first + std::min(max, ready_.size()));
+      while (out.size() - first < max && !ready_.empty()) {
+        auto e = std::move(ready_.begin()->second);
+        ready_.erase(ready_.begin());
+        auto& p = *e->part;
+        if (!p.assigned || p.gen != e->gen)
+          continue; // revoked meanwhile
+        if (parked(*e)) {
+          // Its key went into the retry topic after it was queued.
+          park_behind(std::move(e));
+          continue;
+        }
+        auto& raw = out.emplace_back();
+        raw.tag = next_tag.fetch_add(1, std::memory_order_relaxed);
+        raw.bytes = e->bytes;
+        raw.subject = e->subject;
+        raw.traceparent = e->traceparent;
+        raw.tracestate = e->tracestate;
+        raw.key = e->key;
+        // Attempts before a deferral, runs a crash cut short (ledger), and
+        // this process's deliveries.
+        raw.delivery_count = e->attempts + e->counted + ++e->deliveries;
+        raw.position = position_of(e->subject, e->orig_partition,
+                                   e->orig_offset);
+        p.offsets[e->offset] = offset_info{offset_state::out, raw.tag};
+        unacked_.emplace(raw.tag, std::move(e));
       }
-      hold_key(*e);
-      raw_message raw;
-      raw.tag = next_tag++;
-      raw.bytes = e->bytes;
-      raw.subject = e->subject;
-      raw.traceparent = e->traceparent;
-      raw.tracestate = e->tracestate;
-      raw.key = e->key;
-      // Attempts before a deferral, runs a crash cut short (ledger), and
-      // this process's deliveries.
-      raw.delivery_count = e->attempts + e->counted + ++e->deliveries;
-      raw.position = position_of(e->subject, e->orig_partition, e->orig_offset);
-      p.offsets[e->offset] = offset_info{offset_state::out, raw.tag};
-      unacked_.emplace(raw.tag, std::move(e));
-      out.push_back(std::move(raw));
+      waiting_ = out.size() - first < max;
+      // The consumer thread stopped taking records from librdkafka at
+      // max_buffered: let it go on once half of them went out.
+      if (full_ && ready_.size() <= settings_.max_buffered / 2) {
+        full_ = false;
+        refill = true;
+      }
     }
-    waiting_ = out.size() - first < max;
+    if (refill)
+      room_.notify_one();
     return {};
   }
 
@@ -1240,6 +1277,7 @@ public:
     mark(*e, tag);
     settled_.notify_all();
     auto wake = release_park(*e);
+    recycle(std::move(e));
     lock.unlock();
     record_settled();
     if (wake)
@@ -1248,32 +1286,35 @@ public:
   }
 
   caf::error nack(uint64_t tag, caf::timespan delay) override {
-    std::lock_guard guard{mtx_};
-    auto i = unacked_.find(tag);
-    if (i == unacked_.end())
-      return not_ours("nack", tag);
-    auto e = std::move(i->second);
-    unacked_.erase(i);
-    settled_.notify_all();
-    auto& p = parts_[tp_key{e->topic, e->partition}];
-    auto o = p.offsets.find(e->offset);
-    bool ours = o != p.offsets.end() && o->second.tag == tag;
-    if (!ours)
-      return {}; // dead-lettered already: the record is in the DLQ
-    if (!p.assigned || p.gen != e->gen) {
-      // Revoked: the partition's owner reads it again from the watermark.
-      p.forget(e->offset);
-      release_key(*e);
-      return {};
-    }
-    o->second = offset_info{offset_state::queued, 0};
-    if (delay.count() > 0) {
-      // Still the key's current record: its successors keep waiting.
-      delayed_.emplace(now_() + delay, std::move(e));
-    } else {
-      release_key(*e); // first in fetch order: it goes out first again
+    {
+      std::lock_guard guard{mtx_};
+      auto i = unacked_.find(tag);
+      if (i == unacked_.end())
+        return not_ours("nack", tag);
+      auto e = std::move(i->second);
+      unacked_.erase(i);
+      settled_.notify_all();
+      auto& p = *e->part;
+      auto o = p.offsets.find(e->offset);
+      bool ours = o != p.offsets.end() && o->second.tag == tag;
+      if (!ours)
+        return {}; // dead-lettered already: the record is in the DLQ
+      if (!p.assigned || p.gen != e->gen) {
+        // Revoked: the partition's owner reads it again from the watermark.
+        p.forget(e->offset);
+        return {};
+      }
+      o->second = offset_info{offset_state::queued, 0};
+      if (delay.count() > 0) {
+        // The consumer thread wakes the source when it falls due.
+        delayed_.emplace(now_() + delay, std::move(e));
+        return {};
+      }
+      // First in fetch order: it goes out first again (or waits behind its
+      // key, when the runtime hands back a deferred record's successor).
       route(std::move(e));
     }
+    wake_up();
     return {};
   }
 
@@ -1493,6 +1534,7 @@ public:
         std::lock_guard guard{mtx_};
         stop_ = true;
         settled_.notify_all();
+        room_.notify_all();
       }
       if (consumer_thread_.joinable())
         consumer_thread_.join();
@@ -1526,7 +1568,7 @@ private:
   void mark(const entry& e, uint64_t tag) {
     if (ledger_)
       done_pending_.push_back({e.topic, e.partition, e.offset});
-    auto& p = parts_[tp_key{e.topic, e.partition}];
+    auto& p = *e.part;
     auto o = p.offsets.find(e.offset);
     if (o != p.offsets.end() && o->second.tag == tag)
       o->second = offset_info{offset_state::terminal, 0};
@@ -1550,27 +1592,19 @@ private:
 
   // -- parked keys (all require mtx_) ----------------------------------------
 
-  // With retry topics on, a key's records go out one at a time (the next
-  // after the previous one is settled) so that a deferral never has a later
-  // record of its key already handed out behind it.
-  bool gate() const {
-    return settings_.retry_after != caf::timespan::max();
-  }
-
-  // Whether `e` must wait: its key has a record in the retry topic, or
-  // another record of its key is out.
+  // Whether `e` must wait: its key has a record in the retry topic. (The
+  // runtime keeps the order of a key's records it holds: when it defers
+  // one, it hands the key's successors back as nacks, which land here.)
   bool parked(const entry& e) {
     if (e.key.empty() || parks_.empty() || e.retry)
       return false;
     auto i = parks_.find(key_of(e));
-    return i != parks_.end()
-           && (i->second.count > 0
-               || (i->second.holder != nullptr && i->second.holder != &e));
+    return i != parks_.end() && i->second.count > 0;
   }
 
   // Queues `e` behind its key, in fetch order.
   void park_behind(entry_ptr e) {
-    ++parts_[tp_key{e->topic, e->partition}].parked_n;
+    ++e->part->parked_n;
     auto& xs = parks_[key_of(*e)].parked;
     auto pos = std::upper_bound(xs.begin(), xs.end(), e->seq,
                                 [](uint64_t seq, const entry_ptr& x) {
@@ -1587,36 +1621,19 @@ private:
       ready_.emplace(e->seq, std::move(e));
   }
 
-  // `e` is handed out: it holds its key until settled.
-  void hold_key(entry& e) {
-    if (gate() && !e.key.empty())
-      parks_[key_of(e)].holder = &e;
-  }
-
-  // Frees the key of `i` when nothing holds it; returns whether parked
-  // records became ready.
+  // Frees the key of `i` when no retry record holds it; returns whether
+  // parked records became ready.
   bool settle_key(std::map<key_id, key_park>::iterator i) {
-    if (i->second.count > 0 || i->second.holder != nullptr)
+    if (i->second.count > 0)
       return false;
     auto released = !i->second.parked.empty();
     for (auto& e : i->second.parked) {
-      auto& n = parts_[tp_key{e->topic, e->partition}].parked_n;
+      auto& n = e->part->parked_n;
       n = n > 0 ? n - 1 : 0;
       ready_.emplace(e->seq, std::move(e));
     }
     parks_.erase(i);
     return released;
-  }
-
-  // `e` no longer holds its key (settled, or queued again).
-  bool release_key(const entry& e) {
-    if (e.key.empty())
-      return false;
-    auto i = parks_.find(key_of(e));
-    if (i == parks_.end() || i->second.holder != &e)
-      return false;
-    i->second.holder = nullptr;
-    return settle_key(i);
   }
 
   // One retry record of `k` is settled for good; returns whether its parked
@@ -1630,13 +1647,12 @@ private:
     return settle_key(i);
   }
 
-  // `e` is settled: its key's hold and, for a retry record, its park end.
+  // `e` is settled: for a retry record, its key's park ends.
   bool release_park(entry& e) {
-    auto released = release_key(e);
     if (!e.holds_park)
-      return released;
+      return false;
     e.holds_park = false;
-    return unpark(key_of(e)) || released;
+    return unpark(key_of(e));
   }
 
   // Calls the wakeup if the source waits (records became ready outside the
@@ -1777,6 +1793,7 @@ private:
 
   void rebalance(rd_kafka_t* rk, rd_kafka_resp_err_t err,
                  rd_kafka_topic_partition_list_t* parts) {
+    take_fetched();
     bool cooperative
       = std::strcmp(rd_kafka_rebalance_protocol(rk), "COOPERATIVE") == 0;
     std::set<tp_key> tps;
@@ -1994,28 +2011,53 @@ private:
     return true;
   }
 
-  entry_ptr make_entry(const rd_kafka_message_t* m, std::string topic,
-                       const partition_state& p, rd_kafka_headers_t** hdrs) {
-    auto e = std::make_shared<entry>();
-    e->topic = std::move(topic);
+  // An entry for fetched record `m`: a recycled one (its strings keep their
+  // capacity, so a steady stream allocates nothing here) or a new one.
+  // Requires mtx_.
+  entry_ptr make_entry(const rd_kafka_message_t* m, const std::string& topic,
+                       partition_state& p, rd_kafka_headers_t** hdrs) {
+    entry_ptr e;
+    if (!spare_.empty()) {
+      e = std::move(spare_.back());
+      spare_.pop_back();
+    } else {
+      e = std::make_shared<entry>();
+    }
+    e->topic = topic;
     e->partition = m->partition;
     e->offset = m->offset;
-    e->subject = e->topic;
+    e->subject = topic;
     e->orig_partition = m->partition;
     e->orig_offset = m->offset;
     if (m->payload != nullptr)
       e->bytes.assign(static_cast<const char*>(m->payload), m->len);
+    else
+      e->bytes.clear();
     if (m->key != nullptr)
       e->key.assign(static_cast<const char*>(m->key), m->key_len);
-    if (rd_kafka_message_headers(m, hdrs) == RD_KAFKA_RESP_ERR_NO_ERROR) {
-      e->traceparent = header_of(*hdrs, "traceparent");
-      e->tracestate = header_of(*hdrs, "tracestate");
-    } else {
+    else
+      e->key.clear();
+    if (rd_kafka_message_headers(m, hdrs) != RD_KAFKA_RESP_ERR_NO_ERROR)
       *hdrs = nullptr;
-    }
+    header_into(*hdrs, "traceparent", e->traceparent);
+    header_into(*hdrs, "tracestate", e->tracestate);
+    e->deliveries = 0;
+    e->counted = 0;
+    e->attempts = 0;
     e->seq = next_seq_++;
     e->gen = p.gen;
+    e->part = &p;
+    e->retry = false;
+    e->holds_park = false;
+    e->dead_lettered = false;
     return e;
+  }
+
+  // Keeps a settled entry nobody else refers to for make_entry (bounded).
+  // Requires mtx_.
+  void recycle(entry_ptr e) {
+    if (e && e.use_count() == 1 && spare_.size() < spare_limit)
+      spare_.push_back(std::move(e));
   }
 
   // Takes one fetched record of a main topic. Requires mtx_.
@@ -2032,7 +2074,7 @@ private:
       return;
     }
     rd_kafka_headers_t* hdrs = nullptr;
-    auto e = make_entry(m, std::move(topic), p, &hdrs);
+    auto e = make_entry(m, topic, p, &hdrs);
     e->counted = counted.first;
     p.offsets[off] = offset_info{offset_state::queued, 0};
     if (p.gated)
@@ -2052,7 +2094,7 @@ private:
       return;
     auto off = m->offset;
     rd_kafka_headers_t* hdrs = nullptr;
-    auto e = make_entry(m, std::move(topic), rp, &hdrs);
+    auto e = make_entry(m, topic, rp, &hdrs);
     e->retry = true;
     e->counted = counted.first;
     e->subject = header_of(hdrs, retry_topic_header);
@@ -2195,8 +2237,16 @@ private:
     current_topics_ = topics;
   }
 
-  // Pauses fetching while `max_buffered` records wait locally, and a
-  // partition while `max_buffered` of its records wait behind their keys.
+  // Flow control. The consumer thread takes records from librdkafka's
+  // prefetch queue until `max_buffered` wait in `ready_`, then stops taking
+  // them (librdkafka stops fetching once its own queue is full,
+  // queued.max.messages.kbytes) and goes on when half of them went out. While
+  // full it still polls every `group_poll_interval` to serve group events;
+  // only if that piles up 2 x max_buffered records is the assignment paused
+  // (a pause drops librdkafka's prefetched records: they are fetched again
+  // after the resume, at half of max_buffered). A partition whose records
+  // parked behind their keys reach max_buffered is paused until they drop
+  // below half.
   void flow_control() {
     bool pause = false;
     bool resume = false;
@@ -2204,10 +2254,16 @@ private:
     tplist_ptr go{rd_kafka_topic_partition_list_new(0)};
     {
       std::lock_guard guard{mtx_};
-      if (!paused_ && ready_.size() >= settings_.max_buffered) {
+      auto n = ready_.size();
+      auto low = settings_.max_buffered / 2;
+      if (n >= settings_.max_buffered)
+        full_ = true;
+      else if (n <= low)
+        full_ = false;
+      if (!paused_ && n >= 2 * settings_.max_buffered) {
         pause = true;
         paused_ = true;
-      } else if (paused_ && ready_.size() < settings_.max_buffered / 2) {
+      } else if (paused_ && n <= low) {
         resume = true;
         paused_ = false;
       }
@@ -2267,36 +2323,90 @@ private:
       wake();
   }
 
+  // Whether the consumer thread may take records from librdkafka: false
+  // while max_buffered records wait and the source has not taken half of
+  // them by `until`.
+  bool wait_for_room(clock_type::time_point until) {
+    std::unique_lock lock{mtx_};
+    if (!full_ || paused_)
+      return true;
+    room_.wait_until(lock, until, [&] { return stop_ || !full_; });
+    return !full_;
+  }
+
+  // How long the consumer may block in librdkafka: at most 50 ms, less when
+  // a delayed nack or a retry record falls due sooner (the wakeup for it is
+  // sent after the fetch).
+  int fetch_timeout_ms() {
+    std::lock_guard guard{mtx_};
+    auto next = clock_type::time_point::max();
+    if (!delayed_.empty())
+      next = delayed_.begin()->first;
+    if (!retry_wait_.empty())
+      next = std::min(next, retry_wait_.begin()->first);
+    if (next == clock_type::time_point::max())
+      return 50;
+    auto now = now_();
+    if (next <= now)
+      return 0;
+    auto ms = std::chrono::ceil<std::chrono::milliseconds>(next - now).count();
+    return static_cast<int>(std::clamp<int64_t>(ms, 0, 50));
+  }
+
   // Requires mtx_.
   bool due_now() {
     return !delayed_.empty() && delayed_.begin()->first <= now_();
   }
 
-  // Takes what `rk` fetched (at most 500 records).
-  void fetch(rd_kafka_t* rk, int timeout_ms, bool retry) {
-    auto* m = rd_kafka_consumer_poll(rk, timeout_ms);
+  // Takes what `rk` fetched (at most `limit` records), under one lock per
+  // batch. Returns how many records it took.
+  size_t fetch(rd_kafka_t* rk, int timeout_ms, bool retry, size_t limit) {
+    fetched_retry_ = retry;
     size_t n = 0;
-    while (m != nullptr) {
-      if (m->err == RD_KAFKA_RESP_ERR_NO_ERROR) {
-        health_->connected = true;
-        std::pair<uint32_t, bool> counted{0, false};
-        if (ledger_)
-          counted = ledger_->lookup(rd_kafka_topic_name(m->rkt), m->partition,
-                                    m->offset);
-        std::lock_guard guard{mtx_};
-        if (retry)
-          take_retry(m, counted);
-        else
-          take(m, counted);
-      } else if (m->err != RD_KAFKA_RESP_ERR__PARTITION_EOF) {
-        spdlog::warn("kafka: group '{}': {}", settings_.group,
-                     rd_kafka_message_errstr(m));
+    for (auto* m = rd_kafka_consumer_poll(rk, timeout_ms); m != nullptr;
+         m = n < limit ? rd_kafka_consumer_poll(rk, 0) : nullptr) {
+      // (A rebalance callback served by that poll took the records
+      // collected before it first: take_fetched.)
+      if (m->err != RD_KAFKA_RESP_ERR_NO_ERROR) {
+        if (m->err != RD_KAFKA_RESP_ERR__PARTITION_EOF)
+          spdlog::warn("kafka: group '{}': {}", settings_.group,
+                       rd_kafka_message_errstr(m));
+        rd_kafka_message_destroy(m);
+        continue;
       }
-      rd_kafka_message_destroy(m);
-      if (++n >= 500)
-        break;
-      m = rd_kafka_consumer_poll(rk, 0);
+      fetched_.push_back(m);
+      ++n;
     }
+    take_fetched();
+    return n;
+  }
+
+  // Takes the records `fetch` collected. Consumer thread; also called at the
+  // start of a rebalance callback, so records fetched before the rebalance
+  // are taken before it changes the assignment.
+  void take_fetched() {
+    if (fetched_.empty())
+      return;
+    health_->connected = true;
+    fetched_counts_.assign(fetched_.size(),
+                           std::pair<uint32_t, bool>{0, false});
+    if (ledger_)
+      for (size_t i = 0; i < fetched_.size(); ++i)
+        fetched_counts_[i]
+          = ledger_->lookup(rd_kafka_topic_name(fetched_[i]->rkt),
+                            fetched_[i]->partition, fetched_[i]->offset);
+    {
+      std::lock_guard guard{mtx_};
+      for (size_t i = 0; i < fetched_.size(); ++i) {
+        if (fetched_retry_)
+          take_retry(fetched_[i], fetched_counts_[i]);
+        else
+          take(fetched_[i], fetched_counts_[i]);
+      }
+    }
+    for (auto* m : fetched_)
+      rd_kafka_message_destroy(m);
+    fetched_.clear();
   }
 
   // Retry partitions that came into being (or were unknown) after their main
@@ -2358,6 +2468,7 @@ private:
     auto next_discovery = clock_type::now();
     auto next_commit = clock_type::now();
     auto next_probe = clock_type::now();
+    auto next_group_poll = clock_type::now();
     for (;;) {
       {
         std::lock_guard guard{mtx_};
@@ -2383,9 +2494,13 @@ private:
         next_commit = now + settings_.commit_interval;
       }
       flow_control();
-      fetch(consumer_, 50, false);
+      if (wait_for_room(std::min(next_commit, next_group_poll))
+          || clock_type::now() >= next_group_poll) {
+        fetch(consumer_, fetch_timeout_ms(), false, 500);
+        next_group_poll = clock_type::now() + group_poll_interval;
+      }
       if (reader_ != nullptr) {
-        fetch(reader_, 0, true);
+        fetch(reader_, 0, true, 500);
         add_retry_partitions();
         std::lock_guard guard{mtx_};
         advance_retries();
@@ -2440,6 +2555,10 @@ private:
   rd_kafka_t* consumer_ = nullptr;
   rd_kafka_t* reader_ = nullptr; // the retry partitions
   std::thread consumer_thread_;
+  // Consumer thread: records `fetch` collected and not yet taken.
+  std::vector<rd_kafka_message_t*> fetched_;
+  std::vector<std::pair<uint32_t, bool>> fetched_counts_;
+  bool fetched_retry_ = false;
   std::vector<std::string> patterns_;
   std::vector<std::string> current_topics_; // consumer thread only
   bool subscribed_ = false;
@@ -2455,11 +2574,17 @@ private:
   std::map<key_id, key_park> parks_;
   std::set<tp_key> reader_add_; // retry partitions to start reading
   std::unordered_map<uint64_t, entry_ptr> unacked_;
+  // Settled entries for make_entry to reuse.
+  std::vector<entry_ptr> spare_;
   // With a ledger: settled offsets not yet recorded in it.
   std::vector<attempt_ledger::position> done_pending_;
   uint64_t next_seq_ = 1;
   bool waiting_ = false;
   bool paused_ = false;
+  // The consumer thread stopped taking records at max_buffered; `poll`
+  // clears it (and notifies `room_`) when half of them went out.
+  bool full_ = false;
+  std::condition_variable room_;
   bool stop_ = false;
   std::string fatal_;
   std::function<void()> wakeup_;

@@ -186,6 +186,8 @@ caf::error consumer_runtime::start() {
   if (d.sys == nullptr) {
     d.own_cfg = std::make_unique<caf::actor_system_config>();
     d.own_cfg->set("logger.verbosity", caf::atom("quiet"));
+    if (d.config.idle_workers == "sleep")
+      d.own_cfg->set("work-stealing.moderate-poll-attempts", size_t{0});
 #ifdef EVMESH_HAS_CLUSTER
     if (d.config.cluster_enabled())
       internal::prepare_cluster_system(*d.own_cfg, d.config);

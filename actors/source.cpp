@@ -16,6 +16,8 @@ namespace evmesh::internal {
 namespace {
 
 struct pending_delivery {
+  /// The delivery id (0: the slot is free).
+  uint64_t id = 0;
   uint64_t tag = 0;
   uint32_t remaining = 0;
   /// The decoded message (null for intake dead letters) and the
@@ -34,14 +36,83 @@ struct pending_delivery {
   std::vector<std::shared_ptr<const dead_letter_record>> records;
 };
 
+/// The deliveries in flight, in reused slots (no allocation per delivery once
+/// the table has grown to the in-flight bound). A delivery id is its sequence
+/// number shifted left by `slot_bits` plus its slot: ids grow in delivery
+/// order, and a settlement for a delivery that is gone (the slot reused)
+/// finds a different id and is ignored.
+class delivery_table {
+public:
+  static constexpr int slot_bits = 24;
+  static constexpr uint64_t slot_mask = (uint64_t{1} << slot_bits) - 1;
+  static constexpr size_t max_slots = size_t{1} << slot_bits;
+
+  /// A fresh delivery (its `id` set).
+  pending_delivery& add() {
+    uint64_t slot;
+    if (free_.empty()) {
+      slot = slots_.size();
+      slots_.emplace_back();
+    } else {
+      slot = free_.back();
+      free_.pop_back();
+    }
+    auto& d = slots_[slot];
+    d.id = (next_seq_++ << slot_bits) | slot;
+    ++live_;
+    return d;
+  }
+
+  pending_delivery* find(uint64_t id) {
+    auto slot = id & slot_mask;
+    if (slot >= slots_.size() || slots_[slot].id != id || id == 0)
+      return nullptr;
+    return &slots_[slot];
+  }
+
+  void erase(pending_delivery& d) {
+    auto slot = d.id & slot_mask;
+    d = pending_delivery{};
+    free_.push_back(static_cast<uint32_t>(slot));
+    --live_;
+  }
+
+  size_t size() const noexcept {
+    return live_;
+  }
+
+  bool empty() const noexcept {
+    return live_ == 0;
+  }
+
+  template <class F>
+  void for_each(F&& f) {
+    for (auto& d : slots_)
+      if (d.id != 0)
+        f(d);
+  }
+
+private:
+  std::vector<pending_delivery> slots_;
+  std::vector<uint32_t> free_;
+  size_t live_ = 0;
+  uint64_t next_seq_ = 1;
+};
+
 struct source_state {
   runtime_env_ptr env;
   caf::actor dead_letter;
   caf::actor mesh;
   std::vector<caf::actor> supervisors;
-  std::unordered_map<uint64_t, pending_delivery> deliveries;
-  uint64_t next_id = 1;
-  bool poll_scheduled = false;
+  delivery_table deliveries;
+  /// A `poll` to self is queued (immediate polls are not doubled up).
+  bool poll_queued = false;
+  /// A delayed `(poll, true)` is pending: at most one idle timer at a time,
+  /// however many wakeups arrive meanwhile.
+  bool idle_timer = false;
+  /// The transport calls the wakeup when messages arrive (capability), so the
+  /// idle timer is only a safety net.
+  bool transport_wakes = false;
   bool draining = false;
   bool closed = false;
   size_t drained = 0;
@@ -62,25 +133,51 @@ public:
     return *st_->env->stats;
   }
 
-  void schedule_poll(caf::timespan delay) {
-    if (st_->poll_scheduled || st_->draining)
+  /// Polls again as soon as the mailbox gets to it.
+  void poll_soon() {
+    if (st_->poll_queued || st_->draining)
       return;
-    st_->poll_scheduled = true;
-    if (delay.count() == 0)
-      self_->send(self_, poll_atom::value);
-    else
-      self_->delayed_send(self_, delay, poll_atom::value);
+    st_->poll_queued = true;
+    self_->send(self_, poll_atom::value);
+  }
+
+  /// Polls again after `delay` unless a poll timer is already pending (an
+  /// earlier one fires sooner or at most `delay` later).
+  void poll_later(caf::timespan delay) {
+    if (st_->idle_timer || st_->draining)
+      return;
+    st_->idle_timer = true;
+    self_->delayed_send(self_, delay, poll_atom::value, true);
+  }
+
+  /// How long to wait after a poll that did not fill its batch: `poll_idle`,
+  /// or 20 times that as a safety net when the transport wakes the source.
+  caf::timespan idle_delay() const {
+    auto idle = st_->env->config.poll_idle;
+    return st_->transport_wakes ? idle * 20 : idle;
+  }
+
+  void on_poll_queued() {
+    st_->poll_queued = false;
+    on_poll();
+  }
+
+  void on_poll_timer() {
+    st_->idle_timer = false;
+    on_poll();
   }
 
   void on_poll() {
-    st_->poll_scheduled = false;
     if (st_->draining || st_->supervisors.empty())
       return;
     auto& cfg = st_->env->config;
     auto used = st_->deliveries.size();
-    if (used >= cfg.max_in_flight)
+    // (The config caps max_in_flight at the table's slots; a programmatic
+    // config above that is held to it here.)
+    auto bound = std::min(cfg.max_in_flight, delivery_table::max_slots);
+    if (used >= bound)
       return; // settlements re-trigger polling (backpressure)
-    auto want = std::min(cfg.poll_batch, cfg.max_in_flight - used);
+    auto want = std::min(cfg.poll_batch, bound - used);
     st_->buf.clear();
     if (auto err = st_->env->transport->poll(want, st_->buf)) {
       ++st_->poll_failures;
@@ -89,8 +186,7 @@ public:
         {cfg.poll_idle, 2.0, std::chrono::seconds{5}, jitter::full}, st_->rng);
       spdlog::error("transport poll failed ({} in a row): {}",
                     st_->poll_failures, render(err));
-      schedule_poll(
-        std::max(delay, caf::timespan{std::chrono::milliseconds{1}}));
+      poll_later(std::max(delay, caf::timespan{std::chrono::milliseconds{1}}));
       return;
     }
     st_->poll_failures = 0;
@@ -105,16 +201,16 @@ public:
     st_->batches.assign(st_->supervisors.size(), dispatch_batch{});
     stats().in_flight.store(st_->deliveries.size(), std::memory_order_relaxed);
     if (got == want)
-      schedule_poll(caf::timespan{0});
+      poll_soon();
     else
-      schedule_poll(cfg.poll_idle);
+      poll_later(idle_delay());
   }
 
   void intake(raw_message raw) {
     auto& env = *st_->env;
     stats_block::inc(stats().received);
-    auto id = st_->next_id++;
-    auto& d = st_->deliveries[id];
+    auto& d = st_->deliveries.add();
+    auto id = d.id;
     d.tag = raw.tag;
     if (raw.bytes.size() > env.config.max_message_bytes) {
       auto reason = "message of " + std::to_string(raw.bytes.size())
@@ -175,8 +271,12 @@ public:
     d.owing.assign(st_->matches.begin(), st_->matches.end());
     incoming_ptr shared = std::move(msg);
     d.msg = shared;
-    for (auto idx : st_->matches)
-      st_->batches[idx].items.push_back(shared);
+    for (auto idx : st_->matches) {
+      auto& items = st_->batches[idx].items;
+      if (items.capacity() == 0)
+        items.reserve(st_->buf.size()); // one allocation per poll batch
+      items.push_back(shared);
+    }
   }
 
   void intake_dead_letter(uint64_t id, const raw_message& raw,
@@ -187,7 +287,7 @@ public:
     auto rec = std::make_shared<const dead_letter_record>(
       make_intake_dead_letter(*st_->env, raw, decoded, std::move(category),
                               std::move(reason)));
-    auto& d = st_->deliveries[id];
+    auto& d = *st_->deliveries.find(id);
     d.remaining = 1;
     d.intake = true;
     self_
@@ -205,10 +305,10 @@ public:
 
   /// One subscription is done with a delivery; the last one decides.
   void settle(const settlement& s) {
-    auto i = st_->deliveries.find(s.delivery_id);
-    if (i == st_->deliveries.end())
+    auto* found = st_->deliveries.find(s.delivery_id);
+    if (found == nullptr)
       return;
-    auto& d = i->second;
+    auto& d = *found;
     if (d.msg) {
       auto j = std::find(d.owing.begin(), d.owing.end(), s.sub);
       if (j == d.owing.end()) {
@@ -248,7 +348,7 @@ public:
           spdlog::error("deferring a retry to the broker failed: {}",
                         render(err));
         else {
-          st_->deliveries.erase(i);
+          st_->deliveries.erase(d);
           after_settle();
           return;
         }
@@ -267,7 +367,7 @@ public:
         spdlog::error("ack failed (the broker will redeliver): {}", render(e2));
       stats_block::inc(stats().acked);
     }
-    st_->deliveries.erase(i);
+    st_->deliveries.erase(d);
     after_settle();
   }
 
@@ -282,7 +382,7 @@ public:
     auto& cfg = st_->env->config;
     auto used = st_->deliveries.size();
     if (used + cfg.poll_batch <= cfg.max_in_flight || used < cfg.poll_batch)
-      schedule_poll(caf::timespan{0});
+      poll_soon();
   }
 
   /// Topic supervisor `index` crashed and was replaced by `sup`: every
@@ -294,10 +394,11 @@ public:
     auto& env = *st_->env;
     auto& subscription = env.table.subscriptions[index];
     std::vector<std::pair<uint64_t, incoming_ptr>> owed;
-    for (auto& [id, d] : st_->deliveries)
+    st_->deliveries.for_each([&](pending_delivery& d) {
       if (d.msg
           && std::find(d.owing.begin(), d.owing.end(), index) != d.owing.end())
-        owed.emplace_back(id, d.msg);
+        owed.emplace_back(d.id, d.msg);
+    });
     std::sort(owed.begin(), owed.end(),
               [](auto& x, auto& y) { return x.first < y.first; });
     dispatch_batch batch;
@@ -340,9 +441,10 @@ public:
     // Intake dead letters still being written go back to the broker; a late
     // confirmation finds no delivery and is ignored.
     std::vector<uint64_t> ids;
-    for (auto& [id, d] : st_->deliveries)
+    st_->deliveries.for_each([&](pending_delivery& d) {
       if (d.intake)
-        ids.push_back(id);
+        ids.push_back(d.id);
+    });
     for (auto id : ids)
       settle(settlement{id, settle_kind::nack, nullptr});
   }
@@ -383,6 +485,7 @@ caf::behavior source_actor(caf::event_based_actor* self, runtime_env_ptr env,
   st->dead_letter = std::move(dead_letter);
   st->supervisors.resize(env->table.subscriptions.size());
   st->batches.resize(env->table.subscriptions.size());
+  st->transport_wakes = env->transport->capabilities().wakeup;
   auto impl = std::make_shared<source_impl>(self, st);
   // Wake up on new messages; a weak handle so the transport never keeps the
   // actor alive.
@@ -396,7 +499,9 @@ caf::behavior source_actor(caf::event_based_actor* self, runtime_env_ptr env,
       st->supervisors[index] = std::move(sup);
     },
     [st, impl](caf::actor& mesh, stop_atom) { st->mesh = mesh; },
-    [impl](poll_atom) { impl->on_poll(); },
+    // Queued by the source itself, a wakeup or the mesh at start.
+    [impl](poll_atom) { impl->on_poll_queued(); },
+    [impl](poll_atom, bool) { impl->on_poll_timer(); },
     [impl](settle_atom, const settlement& s) { impl->settle(s); },
     [impl](settlement_batch& b) {
       for (auto& s : b.items)

@@ -407,6 +407,16 @@ constexpr key_entry entries[] = {
      return set_choice(c.log_level, x, "trace|debug|info|warn|error|off");
    },
    [](const rc& c) -> value { return c.log_level; }},
+  {{"runtime.idle_workers", config_type::choice, "poll",
+    "What CAF's scheduler threads do when they run out of work: poll (spin, "
+    "then 50 us sleeps for a while; lowest latency) or sleep (block on a "
+    "condition variable at once; ~20 % less CPU per message when the broker "
+    "is the bottleneck, p99 latency of a few ms at low rates).",
+    "poll|sleep"},
+   [](rc& c, const value& x) {
+     return set_choice(c.idle_workers, x, "poll|sleep");
+   },
+   [](const rc& c) -> value { return c.idle_workers; }},
   // -- [transport]
   {{"transport.url", config_type::string, "inproc://default",
     "Broker to consume from: an inproc://, nats://, kafka:// or amqp:// "
@@ -416,16 +426,21 @@ constexpr key_entry entries[] = {
    [](const rc& c) -> value { return c.transport_url; }},
   {{"transport.max_in_flight", config_type::integer, "4096",
     "Messages in flight per source; the source stops polling while it is "
-    "full (>= transport.poll_batch).",
+    "full (>= transport.poll_batch, <= 16777216).",
     ""},
-   [](rc& c, const value& x) { return set_int(c.max_in_flight, x, 1); },
+   [](rc& c, const value& x) {
+     return set_int(c.max_in_flight, x, 1, int64_t{1} << 24);
+   },
    [](const rc& c) { return get_size(c.max_in_flight); }},
   {{"transport.poll_batch", config_type::integer, "256",
     "Messages fetched per poll (>= 1).", ""},
    [](rc& c, const value& x) { return set_int(c.poll_batch, x, 1); },
    [](const rc& c) { return get_size(c.poll_batch); }},
   {{"transport.poll_idle", config_type::duration, "5ms",
-    "Pause after a poll that returned nothing (> 0).", ""},
+    "Pause after a poll that came back short (> 0). Transports that wake "
+    "the source when messages arrive (all built-in ones) are re-polled only "
+    "every 20 x poll_idle, as a safety net.",
+    ""},
    [](rc& c, const value& x) { return set_duration(c.poll_idle, x, false); },
    [](const rc& c) -> value { return c.poll_idle; }},
   {{"transport.max_message_bytes", config_type::integer, "1048576",

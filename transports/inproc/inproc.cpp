@@ -245,7 +245,9 @@ public:
       out.push_back(std::move(msg));
       ++n;
     }
-    if (n == 0)
+    // Short of `max`: the next publish wakes the source (it re-polls only
+    // rarely on its own).
+    if (n < max)
       g.waiting = true;
     return {};
   }

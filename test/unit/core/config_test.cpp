@@ -379,6 +379,8 @@ TEST(config_toml, enforces_every_rule_naming_key_value_and_rule) {
     {"[runtime]\nlog_level = \"verbose\"",
      {"runtime.log_level = \"verbose\"", "\"trace\", \"debug\""}},
     {"[runtime]\nnode_name = \"my node\"", {"runtime.node_name", "whitespace"}},
+    {"[runtime]\nidle_workers = \"spin\"",
+     {"runtime.idle_workers = \"spin\"", "\"poll\" or \"sleep\""}},
     {"[supervision]\nrestart_limit = 0", {"supervision.restart_limit = 0"}},
     {"[supervision]\nrestart_window = \"0s\"", {"supervision.restart_window"}},
     {"[supervision]\npause_for = \"0s\"", {"supervision.pause_for"}},

@@ -8,7 +8,8 @@
 //
 // --no-nest 1 skips the NestJS row, --no-latency 1 the latency rows,
 // --only bare|transport|evmesh|nest runs that throughput row alone (for
-// profiling; implies --no-latency 1).
+// profiling; implies --no-latency 1); --idle-workers sets the evmesh rows'
+// runtime.idle_workers (default poll, CAF's moderate polling).
 //
 // Starts its own rabbitmq-server (test/integration/amqp/rabbitmq_server.hpp:
 // free loopback ports, temp dir, always stopped). Per run and consumer a
@@ -104,6 +105,9 @@ double other_threads_ctx_switches() {
   getrusage(RUSAGE_THREAD, &ru);
   return ctx_switches() - static_cast<double>(ru.ru_nvcsw + ru.ru_nivcsw);
 }
+
+/// `runtime.idle_workers` of the evmesh rows (`--idle-workers poll|sleep`).
+std::string idle_workers = "poll";
 
 /// Context switches per message of the last run_* call.
 double last_ctx_per_msg = 0;
@@ -369,6 +373,7 @@ eb::result run_evmesh(const std::string& url, const std::string& q, uint64_t n,
   cfg.defaults.concurrency = 2 * std::thread::hardware_concurrency();
   cfg.max_in_flight = 8192;
   cfg.poll_batch = 512;
+  cfg.idle_workers = idle_workers;
   auto sink = std::make_shared<eb::counting_sink>();
   evmesh::container_builder b;
   b.add<evmesh::idempotency_store>(
@@ -507,6 +512,7 @@ int main(int argc, char** argv) {
         "usage: %s [messages=50000] [keys=1000] [runs=3] [--json FILE]\n"
         "       [--nest-script PATH] [--node-path DIR] [--no-nest 1]\n"
         "       [--no-latency 1] [--only bare|transport|evmesh|nest]\n"
+        "       [--idle-workers poll|sleep]\n"
         "Starts its own rabbitmq-server; bare rabbitmq-c vs evmesh vs the\n"
         "NestJS peer, medians of `runs`, then latency at half the rates.\n",
         argv[0]);
@@ -515,6 +521,7 @@ int main(int argc, char** argv) {
   bool skip_nest = eb::take_option(argc, argv, "no-nest") == "1";
   bool skip_latency = eb::take_option(argc, argv, "no-latency") == "1";
   auto only = eb::take_option(argc, argv, "only");
+  idle_workers = eb::take_option(argc, argv, "idle-workers", "poll");
   if (!only.empty() && only != "bare" && only != "transport" && only != "evmesh"
       && only != "nest")
     die("--only takes bare, transport, evmesh or nest");

@@ -186,8 +186,13 @@ caf::error consumer_runtime::start() {
   if (d.sys == nullptr) {
     d.own_cfg = std::make_unique<caf::actor_system_config>();
     d.own_cfg->set("logger.verbosity", caf::atom("quiet"));
-    if (d.config.idle_workers == "sleep")
+    if (d.config.idle_workers == "sleep") {
+      // Out of work, a scheduler thread blocks at once (no 50 us sleep
+      // loops) and looks for work to steal every millisecond.
       d.own_cfg->set("work-stealing.moderate-poll-attempts", size_t{0});
+      d.own_cfg->set("work-stealing.relaxed-sleep-duration",
+                     caf::timespan{std::chrono::milliseconds{1}});
+    }
 #ifdef EVMESH_HAS_CLUSTER
     if (d.config.cluster_enabled())
       internal::prepare_cluster_system(*d.own_cfg, d.config);

@@ -24,6 +24,7 @@
 // `keys` keys, concurrency 2x cores) -> settle -> ack.
 // Baseline: source -> supervisor -> worker -> supervisor -> sink, one shared
 // 200-byte payload per message, no framework work, no batching.
+#include <cstdlib>
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -80,6 +81,8 @@ start_mesh(const std::shared_ptr<counting_sink>& sink,
   cfg.defaults.concurrency = concurrency;
   cfg.max_in_flight = max_in_flight;
   cfg.poll_batch = 512;
+  if (auto* idle = std::getenv("EVMESH_BENCH_IDLE_WORKERS"))
+    cfg.idle_workers = idle; // runtime.idle_workers: poll | sleep
   cfg.dedupe_keep = keep;
   evmesh::container_builder b;
   b.add<evmesh::idempotency_store>(

@@ -17,6 +17,7 @@
 //   on (claim + commit per message in the memory store, a span per attempt to
 //   a counting sink, per-key ordering, concurrency 2x cores).
 // - evmesh, Redis dedupe: the same with the redis:// store (pipelined).
+#include <cstdlib>
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -296,6 +297,8 @@ result run_evmesh(const std::string& url, const std::string& stream,
   cfg.defaults.concurrency = 2 * std::thread::hardware_concurrency();
   cfg.max_in_flight = 8192;
   cfg.poll_batch = 512;
+  if (auto* idle = std::getenv("EVMESH_BENCH_IDLE_WORKERS"))
+    cfg.idle_workers = idle; // runtime.idle_workers: poll | sleep
   auto sink = std::make_shared<counting_sink>();
   evmesh::container_builder b;
   b.add<evmesh::idempotency_store>(std::move(store));

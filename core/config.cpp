@@ -407,11 +407,11 @@ constexpr key_entry entries[] = {
      return set_choice(c.log_level, x, "trace|debug|info|warn|error|off");
    },
    [](const rc& c) -> value { return c.log_level; }},
-  {{"runtime.idle_workers", config_type::choice, "poll",
-    "What CAF's scheduler threads do when they run out of work: poll (spin, "
-    "then 50 us sleeps for a while; lowest latency) or sleep (block on a "
-    "condition variable at once; ~20 % less CPU per message when the broker "
-    "is the bottleneck, p99 latency of a few ms at low rates).",
+  {{"runtime.idle_workers", config_type::choice, "sleep",
+    "What CAF's scheduler threads do when they run out of work: sleep "
+    "(block at once, look for work to steal every 1 ms) or poll (CAF's "
+    "default: spin, then 50 us sleeps for a while). sleep leaves the CPU "
+    "to the broker client and a co-located broker.",
     "poll|sleep"},
    [](rc& c, const value& x) {
      return set_choice(c.idle_workers, x, "poll|sleep");

@@ -32,11 +32,11 @@ struct runtime_config {
   caf::timespan stop_timeout = std::chrono::seconds{10};
   /// `runtime.log_level`: trace, debug, info, warn, error or off.
   std::string log_level = "info";
-  /// `runtime.idle_workers`: `poll` (CAF's default: spin, then short sleeps
-  /// before blocking; lowest latency) or `sleep` (scheduler threads block as
-  /// soon as they run out of work: less CPU when idle, more latency). Applies
-  /// to the actor system the runtime creates itself.
-  std::string idle_workers = "poll";
+  /// `runtime.idle_workers`: `sleep` (scheduler threads block as soon as they
+  /// run out of work and look for work to steal every millisecond) or `poll`
+  /// (CAF's default: spin, then 50 us sleeps before blocking). Applies to the
+  /// actor system the runtime creates itself.
+  std::string idle_workers = "sleep";
 
   // -- [transport] ------------------------------------------------------------
 

@@ -1199,9 +1199,11 @@ private:
     return static_cast<int>(std::clamp<int64_t>(left.count(), 0, 1000));
   }
 
+  // Nothing left to do before shutdown: no commands and no acks (an ack that
+  // raced with close() is still sent).
   bool commands_empty() {
     std::lock_guard guard{mtx_};
-    return commands_.empty();
+    return commands_.empty() && acks_in_.empty();
   }
 
   void wait_event(std::chrono::milliseconds limit) {

@@ -24,11 +24,11 @@
 // `keys` keys, concurrency 2x cores) -> settle -> ack.
 // Baseline: source -> supervisor -> worker -> supervisor -> sink, one shared
 // 200-byte payload per message, no framework work, no batching.
-#include <cstdlib>
 #include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <thread>
 
 #include <caf/all.hpp>

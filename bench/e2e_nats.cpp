@@ -17,11 +17,11 @@
 //   on (claim + commit per message in the memory store, a span per attempt to
 //   a counting sink, per-key ordering, concurrency 2x cores).
 // - evmesh, Redis dedupe: the same with the redis:// store (pipelined).
-#include <cstdlib>
 #include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <memory>
 #include <string>
 #include <thread>

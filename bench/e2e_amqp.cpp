@@ -8,8 +8,9 @@
 //
 // --no-nest 1 skips the NestJS row, --no-latency 1 the latency rows,
 // --only bare|transport|evmesh|nest runs that throughput row alone (for
-// profiling; implies --no-latency 1); --idle-workers sets the evmesh rows'
-// runtime.idle_workers (default poll, CAF's moderate polling).
+// profiling; implies --no-latency 1); --idle-workers (or the environment's
+// EVMESH_BENCH_IDLE_WORKERS) sets the evmesh rows' runtime.idle_workers
+// (default: the runtime's).
 //
 // Starts its own rabbitmq-server (test/integration/amqp/rabbitmq_server.hpp:
 // free loopback ports, temp dir, always stopped). Per run and consumer a
@@ -51,6 +52,7 @@
 #include <condition_variable>
 #include <csignal>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <mutex>
@@ -106,8 +108,9 @@ double other_threads_ctx_switches() {
   return ctx_switches() - static_cast<double>(ru.ru_nvcsw + ru.ru_nivcsw);
 }
 
-/// `runtime.idle_workers` of the evmesh rows (`--idle-workers poll|sleep`).
-std::string idle_workers = "poll";
+/// `runtime.idle_workers` of the evmesh rows (`--idle-workers poll|sleep`,
+/// else EVMESH_BENCH_IDLE_WORKERS, else the runtime's default).
+std::string idle_workers;
 
 /// Context switches per message of the last run_* call.
 double last_ctx_per_msg = 0;
@@ -373,7 +376,8 @@ eb::result run_evmesh(const std::string& url, const std::string& q, uint64_t n,
   cfg.defaults.concurrency = 2 * std::thread::hardware_concurrency();
   cfg.max_in_flight = 8192;
   cfg.poll_batch = 512;
-  cfg.idle_workers = idle_workers;
+  if (!idle_workers.empty())
+    cfg.idle_workers = idle_workers; // else the runtime's default
   auto sink = std::make_shared<eb::counting_sink>();
   evmesh::container_builder b;
   b.add<evmesh::idempotency_store>(
@@ -521,7 +525,9 @@ int main(int argc, char** argv) {
   bool skip_nest = eb::take_option(argc, argv, "no-nest") == "1";
   bool skip_latency = eb::take_option(argc, argv, "no-latency") == "1";
   auto only = eb::take_option(argc, argv, "only");
-  idle_workers = eb::take_option(argc, argv, "idle-workers", "poll");
+  if (auto* env = std::getenv("EVMESH_BENCH_IDLE_WORKERS"))
+    idle_workers = env;
+  idle_workers = eb::take_option(argc, argv, "idle-workers", idle_workers);
   if (!only.empty() && only != "bare" && only != "transport" && only != "evmesh"
       && only != "nest")
     die("--only takes bare, transport, evmesh or nest");

@@ -29,6 +29,8 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <stdexcept>
+#include <string_view>
 #include <thread>
 
 #include <caf/all.hpp>
@@ -343,7 +345,35 @@ int run_soak(double rate, int secs, int keep, uint64_t keys,
 
 } // namespace
 
+constexpr const char* usage
+  = "usage: e2e_inproc [messages] [keys] [--runs R] [--concurrency C] "
+    "[--json FILE]\n"
+    "       e2e_inproc --mode memory [--in-flight N] [--json FILE]\n"
+    "       e2e_inproc --mode soak [--seconds S] [--rate R] [--keep K] "
+    "[--json FILE]\n"
+    "       e2e_inproc --mode latency [--rates R1,R2,...] [--json FILE]\n"
+    "EVMESH_BENCH_IDLE_WORKERS=poll|sleep sets runtime.idle_workers.\n";
+
+int run_main(int argc, char** argv);
+
 int main(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i)
+    if (std::string_view{argv[i]} == "--help"
+        || std::string_view{argv[i]} == "-h") {
+      std::fputs(usage, stdout);
+      return 0;
+    }
+  try {
+    return run_main(argc, argv);
+  } catch (const std::invalid_argument&) {
+    std::fprintf(stderr, "not a number where one was expected\n%s", usage);
+  } catch (const std::out_of_range&) {
+    std::fprintf(stderr, "a number is out of range\n%s", usage);
+  }
+  return 2;
+}
+
+int run_main(int argc, char** argv) {
   eb::json_out json{eb::take_option(argc, argv, "json"), "e2e_inproc"};
   auto mode = eb::take_option(argc, argv, "mode", "throughput");
   int runs = std::stoi(eb::take_option(argc, argv, "runs", "3"));

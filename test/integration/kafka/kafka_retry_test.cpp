@@ -212,6 +212,44 @@ struct fixture {
   }
 };
 
+// What `run_key_and_successors` published and what ran.
+struct interleaved_run {
+  std::vector<std::string> successors;
+  std::vector<std::string> others;
+  std::vector<run> runs;
+};
+
+// Publishes KEY-0, then `n` successors KEY-1..KEY-n of key KEY interleaved
+// with OTHER-0..OTHER-(n-1) of key OTHER, all on `partition`; runs a runtime
+// until KEY-n ran (at most 60 s) and 1.5 s longer, so a second handling would
+// show up, and returns every run.
+void run_key_and_successors(fixture& f, raw_producer& producer,
+                            int32_t partition, const std::string& key,
+                            const std::string& other, size_t n,
+                            interleaved_run& out) {
+  ASSERT_TRUE(producer.send(partition, key + "-0", key));
+  for (size_t i = 0; i < n; ++i) {
+    out.others.push_back(other + "-" + std::to_string(i));
+    ASSERT_TRUE(producer.send(partition, out.others.back(), other));
+    out.successors.push_back(key + "-" + std::to_string(i + 1));
+    ASSERT_TRUE(producer.send(partition, out.successors.back(), key));
+  }
+  ASSERT_TRUE(producer.flush());
+  evmesh::consumer_runtime rt{runtime_config(f.cluster)};
+  rt.set_handlers({&f.h});
+  ASSERT_FALSE(rt.start());
+  auto deadline = steady::now() + 60s;
+  while (steady::now() < deadline) {
+    if (!runs_of(f.j.snapshot(), out.successors.back()).empty())
+      break;
+    std::this_thread::sleep_for(50ms);
+  }
+  // A little longer: a second handling would show up now.
+  std::this_thread::sleep_for(1500ms);
+  rt.stop(10s);
+  out.runs = f.j.snapshot();
+}
+
 // Issue 4, test 5.
 TEST(
   kafka_retry_topic,
@@ -325,30 +363,10 @@ TEST(kafka_retry_topic,
   ASSERT_TRUE(f.create_topics());
   f.j.fails_once = "s-0";
   raw_producer producer{f.cluster.bootstraps()};
-  std::vector<std::string> successors{"s-1", "s-2", "s-3", "s-4"};
-  std::vector<std::string> others;
-  ASSERT_TRUE(producer.send(0, "s-0", "s"));
-  for (size_t n = 0; n < successors.size(); ++n) {
-    auto id = "o-" + std::to_string(n);
-    ASSERT_TRUE(producer.send(0, id, "o"));
-    others.push_back(id);
-    ASSERT_TRUE(producer.send(0, successors[n], "s"));
-  }
-  ASSERT_TRUE(producer.flush());
-  evmesh::consumer_runtime rt{runtime_config(f.cluster)};
-  rt.set_handlers({&f.h});
-  ASSERT_FALSE(rt.start());
-  auto deadline = steady::now() + 60s;
-  while (steady::now() < deadline) {
-    auto runs = f.j.snapshot();
-    if (!runs_of(runs, successors.back()).empty())
-      break;
-    std::this_thread::sleep_for(50ms);
-  }
-  // A little longer: a second handling would show up now.
-  std::this_thread::sleep_for(1500ms);
-  rt.stop(10s);
-  auto runs = f.j.snapshot();
+  interleaved_run r;
+  ASSERT_NO_FATAL_FAILURE(
+    run_key_and_successors(f, producer, 0, "s", "o", 4, r));
+  auto& [successors, others, runs] = r;
   auto first = runs_of(runs, "s-0");
   ASSERT_EQ(first.size(), 2u) << "s-0: one failed run, one successful";
   EXPECT_FALSE(first[0].ok);
@@ -391,30 +409,10 @@ TEST(kafka_retry_topic,
   ASSERT_TRUE(f.cluster.create_topic("orders.dlq", 4));
   f.j.fails_once = "r-0";
   raw_producer producer{f.cluster.bootstraps()};
-  std::vector<std::string> successors{"r-1", "r-2", "r-3"};
-  std::vector<std::string> others;
-  ASSERT_TRUE(producer.send(2, "r-0", "r"));
-  for (size_t n = 0; n < successors.size(); ++n) {
-    auto id = "q-" + std::to_string(n);
-    ASSERT_TRUE(producer.send(2, id, "q"));
-    others.push_back(id);
-    ASSERT_TRUE(producer.send(2, successors[n], "r"));
-  }
-  ASSERT_TRUE(producer.flush());
-  evmesh::consumer_runtime rt{runtime_config(f.cluster)};
-  rt.set_handlers({&f.h});
-  ASSERT_FALSE(rt.start());
-  auto deadline = steady::now() + 60s;
-  while (steady::now() < deadline) {
-    auto runs = f.j.snapshot();
-    if (!runs_of(runs, successors.back()).empty())
-      break;
-    std::this_thread::sleep_for(50ms);
-  }
-  // A little longer: a second handling would show up now.
-  std::this_thread::sleep_for(1500ms);
-  rt.stop(10s);
-  auto runs = f.j.snapshot();
+  interleaved_run r;
+  ASSERT_NO_FATAL_FAILURE(
+    run_key_and_successors(f, producer, 2, "r", "q", 3, r));
+  auto& [successors, others, runs] = r;
   auto first = runs_of(runs, "r-0");
   ASSERT_EQ(first.size(), 2u) << "r-0: one failed run, one successful";
   EXPECT_FALSE(first[0].ok);

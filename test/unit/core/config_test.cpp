@@ -379,6 +379,8 @@ TEST(config_toml, enforces_every_rule_naming_key_value_and_rule) {
     {"[runtime]\nlog_level = \"verbose\"",
      {"runtime.log_level = \"verbose\"", "\"trace\", \"debug\""}},
     {"[runtime]\nnode_name = \"my node\"", {"runtime.node_name", "whitespace"}},
+    {"[transport]\nmax_in_flight = 16777217",
+     {"transport.max_in_flight", "between 1 and 16777216"}},
     {"[runtime]\nidle_workers = \"spin\"",
      {"runtime.idle_workers = \"spin\"", "\"poll\" or \"sleep\""}},
     {"[supervision]\nrestart_limit = 0", {"supervision.restart_limit = 0"}},

@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <mutex>
 #include <string>
-#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -15,17 +14,11 @@ using time_point = memory_idempotency_store::clock_type::time_point;
 
 enum class entry_state : uint8_t { in_flight, committed };
 
-struct entry {
-  entry_state state;
-  time_point expires_at;
-};
-
-struct string_hash {
-  using is_transparent = void;
-  size_t operator()(std::string_view str) const noexcept {
-    return std::hash<std::string_view>{}(str);
-  }
-};
+/// The hash of a key; never 0, which marks an empty slot.
+uint64_t hash_key(std::string_view key) noexcept {
+  auto h = static_cast<uint64_t>(std::hash<std::string_view>{}(key));
+  return h == 0 ? 1 : h;
+}
 
 /// `now + ttl`, saturating instead of overflowing for huge TTLs.
 time_point deadline(time_point now, caf::timespan ttl) {
@@ -40,33 +33,166 @@ time_point deadline(time_point now, caf::timespan ttl) {
 
 } // namespace
 
+/// One shard: an open-addressing hash table (linear probing, deletion by
+/// backward shift, so there are no tombstones) whose slots hold the key, its
+/// hash and its entry. Compared with a node-based map this saves the node
+/// allocation per key and hashing a key more than once per operation, and
+/// the incremental sweep is a walk over an array.
 struct memory_idempotency_store::shard {
-  using map_type
-    = std::unordered_map<std::string, entry, string_hash, std::equal_to<>>;
+  struct slot {
+    uint64_t hash = 0; // 0: empty
+    time_point expires_at{};
+    std::string key;
+    entry_state state = entry_state::in_flight;
+  };
+
+  static constexpr size_t npos = static_cast<size_t>(-1);
+  static constexpr size_t min_capacity = 16;
 
   mutable std::mutex mtx;
-  map_type entries;
+  std::vector<slot> slots; // size 0 or a power of two
+  size_t used = 0;
   size_t ops = 0;
-  size_t cursor = 0; // next bucket the incremental sweep inspects
+  /// Next slot the incremental sweep inspects.
+  size_t cursor = 0;
+  /// No live entry expires before this (a lower bound): while the clock is
+  /// below it, a sweep has nothing to find and is skipped.
+  time_point earliest = time_point::max();
+  /// The smallest deadline seen since the current sweep pass began: what
+  /// `earliest` becomes when the pass completes.
+  time_point pass_min = time_point::max();
 
-  // Requires mtx. Removes expired entries from at most `max_buckets` buckets,
-  // resuming where the previous sweep stopped.
-  size_t sweep(time_point now, size_t max_buckets) {
-    auto buckets = entries.bucket_count();
-    if (entries.empty() || buckets == 0)
-      return 0;
-    std::vector<std::string> expired;
-    auto n = std::min(max_buckets, buckets);
-    for (size_t i = 0; i < n; ++i) {
-      auto b = (cursor + i) % buckets;
-      for (auto it = entries.cbegin(b); it != entries.cend(b); ++it)
-        if (it->second.expires_at <= now)
-          expired.push_back(it->first);
+  size_t mask() const noexcept {
+    return slots.size() - 1;
+  }
+
+  void noted(time_point t) noexcept {
+    earliest = std::min(earliest, t);
+    pass_min = std::min(pass_min, t);
+  }
+
+  size_t find(std::string_view key, uint64_t h) const noexcept {
+    if (used == 0)
+      return npos;
+    for (auto i = static_cast<size_t>(h) & mask();; i = (i + 1) & mask()) {
+      auto& s = slots[i];
+      if (s.hash == 0)
+        return npos;
+      if (s.hash == h && s.key == key)
+        return i;
     }
-    cursor = (cursor + n) % buckets;
-    for (auto& key : expired)
-      entries.erase(key);
-    return expired.size();
+  }
+
+  // Rebuilds the table with room for the live entries and restarts the
+  // sweep; `extra` reserves room for insertions. Returns how many expired
+  // entries it dropped.
+  size_t rebuild(time_point now, size_t extra) {
+    size_t live = 0;
+    for (auto& s : slots)
+      if (s.hash != 0 && s.expires_at > now)
+        ++live;
+    size_t cap = min_capacity;
+    while (cap < 2 * (live + extra))
+      cap *= 2;
+    std::vector<slot> old(cap);
+    old.swap(slots);
+    auto old_used = used;
+    used = 0;
+    cursor = 0;
+    earliest = time_point::max();
+    pass_min = time_point::max();
+    for (auto& s : old) {
+      if (s.hash == 0 || s.expires_at <= now)
+        continue;
+      auto i = static_cast<size_t>(s.hash) & mask();
+      while (slots[i].hash != 0)
+        i = (i + 1) & mask();
+      noted(s.expires_at);
+      slots[i] = std::move(s);
+      ++used;
+    }
+    return old_used - used;
+  }
+
+  // Inserts a key known to be absent.
+  void insert(std::string_view key, uint64_t h, entry_state st, time_point t,
+              time_point now) {
+    // Grow above a load factor of 3/4 (dropping expired entries on the way).
+    if (4 * (used + 1) > 3 * slots.size())
+      rebuild(now, 1);
+    auto i = static_cast<size_t>(h) & mask();
+    while (slots[i].hash != 0)
+      i = (i + 1) & mask();
+    auto& s = slots[i];
+    s.hash = h;
+    s.key.assign(key.data(), key.size());
+    s.state = st;
+    s.expires_at = t;
+    noted(t);
+    ++used;
+  }
+
+  void set(size_t i, entry_state st, time_point t) noexcept {
+    slots[i].state = st;
+    slots[i].expires_at = t;
+    noted(t);
+  }
+
+  // Empties slot `i` and shifts the entries of its probe run back, so lookups
+  // never need tombstones. The slot `i` may afterwards hold another entry.
+  void erase(size_t i) {
+    auto m = mask();
+    auto j = i;
+    for (;;) {
+      j = (j + 1) & m;
+      auto& s = slots[j];
+      if (s.hash == 0)
+        break;
+      auto home = static_cast<size_t>(s.hash) & m;
+      // Entry j may fill the hole at i unless its home lies cyclically in
+      // (i, j]: then moving it before its home would hide it from lookups.
+      bool stays = i <= j ? (i < home && home <= j) : (i < home || home <= j);
+      if (stays)
+        continue;
+      slots[i] = std::move(s);
+      // It may have left the part of the array the sweep pass has yet to
+      // see; keep its deadline in the pass's minimum.
+      pass_min = std::min(pass_min, slots[i].expires_at);
+      i = j;
+    }
+    auto& hole = slots[i];
+    hole.hash = 0;
+    hole.key = std::string{};
+    --used;
+  }
+
+  // Requires mtx. Inspects at most `max_slots` slots, resuming where the
+  // previous sweep stopped, and removes the expired entries among them.
+  size_t sweep(time_point now, size_t max_slots) {
+    if (used == 0 || now < earliest)
+      return 0;
+    size_t removed = 0;
+    auto n = std::min(max_slots, slots.size());
+    for (size_t k = 0; k < n; ++k) {
+      auto& s = slots[cursor];
+      // An erased slot can receive a later entry: inspect it again.
+      while (s.hash != 0 && s.expires_at <= now) {
+        erase(cursor);
+        ++removed;
+      }
+      if (s.hash != 0)
+        pass_min = std::min(pass_min, s.expires_at);
+      if (++cursor == slots.size()) {
+        // A whole pass: every live entry was seen (or noted when set).
+        cursor = 0;
+        earliest = pass_min;
+        pass_min = time_point::max();
+        // Memory follows the live keys: shrink a mostly empty table.
+        if (slots.size() > min_capacity && 8 * used < slots.size())
+          return removed + rebuild(now, 0);
+      }
+    }
+    return removed;
   }
 
   // Requires mtx. Counts an operation and sweeps on every sweep_interval-th.
@@ -87,10 +213,10 @@ memory_idempotency_store::memory_idempotency_store(size_t shards,
 memory_idempotency_store::~memory_idempotency_store() = default;
 
 memory_idempotency_store::shard&
-memory_idempotency_store::shard_for(std::string_view key) const noexcept {
-  // Fibonacci hashing on the high bits: the maps inside a shard use the low
-  // bits of the same hash, so taking those here would skew their buckets.
-  auto h = static_cast<uint64_t>(string_hash{}(key)) * 0x9E3779B97F4A7C15ull;
+memory_idempotency_store::shard_for(uint64_t hash) const noexcept {
+  // Fibonacci hashing on the high bits: the tables inside a shard use the low
+  // bits of the same hash, so taking those here would skew their slots.
+  auto h = hash * 0x9E3779B97F4A7C15ull;
   return shards_[static_cast<size_t>((h >> 32) % shard_count_)];
 }
 
@@ -101,50 +227,47 @@ memory_idempotency_store::now() const {
 
 namespace {
 
-// The single-key operations on a locked shard.
+// The single-key operations on a locked shard; `h` is `hash_key(key)`.
 
 template <class Shard>
-claim_result claim_locked(Shard& s, std::string_view key, time_point t,
-                          caf::timespan lease) {
+claim_result claim_locked(Shard& s, std::string_view key, uint64_t h,
+                          time_point t, caf::timespan lease) {
   s.tick(t);
-  if (auto it = s.entries.find(key); it != s.entries.end()) {
-    if (it->second.expires_at > t)
-      return it->second.state == entry_state::committed
-               ? claim_result::duplicate
-               : claim_result::in_flight;
-    it->second = entry{entry_state::in_flight, deadline(t, lease)};
+  if (auto i = s.find(key, h); i != Shard::npos) {
+    auto& e = s.slots[i];
+    if (e.expires_at > t)
+      return e.state == entry_state::committed ? claim_result::duplicate
+                                               : claim_result::in_flight;
+    s.set(i, entry_state::in_flight, deadline(t, lease));
     return claim_result::fresh;
   }
-  s.entries.emplace(std::string{key},
-                    entry{entry_state::in_flight, deadline(t, lease)});
+  s.insert(key, h, entry_state::in_flight, deadline(t, lease), t);
   return claim_result::fresh;
 }
 
 template <class Shard>
-void commit_locked(Shard& s, std::string_view key, time_point t,
+void commit_locked(Shard& s, std::string_view key, uint64_t h, time_point t,
                    caf::timespan keep) {
   s.tick(t);
-  auto it = s.entries.find(key);
+  auto i = s.find(key, h);
   if (keep.count() <= 0) {
-    if (it != s.entries.end())
-      s.entries.erase(it);
+    if (i != Shard::npos)
+      s.erase(i);
     return;
   }
-  entry e{entry_state::committed, deadline(t, keep)};
-  if (it != s.entries.end())
-    it->second = e;
+  if (i != Shard::npos)
+    s.set(i, entry_state::committed, deadline(t, keep));
   else
-    s.entries.emplace(std::string{key}, e);
+    s.insert(key, h, entry_state::committed, deadline(t, keep), t);
 }
 
 template <class Shard>
-void abort_locked(Shard& s, std::string_view key, time_point t) {
+void abort_locked(Shard& s, std::string_view key, uint64_t h, time_point t) {
   s.tick(t);
-  if (auto it = s.entries.find(key);
-      it != s.entries.end()
-      && (it->second.state == entry_state::in_flight
-          || it->second.expires_at <= t))
-    s.entries.erase(it);
+  if (auto i = s.find(key, h); i != Shard::npos
+                               && (s.slots[i].state == entry_state::in_flight
+                                   || s.slots[i].expires_at <= t))
+    s.erase(i);
 }
 
 } // namespace
@@ -152,25 +275,28 @@ void abort_locked(Shard& s, std::string_view key, time_point t) {
 claim_result memory_idempotency_store::try_begin(std::string_view key,
                                                  caf::timespan lease) {
   auto t = now();
-  auto& s = shard_for(key);
+  auto h = hash_key(key);
+  auto& s = shard_for(h);
   std::lock_guard<std::mutex> guard{s.mtx};
-  return claim_locked(s, key, t, lease);
+  return claim_locked(s, key, h, t, lease);
 }
 
 caf::error memory_idempotency_store::commit(std::string_view key,
                                             caf::timespan keep) {
   auto t = now();
-  auto& s = shard_for(key);
+  auto h = hash_key(key);
+  auto& s = shard_for(h);
   std::lock_guard<std::mutex> guard{s.mtx};
-  commit_locked(s, key, t, keep);
+  commit_locked(s, key, h, t, keep);
   return caf::error{};
 }
 
 caf::error memory_idempotency_store::abort(std::string_view key) {
   auto t = now();
-  auto& s = shard_for(key);
+  auto h = hash_key(key);
+  auto& s = shard_for(h);
   std::lock_guard<std::mutex> guard{s.mtx};
-  abort_locked(s, key, t);
+  abort_locked(s, key, h, t);
   return caf::error{};
 }
 
@@ -184,7 +310,8 @@ void memory_idempotency_store::try_begin_many(
   shard* held = nullptr;
   std::unique_lock<std::mutex> guard;
   for (size_t i = 0; i < n; ++i) {
-    auto& s = shard_for(keys[i]);
+    auto h = hash_key(keys[i]);
+    auto& s = shard_for(h);
     if (&s != held) {
       // Never two shards at once: release the previous one first.
       if (guard.owns_lock())
@@ -192,7 +319,7 @@ void memory_idempotency_store::try_begin_many(
       guard = std::unique_lock<std::mutex>{s.mtx};
       held = &s;
     }
-    out[i] = claim_locked(s, keys[i], t, lease);
+    out[i] = claim_locked(s, keys[i], h, t, lease);
   }
 }
 
@@ -206,7 +333,8 @@ caf::error memory_idempotency_store::finish_many(std::span<const finish_op> ops,
   shard* held = nullptr;
   std::unique_lock<std::mutex> guard;
   for (size_t i = 0; i < n; ++i) {
-    auto& s = shard_for(ops[i].key);
+    auto h = hash_key(ops[i].key);
+    auto& s = shard_for(h);
     if (&s != held) {
       // Never two shards at once: release the previous one first.
       if (guard.owns_lock())
@@ -215,9 +343,9 @@ caf::error memory_idempotency_store::finish_many(std::span<const finish_op> ops,
       held = &s;
     }
     if (ops[i].kind == finish_op::commit)
-      commit_locked(s, ops[i].key, t, keep);
+      commit_locked(s, ops[i].key, h, t, keep);
     else
-      abort_locked(s, ops[i].key, t);
+      abort_locked(s, ops[i].key, h, t);
     errors[i] = caf::error{};
   }
   return caf::error{};
@@ -227,7 +355,7 @@ size_t memory_idempotency_store::size() const {
   size_t result = 0;
   for (size_t i = 0; i < shard_count_; ++i) {
     std::lock_guard<std::mutex> guard{shards_[i].mtx};
-    result += shards_[i].entries.size();
+    result += shards_[i].used;
   }
   return result;
 }
@@ -242,7 +370,7 @@ size_t memory_idempotency_store::evict_expired() {
   for (size_t i = 0; i < shard_count_; ++i) {
     auto& s = shards_[i];
     std::lock_guard<std::mutex> guard{s.mtx};
-    result += s.sweep(t, s.entries.bucket_count());
+    result += s.sweep(t, s.slots.size());
   }
   return result;
 }

@@ -12,13 +12,16 @@ namespace evmesh {
 
 /// In-process idempotency store (`memory://`): forgets everything on restart,
 /// so it dedupes only within one process. Thread-safe and sharded: keys are
-/// spread over `shards` independent maps, each behind its own mutex.
+/// spread over `shards` independent open-addressing hash tables, each behind
+/// its own mutex; a key is hashed once per operation.
 ///
 /// Entries are `in_flight` (until their lease ends) or `committed` (until the
 /// keep TTL ends). An expired entry counts as absent. Expired entries are
-/// removed when touched and by a bounded incremental sweep that every shard
-/// runs as part of its regular operations, so memory follows the number of
-/// live keys rather than the number of keys ever seen.
+/// reused when touched and removed by a bounded incremental sweep that every
+/// shard runs as part of its regular operations (skipped while no entry of
+/// the shard can have expired yet); a table that is mostly empty after a
+/// sweep pass shrinks. So memory follows the number of live keys rather than
+/// the number of keys ever seen.
 ///
 /// Leases carry no owner: a late `abort` from a worker whose lease expired
 /// (and whose key another worker re-claimed) releases the newer claim, so a
@@ -36,7 +39,7 @@ public:
   /// Operations on one shard between two incremental sweeps of it.
   static constexpr size_t sweep_interval = 256;
 
-  /// Hash buckets one incremental sweep inspects (2 per operation, so a full
+  /// Table slots one incremental sweep inspects (2 per operation, so a full
   /// pass over a shard completes before its size can double).
   static constexpr size_t sweep_buckets = 2 * sweep_interval;
 
@@ -87,7 +90,7 @@ public:
 private:
   struct shard;
 
-  shard& shard_for(std::string_view key) const noexcept;
+  shard& shard_for(uint64_t hash) const noexcept;
 
   clock_type::time_point now() const;
 

@@ -4,6 +4,8 @@
 #include <atomic>
 #include <barrier>
 #include <chrono>
+#include <map>
+#include <random>
 #include <string>
 #include <thread>
 #include <vector>
@@ -158,6 +160,103 @@ TEST(memory_idempotency_store, sweeps_expired_entries_without_being_asked) {
     ASSERT_EQ(store.try_begin("new-" + std::to_string(i), 1h),
               claim_result::fresh);
   EXPECT_LT(store.size(), n + n / 4);
+}
+
+// The store against a plain map implementing the documented semantics,
+// under random claims, batches, commits (some with zero keep), aborts and
+// clock steps. One shard, so probe runs are long and every deletion shifts
+// neighbours; bursts of unique keys make the table grow, their expiry makes
+// the sweep shrink it again.
+TEST(memory_idempotency_store, agrees_with_a_reference_model) {
+  virtual_clock clock;
+  memory_idempotency_store store{1, [&] { return clock.now(); }};
+  struct model_entry {
+    bool committed;
+    std::chrono::steady_clock::time_point expires_at;
+  };
+  std::map<std::string, model_entry, std::less<>> model;
+  auto model_claim = [&](const std::string& k, caf::timespan lease) {
+    auto t = clock.now();
+    if (auto it = model.find(k); it != model.end() && it->second.expires_at > t)
+      return it->second.committed ? claim_result::duplicate
+                                  : claim_result::in_flight;
+    model[k] = model_entry{false, t + lease};
+    return claim_result::fresh;
+  };
+  auto model_live = [&] {
+    return static_cast<size_t>(
+      std::count_if(model.begin(), model.end(), [&](const auto& kv) {
+        return kv.second.expires_at > clock.now();
+      }));
+  };
+  std::mt19937 rng{20261128};
+  auto pick = [&](int n) {
+    return std::uniform_int_distribution<int>{0, n - 1}(rng);
+  };
+  auto key = [&] {
+    // Short keys (inline in std::string) and long ones (heap-allocated).
+    auto i = pick(400);
+    return i % 2 == 0 ? "k" + std::to_string(i)
+                      : "consumer:orders.*:long-key-" + std::to_string(i);
+  };
+  int unique = 0;
+  for (int step = 0; step < 40'000; ++step) {
+    auto op = pick(100);
+    if (op < 30) {
+      auto k = key();
+      caf::timespan lease = std::chrono::milliseconds{100 * (1 + pick(50))};
+      ASSERT_EQ(store.try_begin(k, lease), model_claim(k, lease))
+        << "claim " << k << " at step " << step;
+    } else if (op < 38) {
+      std::vector<std::string> ks{key(), key(), key()};
+      std::vector<std::string_view> views{ks.begin(), ks.end()};
+      std::vector<claim_result> out(3, claim_result::unavailable);
+      store.try_begin_many(views, 2s, out);
+      for (size_t i = 0; i < 3; ++i)
+        ASSERT_EQ(out[i], model_claim(ks[i], 2s))
+          << "batch claim " << ks[i] << " at step " << step;
+    } else if (op < 60) {
+      auto k = key();
+      caf::timespan keep = pick(10) == 0
+                             ? caf::timespan{0}
+                             : caf::timespan{std::chrono::seconds{1 + pick(8)}};
+      ASSERT_FALSE(store.commit(k, keep));
+      if (keep.count() <= 0)
+        model.erase(k);
+      else
+        model[k] = model_entry{true, clock.now() + keep};
+    } else if (op < 75) {
+      auto k = key();
+      ASSERT_FALSE(store.abort(k));
+      if (auto it = model.find(k);
+          it != model.end()
+          && (!it->second.committed || it->second.expires_at <= clock.now()))
+        model.erase(it);
+    } else if (op < 76) {
+      // A burst of fresh keys that nobody touches again.
+      for (int i = 0; i < 200; ++i) {
+        auto k = "u" + std::to_string(unique++);
+        ASSERT_EQ(store.try_begin(k, 1s), model_claim(k, 1s));
+      }
+    } else if (op < 97) {
+      clock.advance(std::chrono::milliseconds{pick(300)});
+    } else {
+      // Every entry the store holds beyond the live ones is expired, and
+      // an explicit eviction leaves exactly the live ones.
+      auto live = model_live();
+      ASSERT_GE(store.size(), live) << "step " << step;
+      store.evict_expired();
+      ASSERT_EQ(store.size(), live) << "step " << step;
+      std::erase_if(model, [&](const auto& kv) {
+        return kv.second.expires_at <= clock.now();
+      });
+    }
+  }
+  // Everything expires: the sweep and eviction leave nothing behind.
+  clock.advance(1h);
+  store.evict_expired();
+  EXPECT_EQ(store.size(), 0u);
+  EXPECT_EQ(store.try_begin("k0", 1s), claim_result::fresh);
 }
 
 TEST(memory_idempotency_store, uses_at_least_one_shard) {

@@ -15,7 +15,6 @@
 #include <mutex>
 #include <optional>
 #include <thread>
-#include <unordered_map>
 
 #include <amqp.h>
 #include <amqp_framing.h>
@@ -29,6 +28,8 @@
 #include "evmesh/config.hpp"
 #include "evmesh/error.hpp"
 #include "evmesh/pattern.hpp"
+
+#include "delivery_assembler.hpp"
 
 namespace evmesh {
 
@@ -402,19 +403,29 @@ uint32_t delivery_count(const amqp_basic_properties_t& p, bool redelivered) {
   return static_cast<uint32_t>(std::min<int64_t>(before + 1, UINT32_MAX));
 }
 
-/// Gives a message published by another client (NestJS, a shell script)
-/// what its AMQP properties say and its body lacks: `id` from message_id,
+/// What a message published by another client (NestJS, a shell script)
+/// says in its AMQP properties and lacks in its body: `id` from message_id,
 /// `headers` from string headers and correlation_id. evmesh's own native
 /// messages carry everything in the body and are left verbatim.
-void merge_properties(const amqp_basic_properties_t& p, std::string& body) {
+struct foreign_fields {
+  std::string message_id;
+  std::vector<std::pair<std::string, std::string>> headers;
+
+  bool empty() const {
+    return message_id.empty() && headers.empty();
+  }
+};
+
+/// Collects `foreign_fields` from `p` (nothing for native messages).
+void collect_foreign(const amqp_basic_properties_t& p, foreign_fields& out) {
+  out.message_id.clear();
+  out.headers.clear();
   if (field_string(find_header(p, marker_header)) == "native")
     return;
-  std::string message_id;
   if (p._flags & AMQP_BASIC_MESSAGE_ID_FLAG)
-    message_id = str_of(p.message_id);
-  std::vector<std::pair<std::string, std::string>> headers;
+    out.message_id = str_of(p.message_id);
   if (p._flags & AMQP_BASIC_CORRELATION_ID_FLAG)
-    headers.emplace_back("correlation_id", str_of(p.correlation_id));
+    out.headers.emplace_back("correlation_id", str_of(p.correlation_id));
   if (p._flags & AMQP_BASIC_HEADERS_FLAG) {
     for (int i = 0; i < p.headers.num_entries; ++i) {
       auto& e = p.headers.entries[i];
@@ -423,10 +434,14 @@ void merge_properties(const amqp_basic_properties_t& p, std::string& body) {
           || key == "traceparent" || key == "tracestate")
         continue;
       if (e.value.kind == AMQP_FIELD_KIND_UTF8)
-        headers.emplace_back(std::move(key), str_of(e.value.value.bytes));
+        out.headers.emplace_back(std::move(key), str_of(e.value.value.bytes));
     }
   }
-  if (message_id.empty() && headers.empty())
+}
+
+/// Gives a foreign message's JSON body the fields `f` its properties had.
+void merge_foreign(const foreign_fields& f, std::string& body) {
+  if (f.empty())
     return;
   boost::json::error_code ec;
   auto v = boost::json::parse(body, ec);
@@ -434,16 +449,16 @@ void merge_properties(const amqp_basic_properties_t& p, std::string& body) {
   if (obj == nullptr || obj->contains("specversion"))
     return; // not ours to touch: the codec reports bad bodies
   bool changed = false;
-  if (!message_id.empty() && !obj->contains("id")) {
-    (*obj)["id"] = message_id;
+  if (!f.message_id.empty() && !obj->contains("id")) {
+    (*obj)["id"] = f.message_id;
     changed = true;
   }
-  if (!headers.empty()) {
+  if (!f.headers.empty()) {
     auto& h = (*obj)["headers"];
     if (h.is_null())
       h = boost::json::object{};
     if (auto* ho = h.if_object()) {
-      for (auto& [k, val] : headers)
+      for (auto& [k, val] : f.headers)
         if (!ho->contains(k)) {
           (*ho)[k] = val;
           changed = true;
@@ -631,8 +646,6 @@ struct message_box {
   }
 };
 
-using box_ptr = std::unique_ptr<message_box>;
-
 // The deliveries of the consuming channel in delivery order (tags only grow
 // on a channel) with what became of them: still open, acked by the caller
 // but not yet on the wire, or settled on the wire (a nack, a single ack, a
@@ -642,20 +655,30 @@ using box_ptr = std::unique_ptr<message_box>;
 // (see flush_window). No allocation per message: entries sit in a deque,
 // settled ones leave from the front, and the deque is compacted when a
 // long-held delivery at the front lets settled ones pile up behind it.
-// Each open delivery keeps rabbitmq-c's copy of the message (properties and
-// body, for a retry copy) until it is settled; it is freed here, on the I/O
-// thread that allocated it.
+// Each open delivery keeps what a retry copy needs (encoded properties,
+// routing key, body) until it is settled; the buffer then goes back to a
+// pool of spares the next deliveries reuse (all on the I/O thread).
 class delivery_window {
 public:
-  void add(uint64_t tag, box_ptr box) {
-    tags_.push_back({tag, open, std::move(box)});
+  void add(uint64_t tag, internal::retained_delivery copy) {
+    tags_.push_back({tag, open, std::move(copy)});
     ++open_;
   }
 
-  /// The message of open delivery `tag` (nullptr when it is not open).
-  message_box* message(uint64_t tag) {
+  /// What open delivery `tag` retained (nullptr when it is not open).
+  const internal::retained_delivery* message(uint64_t tag) {
     auto* e = find(tag);
-    return e != nullptr && e->state == open ? e->box.get() : nullptr;
+    return e != nullptr && e->state == open ? &e->copy : nullptr;
+  }
+
+  /// A buffer for the next delivery's retained copy (a spare when there is
+  /// one).
+  internal::retained_delivery spare() {
+    if (spares_.empty())
+      return {};
+    auto r = std::move(spares_.back());
+    spares_.pop_back();
+    return r;
   }
 
   /// The caller acked `tag`; false when it is not an open delivery.
@@ -664,7 +687,7 @@ public:
     if (e == nullptr || e->state != open)
       return false;
     e->state = acked;
-    e->box.reset();
+    recycle(e->copy);
     --open_;
     ++waiting_;
     return true;
@@ -675,12 +698,13 @@ public:
     auto* e = find(tag);
     if (e == nullptr || e->state == done)
       return;
-    if (e->state == open)
+    if (e->state == open) {
       --open_;
-    else
+      recycle(e->copy);
+    } else {
       --waiting_;
+    }
     e->state = done;
-    e->box.reset();
   }
 
   /// Pops the prefix without open deliveries; returns the highest acked tag
@@ -732,8 +756,19 @@ private:
   struct entry {
     uint64_t tag;
     state_t state;
-    box_ptr box;
+    internal::retained_delivery copy;
   };
+
+  // Keeps the buffer of a settled delivery for reuse: at most max_spares of
+  // them, none larger than 64 KiB.
+  void recycle(internal::retained_delivery& copy) {
+    if (spares_.size() < max_spares && copy.data.capacity() >= 64
+        && copy.data.capacity() <= 65536)
+      spares_.push_back(std::move(copy));
+    copy.data = std::string{};
+  }
+
+  static constexpr size_t max_spares = 1024;
 
   entry* find(uint64_t tag) {
     auto i
@@ -753,6 +788,7 @@ private:
   }
 
   std::deque<entry> tags_;
+  std::vector<internal::retained_delivery> spares_;
   size_t open_ = 0;
   size_t waiting_ = 0;
 };
@@ -777,12 +813,82 @@ struct ready_message {
   uint64_t dtag = 0;
 };
 
-// A delivery handed out by poll, waiting for its terminal action (its
-// message stays in the I/O thread's delivery_window).
+// A delivery handed out by poll, waiting for its terminal action (what a
+// retry needs of it stays in the I/O thread's delivery_window).
 struct held_message {
   uint64_t gen = 0;
   uint64_t dtag = 0;
-  std::string subject;
+};
+
+// The deliveries handed out by poll and not settled yet, by tag. Tags only
+// grow (poll hands them out in order under the transport's lock), so entries
+// sit in a deque in tag order: a lookup is a binary search, settled entries
+// leave from the front, and the deque is compacted when a long-held delivery
+// at the front lets settled ones pile up behind it. No allocation per
+// message, unlike a hash map's node.
+class held_queue {
+public:
+  void push(uint64_t tag, held_message h) {
+    entries_.push_back({tag, h, true});
+    ++live_;
+  }
+
+  /// The unsettled delivery `tag` (nullptr when there is none).
+  const held_message* find(uint64_t tag) const {
+    auto i = lower_bound(tag);
+    if (i == entries_.end() || i->tag != tag || !i->live)
+      return nullptr;
+    return &i->h;
+  }
+
+  /// Takes the unsettled delivery `tag` out; false when there is none.
+  bool take(uint64_t tag, held_message& out) {
+    auto i = lower_bound(tag);
+    if (i == entries_.end() || i->tag != tag || !i->live)
+      return false;
+    out = i->h;
+    i->live = false;
+    --live_;
+    while (!entries_.empty() && !entries_.front().live)
+      entries_.pop_front();
+    if (entries_.size() > 1024 && entries_.size() > 4 * live_) {
+      std::deque<entry> kept;
+      for (auto& e : entries_)
+        if (e.live)
+          kept.push_back(e);
+      entries_.swap(kept);
+    }
+    return true;
+  }
+
+  void clear() {
+    entries_.clear();
+    live_ = 0;
+  }
+
+private:
+  struct entry {
+    uint64_t tag;
+    held_message h;
+    bool live;
+  };
+
+  std::deque<entry>::const_iterator lower_bound(uint64_t tag) const {
+    return std::lower_bound(entries_.begin(), entries_.end(), tag,
+                            [](const entry& e, uint64_t t) {
+                              return e.tag < t;
+                            });
+  }
+
+  std::deque<entry>::iterator lower_bound(uint64_t tag) {
+    return std::lower_bound(entries_.begin(), entries_.end(), tag,
+                            [](const entry& e, uint64_t t) {
+                              return e.tag < t;
+                            });
+  }
+
+  std::deque<entry> entries_;
+  size_t live_ = 0;
 };
 
 // What the I/O thread publishes.
@@ -805,7 +911,6 @@ public:
     : settings_(std::move(s)), node_(std::move(node)), conn_(std::move(conn)) {
     event_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     ack_batch_ = std::clamp<size_t>(settings_.prefetch / 4, 1, 256);
-    held_.reserve(settings_.prefetch);
     connected_ = true;
     gen_ = 1;
     io_ = std::thread{[this] { io_main(); }};
@@ -872,13 +977,16 @@ public:
                         "transport to consume again)");
     std::lock_guard guard{mtx_};
     size_t n = 0;
-    while (n < max && !ready_.empty()) {
-      auto& r = ready_.front();
+    while (n < max && ready_head_ < ready_.size()) {
+      auto& r = ready_[ready_head_++];
       r.raw.tag = next_tag++;
-      held_.emplace(r.raw.tag, held_message{r.gen, r.dtag, r.raw.subject});
+      held_.push(r.raw.tag, held_message{r.gen, r.dtag});
       out.push_back(std::move(r.raw));
-      ready_.pop_front();
       ++n;
+    }
+    if (ready_head_ == ready_.size()) {
+      ready_.clear(); // keeps its capacity for the I/O thread (flush_ready)
+      ready_head_ = 0;
     }
     // The source waits for a wakeup whenever it got fewer than it asked for
     // (or nothing is left): the I/O thread calls it when it queues more.
@@ -895,11 +1003,8 @@ public:
     bool current = false;
     {
       std::lock_guard guard{mtx_};
-      auto i = held_.find(tag);
-      if (i == held_.end())
+      if (!held_.take(tag, h))
         return not_ours("ack", tag);
-      h = std::move(i->second);
-      held_.erase(i);
       current = h.gen == gen_;
       if (current) {
         acks_in_.push_back({h.gen, h.dtag});
@@ -933,10 +1038,10 @@ public:
     uint64_t gen = 0;
     {
       std::lock_guard guard{mtx_};
-      auto i = held_.find(tag);
-      if (i == held_.end())
+      auto* h = held_.find(tag);
+      if (h == nullptr)
         return not_ours("dead_letter", tag);
-      gen = i->second.gen;
+      gen = h->gen;
     }
     if (gen != gen_)
       return lost_connection_error();
@@ -966,7 +1071,7 @@ public:
     // RabbitMQ has no per-message ack deadline to extend (only the channel's
     // consumer_timeout, 30 minutes by default).
     std::lock_guard guard{mtx_};
-    if (held_.count(tag) == 0)
+    if (held_.find(tag) == nullptr)
       return not_ours("extend", tag);
     return {};
   }
@@ -1016,12 +1121,12 @@ public:
     signal();
     if (io_.joinable())
       io_.join();
-    std::deque<ready_message> ready;
-    std::unordered_map<uint64_t, held_message> held;
+    std::vector<ready_message> ready;
     {
       std::lock_guard guard{mtx_};
       ready.swap(ready_);
-      held.swap(held_);
+      ready_head_ = 0;
+      held_.clear();
     }
     return {};
   }
@@ -1060,11 +1165,8 @@ private:
   caf::error take(uint64_t tag, const char* what, held_message& out) {
     {
       std::lock_guard guard{mtx_};
-      auto i = held_.find(tag);
-      if (i == held_.end())
+      if (!held_.take(tag, out))
         return not_ours(what, tag);
-      out = std::move(i->second);
-      held_.erase(i);
     }
     if (out.gen != gen_)
       return lost_connection_error();
@@ -1290,23 +1392,40 @@ private:
   // command.
   void pump(int timeout_ms) {
     auto* c = conn_.get();
-    if (!amqp_frames_enqueued(c) && !amqp_data_in_buffer(c)) {
+    auto buffered = [](amqp_connection_state_t x) {
+      return amqp_frames_enqueued(x) || amqp_data_in_buffer(x);
+    };
+    bool read = true;
+    if (!buffered(c)) {
       pollfd fds[2] = {{amqp_get_sockfd(c), POLLIN, 0}, {event_fd_, POLLIN, 0}};
-      ::poll(fds, 2, timeout_ms);
+      auto n = ::poll(fds, 2, timeout_ms);
       if (fds[1].revents != 0)
         drain_event();
+      // Woken for commands or acks only: no read (a recv(2) that finds
+      // nothing, then rabbitmq-c's poll(2)), unless rabbitmq-c's heartbeat
+      // bookkeeping, done in its reads, is due.
+      read = n <= 0 || fds[0].revents != 0
+             || clock_type::now() - last_read_ >= 250ms;
     }
-    for (int i = 0; i < 1024 && conn_; ++i) {
-      amqp_frame_t frame;
-      timeval zero{0, 0};
-      auto rc = amqp_simple_wait_frame_noblock(conn_.get(), &frame, &zero);
-      if (rc == AMQP_STATUS_TIMEOUT)
-        break;
-      if (rc != AMQP_STATUS_OK) {
-        connection_lost(amqp_error_string2(rc));
-        break;
+    if (read) {
+      last_read_ = clock_type::now();
+      for (int i = 0; i < 1024 && conn_; ++i) {
+        amqp_frame_t frame;
+        timeval zero{0, 0};
+        auto rc = amqp_simple_wait_frame_noblock(conn_.get(), &frame, &zero);
+        if (rc == AMQP_STATUS_TIMEOUT)
+          break;
+        if (rc != AMQP_STATUS_OK) {
+          connection_lost(amqp_error_string2(rc));
+          break;
+        }
+        handle_frame(frame);
+        // What one recv(2) brought is handled: back to poll(2), which
+        // returns at once when more came, instead of a recv that finds
+        // nothing.
+        if (conn_ && !buffered(conn_.get()))
+          break;
       }
-      handle_frame(frame);
     }
     flush_ready();
     // Confirms of retry copies settle their originals, which may free a
@@ -1316,25 +1435,43 @@ private:
       amqp_maybe_release_buffers(conn_.get());
   }
 
+  // A delivery's content frames, as they come (see delivery_assembler).
+  void handle_content(const amqp_frame_t& frame) {
+    std::string err;
+    if (frame.frame_type == AMQP_FRAME_HEADER) {
+      auto* p = static_cast<amqp_basic_properties_t*>(
+        frame.payload.properties.decoded);
+      err = assembler_.header(*p, frame.payload.properties.body_size);
+      if (err.empty())
+        take_header(*p);
+    } else {
+      err = assembler_.body(frame.payload.body_fragment);
+    }
+    if (!err.empty()) {
+      connection_lost("reading a message: " + err);
+      return;
+    }
+    if (assembler_.complete())
+      take_delivery();
+  }
+
   void handle_frame(const amqp_frame_t& frame) {
+    if (frame.channel == consume_ch
+        && (frame.frame_type == AMQP_FRAME_HEADER
+            || frame.frame_type == AMQP_FRAME_BODY)) {
+      handle_content(frame);
+      return;
+    }
     if (frame.frame_type != AMQP_FRAME_METHOD)
       return;
     auto* decoded = frame.payload.method.decoded;
     switch (frame.payload.method.id) {
       case AMQP_BASIC_DELIVER_METHOD: {
         auto* d = static_cast<amqp_basic_deliver_t*>(decoded);
-        auto dtag = d->delivery_tag;
-        auto redelivered = d->redelivered != 0;
-        auto routing_key = str_of(d->routing_key);
-        auto box = std::make_unique<message_box>();
-        auto r = amqp_read_message(conn_.get(), frame.channel, &box->m, 0);
-        if (!is_ok(r)) {
-          connection_lost("reading a message: " + describe(r));
-          return;
-        }
-        box->owned = true;
-        take_delivery(dtag, redelivered, std::move(routing_key),
-                      std::move(box));
+        if (auto err = assembler_.deliver(d->delivery_tag, d->redelivered != 0,
+                                          d->routing_key, window_.spare());
+            !err.empty())
+          connection_lost("reading a message: " + err);
         return;
       }
       case AMQP_BASIC_ACK_METHOD: {
@@ -1393,30 +1530,40 @@ private:
     }
   }
 
-  void take_delivery(uint64_t dtag, bool redelivered, std::string routing_key,
-                     box_ptr box) {
-    auto& p = box->m.properties;
-    ready_message r;
+  // The content header of the delivery under way: what the runtime gets
+  // from the properties (they live in rabbitmq-c's frame pool only until
+  // the next amqp_maybe_release_buffers).
+  void take_header(const amqp_basic_properties_t& p) {
+    auto& raw = building_.raw;
+    raw = raw_message{};
+    auto subject = field_string(find_header(p, subject_header));
+    raw.subject = subject.empty() ? assembler_.routing_key()
+                                  : std::move(subject);
+    raw.traceparent = field_string(find_header(p, "traceparent"));
+    raw.tracestate = field_string(find_header(p, "tracestate"));
+    raw.key = field_string(find_header(p, key_header));
+    raw.delivery_count = delivery_count(p, assembler_.redelivered());
+    collect_foreign(p, foreign_);
+  }
+
+  // The delivery under way is complete: queue it for poll.
+  void take_delivery() {
+    auto dtag = assembler_.delivery_tag();
+    auto [body, copy] = assembler_.take();
+    auto& r = building_;
     r.gen = gen_;
     r.dtag = dtag;
-    auto subject = field_string(find_header(p, subject_header));
-    r.raw.subject = subject.empty() ? std::move(routing_key)
-                                    : std::move(subject);
-    r.raw.bytes = str_of(box->m.body);
-    r.raw.traceparent = field_string(find_header(p, "traceparent"));
-    r.raw.tracestate = field_string(find_header(p, "tracestate"));
-    r.raw.key = field_string(find_header(p, key_header));
-    r.raw.delivery_count = delivery_count(p, redelivered);
+    r.raw.bytes = std::move(body);
     auto& pos = r.raw.position;
     pos.reserve(settings_.queue.size() + 32);
     pos += "amqp:";
     pos += settings_.queue;
     pos += '#';
-    append_uint(pos, gen_.load());
+    append_uint(pos, r.gen);
     pos += '.';
     append_uint(pos, dtag);
-    merge_properties(p, r.raw.bytes);
-    window_.add(dtag, std::move(box));
+    merge_foreign(foreign_, r.raw.bytes);
+    window_.add(dtag, std::move(copy));
     incoming_.push_back(std::move(r));
   }
 
@@ -1426,8 +1573,13 @@ private:
     std::function<void()> wake;
     {
       std::lock_guard guard{mtx_};
-      for (auto& r : incoming_)
-        ready_.push_back(std::move(r));
+      if (ready_.empty()) {
+        ready_.swap(incoming_); // the usual case: no moves
+        ready_head_ = 0;
+      } else {
+        for (auto& r : incoming_)
+          ready_.push_back(std::move(r));
+      }
       if (waiting_) {
         waiting_ = false;
         wake = wakeup_;
@@ -1539,19 +1691,39 @@ private:
   void io_retry(held_message& h, int64_t ms) {
     if (!conn_ || h.gen != gen_)
       return; // the broker requeued the original with the lost channel
-    auto* box = window_.message(h.dtag);
-    if (box == nullptr)
+    auto* kept = window_.message(h.dtag);
+    if (kept == nullptr)
       return; // cannot happen: held deliveries are open in the window
-    auto& base = box->m.properties;
+    amqp_pool_t pool;
+    init_amqp_pool(&pool, 4096);
+    auto pool_guard = std::unique_ptr<amqp_pool_t, void (*)(amqp_pool_t*)>{
+      &pool, [](amqp_pool_t* p) { empty_amqp_pool(p); }};
+    void* decoded = nullptr;
+    if (auto rc = amqp_decode_properties(AMQP_BASIC_CLASS, &pool,
+                                         kept->properties(), &decoded);
+        rc != AMQP_STATUS_OK || decoded == nullptr) {
+      // Cannot happen either: the bytes were encoded from decoded properties.
+      spdlog::warn("amqp: the kept properties of delivery {} do not decode "
+                   "({}); it is redelivered at once instead of after {} ms",
+                   h.dtag, amqp_error_string2(rc), ms);
+      window_.mark_done(h.dtag);
+      window_dirty_ = true;
+      if (amqp_basic_nack(conn_.get(), consume_ch, h.dtag, 0, 1)
+          != AMQP_STATUS_OK)
+        connection_lost("nack after a bad retry copy");
+      return;
+    }
+    auto& base = *static_cast<amqp_basic_properties_t*>(decoded);
     auto copy = std::make_shared<outgoing>();
     copy->exchange = "";
     copy->routing_key = settings_.retry_queue();
-    copy->body = str_of(box->m.body);
+    copy->body = str_of(kept->body());
     copy->expiration = std::to_string(ms);
     copy->persistent = !(base._flags & AMQP_BASIC_DELIVERY_MODE_FLAG)
                        || base.delivery_mode == 2;
     if (find_header(base, subject_header) == nullptr)
-      copy->headers.emplace_back(subject_header, h.subject);
+      copy->headers.emplace_back(subject_header,
+                                 std::string{kept->routing_key()});
     auto gen = h.gen;
     auto dtag = h.dtag;
     io_publish(*copy, &base, [this, gen, dtag, copy](caf::error err) {
@@ -1653,14 +1825,16 @@ private:
                         "confirmed: "
                           + why));
     incoming_.clear();
+    assembler_.reset();
     window_.clear();
     window_dirty_ = false;
     held_since_.reset();
     acks_.clear();
-    std::deque<ready_message> dropped;
+    std::vector<ready_message> dropped;
     {
       std::lock_guard guard{mtx_};
       dropped.swap(ready_);
+      ready_head_ = 0;
       acks_in_.clear(); // their channel is gone; the broker requeued them
     }
     ack_due_.reset();
@@ -1731,6 +1905,10 @@ private:
   uint64_t next_seq_ = 1;
   std::map<uint64_t, pending_confirm> pending_;
   std::vector<ready_message> incoming_;
+  internal::delivery_assembler assembler_; // the delivery being read
+  clock_type::time_point last_read_;       // the last read in pump
+  ready_message building_;                 // its message for poll
+  foreign_fields foreign_;    // what its properties add to a foreign body
   delivery_window window_;    // deliveries without a terminal frame sent
   bool window_dirty_ = false; // something settled since the last flush
   std::optional<clock_type::time_point> held_since_; // acks wait since
@@ -1745,8 +1923,11 @@ private:
   // Acks from the source (connection generation, delivery tag), not yet
   // taken by the I/O thread.
   std::vector<std::pair<uint64_t, uint64_t>> acks_in_;
-  std::deque<ready_message> ready_;
-  std::unordered_map<uint64_t, held_message> held_;
+  // Deliveries for poll: ready_[ready_head_..] (the I/O thread swaps its
+  // incoming_ in when poll emptied it).
+  std::vector<ready_message> ready_;
+  size_t ready_head_ = 0;
+  held_queue held_;
   bool waiting_ = true;
   std::atomic<bool> stop_{false};
   std::function<void()> wakeup_;

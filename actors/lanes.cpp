@@ -22,15 +22,26 @@ int64_t wall_ns() noexcept {
     .count();
 }
 
+size_t scoped_key_size(const subscription& sub, const incoming_message& m) {
+  return std::string_view{sub.handler->consumer}.size()
+         + std::string_view{sub.handler->pattern}.size() + m.dedupe_key.size()
+         + 2;
+}
+
+void append_scoped_dedupe_key(std::string& out, const subscription& sub,
+                              const incoming_message& m) {
+  out += sub.handler->consumer;
+  out += ':';
+  out += sub.handler->pattern;
+  out += ':';
+  out += m.dedupe_key;
+}
+
 std::string scoped_dedupe_key(const subscription& sub,
                               const incoming_message& m) {
   std::string result;
-  result.reserve(sub.name.size() + m.dedupe_key.size() + 1);
-  result += sub.handler->consumer;
-  result += ':';
-  result += sub.handler->pattern;
-  result += ':';
-  result += m.dedupe_key;
+  result.reserve(scoped_key_size(sub, m));
+  append_scoped_dedupe_key(result, sub, m);
   return result;
 }
 
@@ -265,11 +276,22 @@ bool run_deduped_batch(caf::event_based_actor* self, const runtime_env& env,
   auto n = batch.items.size();
   if (progress && progress->abandoned.load(std::memory_order_acquire))
     return false;
-  std::vector<std::string> keys;
-  keys.reserve(n);
+  // The scoped keys, side by side in one buffer (one allocation per batch).
+  size_t total = 0;
   for (auto& item : batch.items)
-    keys.push_back(scoped_dedupe_key(s, *item.msg));
-  std::vector<std::string_view> views{keys.begin(), keys.end()};
+    total += scoped_key_size(s, *item.msg);
+  std::string keys;
+  keys.reserve(total);
+  std::vector<size_t> ends;
+  ends.reserve(n);
+  for (auto& item : batch.items) {
+    append_scoped_dedupe_key(keys, s, *item.msg);
+    ends.push_back(keys.size());
+  }
+  std::vector<std::string_view> views;
+  views.reserve(n);
+  for (size_t i = 0, from = 0; i < n; from = ends[i++])
+    views.emplace_back(keys.data() + from, ends[i] - from);
   std::vector<claim_result> claims(n, claim_result::unavailable);
   env.dedupe->try_begin_many(views, env.config.dedupe_lease, claims);
   std::vector<finish_op> ops;

@@ -95,11 +95,22 @@ struct runtime_env {
 
 using runtime_env_ptr = std::shared_ptr<const runtime_env>;
 
+/// What a delivery keeps of its `raw_message` once decoded: the decoded
+/// envelope has the rest (subject, trace headers and key filled its gaps).
+struct raw_origin {
+  /// The transport's handle (for `attempt_started`).
+  uint64_t tag = 0;
+  /// The bytes as received: a dead-letter record's `original`.
+  std::string bytes;
+  /// The native position, for dead-letter records.
+  std::string position;
+};
+
 /// One delivery after decoding, shared by every subscription it matched.
 struct incoming_message {
   /// Source-local id of the delivery.
   uint64_t delivery_id = 0;
-  raw_message raw;
+  raw_origin raw;
   envelope env;
   /// Handler executions made in earlier deliveries:
   /// max(broker delivery count - 1, envelope attempt).
@@ -271,6 +282,13 @@ using crash_atom = caf::atom_constant<caf::atom("crash")>;
 
 /// Scoped idempotency key of one subscription: "consumer:pattern:key".
 std::string scoped_dedupe_key(const subscription& sub,
+                              const incoming_message& m);
+
+/// The length of `scoped_dedupe_key(sub, m)`.
+size_t scoped_key_size(const subscription& sub, const incoming_message& m);
+
+/// Appends `scoped_dedupe_key(sub, m)` to `out`.
+void append_scoped_dedupe_key(std::string& out, const subscription& sub,
                               const incoming_message& m);
 
 /// Runs a function handler, converting exceptions once: permanent_error ->

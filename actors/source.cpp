@@ -265,8 +265,10 @@ public:
     msg->tenant = std::move(tenant);
     msg->dedupe_key = dedupe_key(e);
     msg->env = std::move(e);
-    msg->raw = std::move(raw);
+    msg->raw.tag = raw.tag;
+    msg->raw.bytes = std::move(raw.bytes);
     msg->raw.bytes.shrink_to_fit();
+    msg->raw.position = std::move(raw.position);
     d.remaining = static_cast<uint32_t>(st_->matches.size());
     d.owing.assign(st_->matches.begin(), st_->matches.end());
     incoming_ptr shared = std::move(msg);

@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <map>
 #include <mutex>
-#include <unordered_map>
 
 #include "evmesh/error.hpp"
 
@@ -33,7 +32,10 @@ struct group_state {
   std::map<uint64_t, entry>
     ready; // by publish sequence: redeliveries keep order
   std::multimap<time_point, entry> delayed;
-  std::unordered_map<uint64_t, entry> unacked; // by delivery tag
+  // By delivery tag. A map like `ready`, so a polled entry's node moves
+  // from one to the other without an allocation (tags only grow, so the
+  // insertion goes at the end).
+  std::map<uint64_t, entry> unacked;
   uint64_t next_tag = 1;
   inproc_group_stats stats;
   std::vector<std::string> dlq;
@@ -227,9 +229,9 @@ public:
     while (n < max && !g.ready.empty()) {
       auto node = g.ready.extract(g.ready.begin());
       auto& e = node.mapped();
+      auto tag = g.next_tag++;
       ++e.deliveries;
       e.owner = id_;
-      auto tag = g.next_tag++;
       raw_message msg;
       msg.tag = tag;
       msg.bytes = e.msg->bytes;
@@ -237,11 +239,17 @@ public:
       msg.traceparent = e.msg->traceparent;
       msg.key = e.msg->key;
       msg.delivery_count = e.deliveries;
-      msg.position = "inproc:" + group_ + "#" + std::to_string(e.seq);
+      auto seq = std::to_string(e.seq);
+      msg.position.reserve(8 + group_.size() + seq.size());
+      msg.position += "inproc:";
+      msg.position += group_;
+      msg.position += '#';
+      msg.position += seq;
       ++g.stats.delivered;
       if (e.deliveries > 1)
         ++g.stats.redelivered;
-      g.unacked.emplace(tag, std::move(e));
+      node.key() = tag;
+      g.unacked.insert(g.unacked.end(), std::move(node));
       out.push_back(std::move(msg));
       ++n;
     }

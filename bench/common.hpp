@@ -16,6 +16,7 @@
 #include <vector>
 
 #include <boost/json.hpp>
+#include <malloc.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
@@ -101,6 +102,14 @@ inline size_t rss_bytes() {
   size_t size = 0, resident = 0;
   in >> size >> resident;
   return resident * static_cast<size_t>(sysconf(_SC_PAGESIZE));
+}
+
+/// Heap bytes in use (glibc's mallinfo2 over all arenas, including chunks
+/// served by mmap): unlike RSS, it does not count memory that was freed but
+/// kept by the allocator, nor miss memory reused after a free.
+inline size_t heap_bytes() {
+  auto mi = mallinfo2();
+  return mi.uordblks + mi.hblkhd;
 }
 
 /// The 1-minute load average (/proc/loadavg).

@@ -12,7 +12,10 @@
 // (default 2x cores).
 // memory: bytes per in-flight message beyond its payload — RSS with N
 // (default 65 536) deliveries parked behind blocked handlers minus RSS with
-// none, divided by N, minus the envelope's size.
+// none, divided by N, minus the envelope's size; and the same from the heap
+// bytes in use (mallinfo2), split into the in-process broker's own share
+// (measured by publishing and polling N messages on a broker of their own
+// with no runtime) and the consumer's.
 // latency: the mesh latency at fixed offered rates (default 1 000, 5 000,
 // 20 000 msg/s), about 3 s each.
 // soak: the mesh at a steady R msg/s (default 2 000) for S seconds (default
@@ -206,6 +209,38 @@ eb::result run_one_hop(uint64_t n) {
   return {static_cast<double>(n) / secs, 1e6 * cpu / static_cast<double>(n)};
 }
 
+/// Heap bytes the in-process broker itself holds per unacked message (its
+/// stored copy and queue entries): `n` messages published to a broker of
+/// their own and polled (the polled copies freed at once), with no runtime.
+/// In the memory mode that share belongs to the broker, which for NATS,
+/// Kafka or RabbitMQ lives in another process.
+double broker_bytes_per_message(size_t n, uint64_t keys) {
+  auto bytes = eb::make_payloads("bench.created", n, keys);
+  auto t = evmesh::make_transport("inproc://bench-broker-only",
+                                  evmesh::transport_environment{});
+  if (!t || (*t)->subscribe({"bench.created"})) {
+    std::fprintf(stderr, "broker-only transport failed\n");
+    std::exit(1);
+  }
+  auto broker = evmesh::inproc_broker::get("bench-broker-only");
+  auto heap0 = eb::heap_bytes();
+  for (auto& x : bytes)
+    broker->publish_raw("bench.created", std::move(x));
+  std::vector<evmesh::raw_message> out;
+  for (size_t polled = 0; polled < n;) {
+    out.clear();
+    if ((*t)->poll(4096, out) || out.empty())
+      break;
+    polled += out.size();
+  }
+  out = {};
+  auto per_msg = static_cast<double>(eb::heap_bytes() - heap0)
+                 / static_cast<double>(n);
+  (*t)->close();
+  broker->reset();
+  return per_msg;
+}
+
 /// Memory mode: RSS per in-flight delivery beyond the envelope itself.
 int run_memory(size_t in_flight, uint64_t keys, const eb::json_out& json) {
   auto sink = std::make_shared<counting_sink>();
@@ -232,6 +267,7 @@ int run_memory(size_t in_flight, uint64_t keys, const eb::json_out& json) {
     std::this_thread::sleep_for(milliseconds{1});
   std::this_thread::sleep_for(milliseconds{200});
   auto rss0 = eb::rss_bytes();
+  auto heap0 = eb::heap_bytes();
   hold = true;
   for (auto& x : bytes)
     broker->publish_raw("bench.created", std::move(x));
@@ -247,22 +283,32 @@ int run_memory(size_t in_flight, uint64_t keys, const eb::json_out& json) {
   std::this_thread::sleep_for(milliseconds{200});
   auto held = rt->stats().in_flight;
   auto rss1 = eb::rss_bytes();
+  auto heap1 = eb::heap_bytes();
   hold = false;
   while (rt->stats().acked < 2000 + in_flight)
     std::this_thread::sleep_for(milliseconds{1});
   rt->stop(seconds{5});
-  auto per_msg = static_cast<double>(rss1 - rss0) / static_cast<double>(held);
+  rt.reset();
+  auto n = static_cast<double>(held);
+  auto per_msg = static_cast<double>(rss1 - rss0) / n;
+  auto heap_per_msg = static_cast<double>(heap1 - heap0) / n;
   auto envelope = static_cast<double>(payload_bytes)
                   / static_cast<double>(in_flight);
+  auto broker_share = broker_bytes_per_message(in_flight, keys);
+  auto consumer = heap_per_msg - broker_share;
   std::printf("in flight %llu (max_in_flight %zu, handlers blocked), load "
               "average %.2f\n"
               "RSS idle %.1f MiB, with them %.1f MiB: %.0f bytes per "
               "in-flight message, of which the envelope is %.0f bytes: "
-              "%.0f bytes beyond it\n",
+              "%.0f bytes beyond it\n"
+              "heap in use: %.0f bytes per in-flight message, of which the "
+              "in-process broker's own copy and queue entries are %.0f: the "
+              "consumer holds %.0f bytes, %.0f beyond the envelope\n",
               static_cast<unsigned long long>(held), in_flight,
               eb::load_average(), static_cast<double>(rss0) / 1048576.0,
               static_cast<double>(rss1) / 1048576.0, per_msg, envelope,
-              per_msg - envelope);
+              per_msg - envelope, heap_per_msg, broker_share, consumer,
+              consumer - envelope);
   boost::json::object o;
   o["kind"] = "memory";
   o["in_flight"] = held;
@@ -271,6 +317,9 @@ int run_memory(size_t in_flight, uint64_t keys, const eb::json_out& json) {
   o["bytes_per_in_flight"] = per_msg;
   o["envelope_bytes"] = envelope;
   o["bytes_beyond_payload"] = per_msg - envelope;
+  o["heap_bytes_per_in_flight"] = heap_per_msg;
+  o["broker_heap_bytes_per_message"] = broker_share;
+  o["consumer_heap_bytes_beyond_payload"] = consumer - envelope;
   json.row(std::move(o));
   return 0;
 }

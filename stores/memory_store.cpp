@@ -1,6 +1,8 @@
 #include "evmesh/memory_store.hpp"
 
 #include <algorithm>
+#include <cstring>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <utility>
@@ -39,11 +41,18 @@ time_point deadline(time_point now, caf::timespan ttl) {
 /// allocation per key and hashing a key more than once per operation, and
 /// the incremental sweep is a walk over an array.
 struct memory_idempotency_store::shard {
+  // 32 bytes: the key's bytes live in an exact-size block of their own.
   struct slot {
     uint64_t hash = 0; // 0: empty
     time_point expires_at{};
-    std::string key;
+    std::unique_ptr<char[]> key;
+    uint32_t size = 0;
     entry_state state = entry_state::in_flight;
+
+    bool holds(std::string_view k) const noexcept {
+      return size == k.size()
+             && (size == 0 || std::memcmp(key.get(), k.data(), size) == 0);
+    }
   };
 
   static constexpr size_t npos = static_cast<size_t>(-1);
@@ -78,7 +87,7 @@ struct memory_idempotency_store::shard {
       auto& s = slots[i];
       if (s.hash == 0)
         return npos;
-      if (s.hash == h && s.key == key)
+      if (s.hash == h && s.holds(key))
         return i;
     }
   }
@@ -125,7 +134,10 @@ struct memory_idempotency_store::shard {
       i = (i + 1) & mask();
     auto& s = slots[i];
     s.hash = h;
-    s.key.assign(key.data(), key.size());
+    s.key = std::make_unique_for_overwrite<char[]>(key.size());
+    if (!key.empty())
+      std::memcpy(s.key.get(), key.data(), key.size());
+    s.size = static_cast<uint32_t>(key.size());
     s.state = st;
     s.expires_at = t;
     noted(t);
@@ -162,7 +174,8 @@ struct memory_idempotency_store::shard {
     }
     auto& hole = slots[i];
     hole.hash = 0;
-    hole.key = std::string{};
+    hole.key.reset();
+    hole.size = 0;
     --used;
   }
 

@@ -28,8 +28,10 @@ struct record {
   /// that identifies the current attempt (stale answers are ignored).
   size_t lane = 0;
   uint64_t seq = 0;
-  /// The running (or last) attempt's span and the previous one (for links).
-  trace_context span;
+  /// The running (or last) attempt's span id and the previous one (for
+  /// links); the rest of the attempt's trace context is the producer's
+  /// (`attempt_trace`).
+  span_id span{};
   span_id last_span{};
   /// Whether an attempt ran (then `span` is the last attempt's).
   bool attempted = false;
@@ -42,6 +44,14 @@ struct record {
     return *errors;
   }
 };
+
+/// The trace context of `r`'s running (or last) attempt: a child of the
+/// producer's span.
+trace_context attempt_trace(const record& r) {
+  auto& p = r.msg->producer;
+  return trace_context{p.trace, r.span,       p.span,
+                       p.flags, p.tracestate, p.is_root};
+}
 
 struct lane_slot {
   caf::actor handle;
@@ -440,15 +450,13 @@ public:
     r.state = record_state::running;
     r.lane = lane;
     r.seq = st_->next_seq++;
-    r.span = trace_context{m.producer.trace,      new_span_id(),
-                           m.producer.span,       m.producer.flags,
-                           m.producer.tracestate, m.producer.is_root};
+    r.span = new_span_id();
     attempt_msg am;
     am.msg = r.msg;
     am.id = id;
     am.seq = r.seq;
     am.attempt = m.prior_attempts + r.executions + 1;
-    am.trace = r.span;
+    am.trace = attempt_trace(r);
     am.link = r.last_span;
     am.deadline = caf::make_timestamp() + opts().timeout;
     return am;
@@ -608,7 +616,7 @@ public:
 
   void apply_result(uint64_t id, record& rec, attempt_result& res) {
     auto r = &rec;
-    r->last_span = r->span.span;
+    r->last_span = r->span;
     r->attempted = true;
     switch (res.kind) {
       case attempt_result::duplicate:
@@ -747,7 +755,8 @@ public:
     rec->transport = std::string{env.transport->scheme()};
     rec->position = m.raw.position;
     rec->node = env.node;
-    rec->traceparent = r.attempted ? r.span.traceparent() : m.env.traceparent;
+    rec->traceparent = r.attempted ? attempt_trace(r).traceparent()
+                                   : m.env.traceparent;
     rec->original = env.config.mask_fields.empty()
                       ? m.raw.bytes
                       : mask_fields(m.raw.bytes, env.config.mask_fields);
@@ -893,7 +902,7 @@ public:
   /// in-flight attempt) and its span becomes the previous one.
   void count_abandoned_run(record& r) {
     release_claim(r);
-    r.last_span = r.span.span;
+    r.last_span = r.span;
     r.attempted = true;
     ++r.executions;
   }

@@ -119,8 +119,32 @@ struct incoming_message {
   trace_context producer;
   /// The tenant after resolution (fallback applied).
   std::string tenant;
-  /// `dedupe_key(env)`.
-  std::string dedupe_key;
+  /// `dedupe_key(env)`: a view of `env.idempotency_key` or `env.id`, or of
+  /// `own_key` when the key is a digest (see `set_dedupe_key`).
+  std::string_view dedupe_key;
+  std::string own_key;
+
+  incoming_message() = default;
+  // `dedupe_key` may point into this object: never copied or moved (it
+  // lives in a shared_ptr from creation on).
+  incoming_message(const incoming_message&) = delete;
+  incoming_message& operator=(const incoming_message&) = delete;
+
+  /// Points `dedupe_key` at `dedupe_key(env)`; call once `env` is final.
+  void set_dedupe_key() {
+    if (!env.idempotency_key.empty())
+      dedupe_key = env.idempotency_key;
+    else if (!env.id.empty())
+      dedupe_key = env.id;
+    else
+      set_dedupe_key(evmesh::dedupe_key(env));
+  }
+
+  /// Sets a key computed elsewhere (a cluster peer sends it along).
+  void set_dedupe_key(std::string key) {
+    own_key = std::move(key);
+    dedupe_key = own_key;
+  }
 };
 
 using incoming_ptr = std::shared_ptr<const incoming_message>;

@@ -263,8 +263,8 @@ public:
                                                : msg->producer.parent;
     msg->producer.parent = span_id{};
     msg->tenant = std::move(tenant);
-    msg->dedupe_key = dedupe_key(e);
     msg->env = std::move(e);
+    msg->set_dedupe_key();
     msg->raw.tag = raw.tag;
     msg->raw.bytes = std::move(raw.bytes);
     msg->raw.bytes.shrink_to_fit();

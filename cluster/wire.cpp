@@ -40,7 +40,7 @@ wire_attempt to_wire(const attempt_msg& am, const std::string& sub,
   w.prior_attempts = am.msg->prior_attempts;
   w.envelope = encode_envelope(am.msg->env);
   w.tenant = am.msg->tenant;
-  w.dedupe_key = am.msg->dedupe_key;
+  w.dedupe_key = std::string{am.msg->dedupe_key};
   w.trace = bytes_of(am.trace.trace);
   w.span = bytes_of(am.trace.span);
   w.parent = bytes_of(am.trace.parent);
@@ -63,7 +63,7 @@ caf::expected<attempt_msg> from_wire(const wire_attempt& w) {
   msg->raw.bytes = w.envelope;
   msg->prior_attempts = w.prior_attempts;
   msg->tenant = w.tenant;
-  msg->dedupe_key = w.dedupe_key;
+  msg->set_dedupe_key(w.dedupe_key);
   attempt_msg am;
   if (!read_bytes(w.trace, am.trace.trace) || !read_bytes(w.span, am.trace.span)
       || !read_bytes(w.parent, am.trace.parent) || !read_bytes(w.link, am.link))

@@ -67,6 +67,38 @@ TEST(dedupe, duplicate_after_success_is_acked_without_running) {
   EXPECT_EQ(mesh.broker_stats().dead_lettered, 0u);
 }
 
+// The key the runtime dedupes on: the idempotency key, else the id, else a
+// digest of the message (identical messages collide, different ones not).
+TEST(dedupe, key_is_the_idempotency_key_then_the_id_then_a_digest) {
+  auto p = std::make_shared<probe>();
+  evmesh::testing::test_mesh mesh{test_name()};
+  auto h = make_handler("orders", "order.*");
+  ASSERT_FALSE(mesh.start({&h}, with_probe(p)));
+  auto publish = [&](std::string id, std::string idem, int n) {
+    envelope e;
+    e.topic = "order.confirmed";
+    e.id = std::move(id);
+    e.idempotency_key = std::move(idem);
+    e.payload = boost::json::object{{"n", n}};
+    mesh.publish(e);
+    return mesh.run_until_settled();
+  };
+  // Idempotency key: same key, different ids -> one run.
+  ASSERT_TRUE(publish("id-1", "idem-1", 1));
+  ASSERT_TRUE(publish("id-2", "idem-1", 1));
+  // No idempotency key: the id -> one run for id-3, another for id-4.
+  ASSERT_TRUE(publish("id-3", "", 1));
+  ASSERT_TRUE(publish("id-3", "", 2));
+  ASSERT_TRUE(publish("id-4", "", 1));
+  // Neither: identical messages share a digest, a different payload not.
+  ASSERT_TRUE(publish("", "", 7));
+  ASSERT_TRUE(publish("", "", 7));
+  ASSERT_TRUE(publish("", "", 8));
+  EXPECT_EQ(p->total(), 5u);
+  EXPECT_EQ(mesh.runtime().stats().duplicates, 3u);
+  EXPECT_EQ(mesh.broker_stats().acked, 8u);
+}
+
 TEST(dedupe, in_flight_claim_defers_without_counting_an_attempt) {
   auto p = std::make_shared<probe>();
   auto store = std::make_shared<switchable_store>();

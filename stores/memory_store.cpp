@@ -100,8 +100,11 @@ struct memory_idempotency_store::shard {
     for (auto& s : slots)
       if (s.hash != 0 && s.expires_at > now)
         ++live;
+    // The smallest table with the live entries at a load factor of at most
+    // 5/8: room to grow before the 3/4 limit, without doubling the table
+    // just because expired entries (dropped here) filled it.
     size_t cap = min_capacity;
-    while (cap < 2 * (live + extra))
+    while (8 * (live + extra) > 5 * cap)
       cap *= 2;
     std::vector<slot> old(cap);
     old.swap(slots);

@@ -125,6 +125,10 @@ struct incoming_message {
   std::string own_key;
 
   incoming_message() = default;
+  /// Takes `e` by move construction: its payload keeps its own storage
+  /// (assignment would copy it into the default one).
+  explicit incoming_message(envelope&& e) : env(std::move(e)) {
+  }
   // `dedupe_key` may point into this object: never copied or moved (it
   // lives in a shared_ptr from creation on).
   incoming_message(const incoming_message&) = delete;

@@ -245,17 +245,18 @@ public:
       }
       tenant = std::move(res.tenant);
     }
-    auto msg = std::make_shared<incoming_message>();
+    auto msg = std::make_shared<incoming_message>(std::move(e));
+    auto& me = msg->env;
     msg->delivery_id = id;
     msg->prior_attempts = std::max(
-      raw.delivery_count > 0 ? raw.delivery_count - 1 : 0u, e.attempt);
-    msg->producer = continue_trace(e.traceparent, e.tracestate);
+      raw.delivery_count > 0 ? raw.delivery_count - 1 : 0u, me.attempt);
+    msg->producer = continue_trace(me.traceparent, me.tracestate);
     if (msg->producer.is_root) {
       stats_block::inc(stats().new_root_traces);
-      if (!e.traceparent.empty())
+      if (!me.traceparent.empty())
         spdlog::debug("invalid traceparent '{}' on topic {}: starting a new "
                       "root trace",
-                      e.traceparent, e.topic);
+                      me.traceparent, me.topic);
     }
     // `producer.span` holds the producer's span: the parent of every attempt
     // (all zero for a new root).
@@ -263,7 +264,6 @@ public:
                                                : msg->producer.parent;
     msg->producer.parent = span_id{};
     msg->tenant = std::move(tenant);
-    msg->env = std::move(e);
     msg->set_dedupe_key();
     msg->raw.tag = raw.tag;
     msg->raw.bytes = std::move(raw.bytes);

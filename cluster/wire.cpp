@@ -58,8 +58,7 @@ caf::expected<attempt_msg> from_wire(const wire_attempt& w) {
   auto env = decode_envelope(w.envelope);
   if (!env)
     return env.error();
-  auto msg = std::make_shared<incoming_message>();
-  msg->env = std::move(*env);
+  auto msg = std::make_shared<incoming_message>(std::move(*env));
   msg->raw.bytes = w.envelope;
   msg->prior_attempts = w.prior_attempts;
   msg->tenant = w.tenant;

@@ -2,9 +2,13 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <exception>
 #include <limits>
+#include <memory>
+#include <new>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -203,6 +207,85 @@ native_field classify(std::string_view name) noexcept {
   return native_field::unknown;
 }
 
+// The storage of one decoded payload: its first bytes come from a buffer
+// inside the resource, so one heap block (made by make_shared_resource) holds
+// the resource and a small payload whole; the rest comes from the heap and
+// is freed piece by piece. The buffer is used only while `set_payload` copies
+// the payload in, on the decoding thread (`filling`); every later allocation
+// (a handler copying the payload shares its storage) goes to the heap, so
+// the resource, once shared, has no mutable state and is safe to use from
+// several threads at once.
+class payload_resource final : public json::memory_resource {
+public:
+  static constexpr size_t inline_bytes = 128;
+
+  /// Set by `set_payload` around the copy into a fresh resource.
+  static inline thread_local bool filling = false;
+
+private:
+  bool owns(const void* p) const noexcept {
+    auto x = reinterpret_cast<uintptr_t>(p);
+    auto lo = reinterpret_cast<uintptr_t>(buffer_);
+    return x >= lo && x < lo + inline_bytes;
+  }
+
+  void* do_allocate(size_t n, size_t align) override {
+    if (filling && align <= alignof(std::max_align_t)) {
+      auto at = (used_ + align - 1) & ~(align - 1);
+      if (at + n <= inline_bytes) {
+        used_ = at + n;
+        return buffer_ + at;
+      }
+    }
+    return ::operator new (n, std::align_val_t{align});
+  }
+
+  void do_deallocate(void* p, size_t n, size_t align) override {
+    if (!owns(p)) // inline bytes go with the resource
+      ::operator delete (p, n, std::align_val_t{align});
+  }
+
+  bool do_is_equal(const json::memory_resource& other) const noexcept override {
+    return this == &other;
+  }
+
+  alignas(std::max_align_t) unsigned char buffer_[inline_bytes];
+  size_t used_ = 0;
+};
+
+// Sets `env.payload` to a copy of `v` (which lives in the decoder's scratch
+// arena) in a storage of its own: one allocation for a small payload instead
+// of one per object, array and long string. `env.payload` is re-created
+// rather than assigned, as assigning a value of another storage would copy
+// it again into the default one.
+void set_payload(envelope& env, const json::value& v) {
+  switch (v.kind()) {
+    case json::kind::object:
+    case json::kind::array:
+    case json::kind::string:
+      break;
+    default: // scalars allocate nothing
+      env.payload = v;
+      return;
+  }
+  auto sp = json::make_shared_resource<payload_resource>();
+  struct fill_scope {
+    fill_scope() {
+      payload_resource::filling = true;
+    }
+    ~fill_scope() {
+      payload_resource::filling = false;
+    }
+  };
+  std::optional<json::value> copy;
+  {
+    fill_scope scope;
+    copy.emplace(v, sp);
+  }
+  std::destroy_at(&env.payload);
+  std::construct_at(&env.payload, std::move(*copy));
+}
+
 // Applies one known native field; `v` may be moved from.
 caf::error apply_native(native_field f, std::string_view name, json::value& v,
                         envelope& env) {
@@ -212,7 +295,7 @@ caf::error apply_native(native_field f, std::string_view name, json::value& v,
     case native_field::topic:
       return read_string(name, v, env.topic);
     case native_field::payload:
-      env.payload = std::move(v);
+      set_payload(env, v);
       return {};
     case native_field::idempotency_key:
       return read_string(name, v, env.idempotency_key);
@@ -306,7 +389,7 @@ caf::error decode_nestjs(json::object& obj, envelope& env) {
       continue;
     }
     if (name == "data") {
-      env.payload = std::move(kv.value());
+      set_payload(env, kv.value());
       continue;
     }
     // Everything else reads as in the native envelope, except the fields
@@ -346,12 +429,12 @@ caf::error decode_cloudevent(json::object& obj, envelope& env) {
     } else if (name == "type") {
       err = read_string(name, v, env.topic);
     } else if (name == "data") {
-      env.payload = std::move(v);
+      set_payload(env, v);
     } else if (name == "data_base64") {
       if (!v.is_string())
         err = fail(field_error(name, "a base64 string", v));
       else
-        env.payload = std::move(v);
+        set_payload(env, v);
     } else if (name == "datacontenttype") {
       err = read_string(name, v, env.content_type);
     } else if (name == "traceparent") {

@@ -78,6 +78,10 @@ struct transport_metadata {
 /// NestJS event. Never throws: malformed input yields `errc::decode_error`
 /// with a message naming the problem (and its byte offset for bad JSON).
 /// Envelope fields win over `meta`; `meta` only fills empty fields.
+/// The decoded `payload` lives in a storage of its own (one block for a small
+/// payload; reference-counted and safe to share between threads): moving the
+/// envelope keeps it, while assigning the payload to a value of the default
+/// storage copies it.
 caf::expected<envelope> decode_envelope(std::string_view bytes,
                                         const transport_metadata& meta = {});
 

@@ -2,6 +2,7 @@
 // against a bare nats.c pull consumer measured in the same run.
 //
 //   e2e_nats [messages] [keys] [runs] [--json FILE] [--no-redis 1]
+//            [--rows bare,memory,redis,redis-script] [--latency 0]
 //
 // Starts its own nats-server (and redis-server when installed) on free
 // loopback ports in temp dirs and stops them. Per run and consumer, a fresh
@@ -17,12 +18,21 @@
 //   on (claim + commit per message in the memory store, a span per attempt to
 //   a counting sink, per-key ordering, concurrency 2x cores).
 // - evmesh, Redis dedupe: the same with the redis:// store (pipelined).
+//
+// --rows picks the throughput rows to run (for profiling one of them; the
+// ratios need `bare`; redis-script is the Redis row with claim=script, the
+// Lua claim, for comparing claim paths in one run); --latency 0 skips the
+// latency runs. To profile only the timed phases (no preload): mkfifo ctl;
+// EVMESH_BENCH_PERF_CTL=ctl perf record -D -1 --control fifo:ctl -g -- e2e_nats
+// ...
 #include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
 #include <memory>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -30,6 +40,7 @@
 #include <nats/nats.h>
 #include <spdlog/spdlog.h>
 #include <sys/resource.h>
+#include <unistd.h>
 
 #include "evmesh/consumer.hpp"
 #include "evmesh/memory_store.hpp"
@@ -65,6 +76,19 @@ public:
   }
 };
 
+/// Tells `perf record --control fifo:FILE -D -1` (FILE in
+/// EVMESH_BENCH_PERF_CTL) to sample only while a timed phase runs.
+void perf_control(bool on) {
+  static FILE* ctl = [] {
+    auto* path = std::getenv("EVMESH_BENCH_PERF_CTL");
+    return path != nullptr ? std::fopen(path, "w") : nullptr;
+  }();
+  if (ctl != nullptr) {
+    std::fputs(on ? "enable\n" : "disable\n", ctl);
+    std::fflush(ctl);
+  }
+}
+
 double cpu_seconds() {
   rusage ru{};
   getrusage(RUSAGE_SELF, &ru);
@@ -74,9 +98,50 @@ double cpu_seconds() {
   return tv(ru.ru_utime) + tv(ru.ru_stime);
 }
 
+/// CPU seconds process `pid` used so far (0 if unreadable).
+double proc_cpu_seconds(pid_t pid) {
+  if (pid <= 0)
+    return 0;
+  std::ifstream in{"/proc/" + std::to_string(pid) + "/stat"};
+  std::string line;
+  std::getline(in, line);
+  auto close = line.rfind(')');
+  if (close == std::string::npos)
+    return 0;
+  std::istringstream fields{line.substr(close + 2)};
+  std::string skip;
+  // After the command: state and 10 more fields, then utime and stime.
+  for (int i = 0; i < 11; ++i)
+    fields >> skip;
+  double utime = 0;
+  double stime = 0;
+  fields >> utime >> stime;
+  return (utime + stime) / static_cast<double>(sysconf(_SC_CLK_TCK));
+}
+
+// The servers' pids, to report their CPU per message beside ours.
+pid_t nats_pid = 0;
+pid_t redis_pid = 0;
+
 struct result {
-  double rate = 0;   // msg/s
-  double cpu_us = 0; // CPU µs per message
+  double rate = 0;     // msg/s
+  double cpu_us = 0;   // CPU µs per message
+  double nats_us = 0;  // nats-server CPU µs per message
+  double redis_us = 0; // redis-server CPU µs per message
+};
+
+/// CPU of this process and the servers over one timed phase.
+struct cpu_meter {
+  double self = cpu_seconds();
+  double nats = proc_cpu_seconds(nats_pid);
+  double redis = proc_cpu_seconds(redis_pid);
+
+  result done(double secs, uint64_t n) const {
+    auto per = [n](double s) { return 1e6 * s / static_cast<double>(n); };
+    return {static_cast<double>(n) / secs, per(cpu_seconds() - self),
+            per(proc_cpu_seconds(nats_pid) - nats),
+            per(proc_cpu_seconds(redis_pid) - redis)};
+  }
 };
 
 [[noreturn]] void die(const std::string& what) {
@@ -175,7 +240,8 @@ result run_bare(const std::string& url, const std::string& stream,
         "pull subscribe");
   const uint64_t n = payloads.size();
   uint64_t acked = 0;
-  auto cpu0 = cpu_seconds();
+  perf_control(true);
+  cpu_meter meter;
   auto start = steady_clock::now();
   while (acked < n) {
     natsMsgList list{nullptr, 0};
@@ -190,9 +256,10 @@ result run_bare(const std::string& url, const std::string& stream,
   // Acks are sent without waiting; flush so they reached the server.
   natsConnection_FlushTimeout(c.nc, 10'000);
   auto secs = duration<double>(steady_clock::now() - start).count();
-  auto cpu = cpu_seconds() - cpu0;
+  auto res = meter.done(secs, n);
+  perf_control(false);
   natsSubscription_Destroy(sub);
-  return {static_cast<double>(n) / secs, 1e6 * cpu / static_cast<double>(n)};
+  return res;
 }
 
 /// The bare consumer's latency: an empty stream, `payloads` published at
@@ -310,7 +377,8 @@ result run_evmesh(const std::string& url, const std::string& stream,
   patterns.push_back(std::make_unique<std::string>(subject + ".*"));
   h.pattern = patterns.back()->c_str();
   h.fn = &bench_handler;
-  auto cpu0 = cpu_seconds();
+  perf_control(true);
+  cpu_meter meter;
   auto start = steady_clock::now();
   evmesh::consumer_runtime rt{cfg, b.freeze()};
   rt.set_handlers({&h});
@@ -338,7 +406,8 @@ result run_evmesh(const std::string& url, const std::string& stream,
     std::this_thread::sleep_for(microseconds{500});
   }
   auto secs = duration<double>(steady_clock::now() - start).count();
-  auto cpu = cpu_seconds() - cpu0;
+  auto res = meter.done(secs, n);
+  perf_control(false);
   if (pacer.joinable())
     pacer.join();
   rt.stop(seconds{5});
@@ -348,7 +417,7 @@ result run_evmesh(const std::string& url, const std::string& stream,
                  static_cast<unsigned long long>(handled.load()),
                  static_cast<unsigned long long>(sink->spans.load()),
                  static_cast<unsigned long long>(n));
-  return {static_cast<double>(n) / secs, 1e6 * cpu / static_cast<double>(n)};
+  return res;
 }
 
 double median(std::vector<double> xs) {
@@ -358,14 +427,23 @@ double median(std::vector<double> xs) {
 
 void print_row(const char* name, const std::vector<result>& rs,
                double base_rate) {
-  std::vector<double> rates, cpus;
+  std::vector<double> rates, cpus, nats, redis;
   for (auto& r : rs) {
     rates.push_back(r.rate);
     cpus.push_back(r.cpu_us);
+    nats.push_back(r.nats_us);
+    redis.push_back(r.redis_us);
   }
   auto rate = median(rates);
   std::printf("%-34s %10.0f msg/s  %6.2f µs CPU/msg  %5.0f%% of bare\n", name,
               rate, median(cpus), 100.0 * rate / base_rate);
+  // Per run: msg/s and CPU µs/msg of this process, nats-server and
+  // redis-server (the servers share the 2 cores).
+  std::printf("    runs (msg/s self/nats/redis µs):");
+  for (auto& r : rs)
+    std::printf("  %.0f %.2f/%.2f/%.2f", r.rate, r.cpu_us, r.nats_us,
+                r.redis_us);
+  std::printf("\n");
 }
 
 } // namespace
@@ -375,7 +453,24 @@ int main(int argc, char** argv) {
                                "e2e_nats"};
   // --no-redis 1: skip the Redis dedupe row.
   bool no_redis = !evmesh::bench::take_option(argc, argv, "no-redis").empty();
-  (void) no_redis;
+  auto rows = evmesh::bench::take_option(argc, argv, "rows",
+                                         "bare,memory,redis");
+  auto row_on = [&rows](std::string_view name) {
+    std::string_view list = rows;
+    while (!list.empty()) {
+      auto comma = list.find(',');
+      if (list.substr(0, comma) == name)
+        return true;
+      list = comma == std::string_view::npos ? std::string_view{}
+                                             : list.substr(comma + 1);
+    }
+    return false;
+  };
+  if (!row_on("bare") && !row_on("memory") && !row_on("redis")
+      && !row_on("redis-script"))
+    die("--rows takes a comma-separated list of bare, memory, redis, "
+        "redis-script");
+  bool latency = evmesh::bench::take_option(argc, argv, "latency", "1") != "0";
   uint64_t n = argc > 1 ? std::stoull(argv[1]) : 100'000;
   uint64_t keys = argc > 2 ? std::stoull(argv[2]) : 1000;
   int runs = argc > 3 ? std::stoi(argv[3]) : 3;
@@ -384,52 +479,79 @@ int main(int argc, char** argv) {
     die("nats-server is not installed (apt-get install nats-server)");
   evmesh::register_nats_transport();
   evmesh::testing::nats_server server;
+  nats_pid = server.pid();
   std::unique_ptr<evmesh::testing::redis_server> redis;
 #ifdef EVMESH_BENCH_HAS_REDIS
   if (evmesh::testing::redis_server::available() && !no_redis)
     redis = std::make_unique<evmesh::testing::redis_server>();
+  if (redis)
+    redis_pid = redis->pid();
 #endif
-  std::vector<result> bare, mem, red;
+  std::vector<result> bare, mem, red, red_script;
   int stream_no = 0;
   for (int r = 0; r < runs; ++r) {
     auto next = [&] { return "B" + std::to_string(++stream_no); };
     auto payloads = [&](const std::string& s) {
       return make_payloads("s" + s + ".created", n, keys);
     };
-    auto s1 = next();
-    bare.push_back(run_bare(server.url(), s1, payloads(s1)));
-    auto s2 = next();
-    mem.push_back(
-      run_evmesh(server.url(), s2, payloads(s2),
-                 std::make_shared<evmesh::memory_idempotency_store>(16)));
+    if (row_on("bare")) {
+      auto s1 = next();
+      bare.push_back(run_bare(server.url(), s1, payloads(s1)));
+    }
+    if (row_on("memory")) {
+      auto s2 = next();
+      mem.push_back(
+        run_evmesh(server.url(), s2, payloads(s2),
+                   std::make_shared<evmesh::memory_idempotency_store>(16)));
+    }
 #ifdef EVMESH_BENCH_HAS_REDIS
-    if (redis) {
-      auto store = evmesh::redis_idempotency_store::open(redis->url());
+    // redis-script: the Redis row with claims as the Lua script (the
+    // claim path before Redis 7's SET NX GET), for an A/B in the same run.
+    auto redis_row = [&](const char* query, std::vector<result>& out) {
+      auto store = evmesh::redis_idempotency_store::open(redis->url() + query);
       if (!store)
         die("redis: " + evmesh::render(store.error()));
       auto s3 = next();
-      red.push_back(run_evmesh(server.url(), s3, payloads(s3), *store));
-    }
+      out.push_back(run_evmesh(server.url(), s3, payloads(s3), *store));
+      auto pipe = (*store)->pipelining();
+      std::fprintf(stderr,
+                   "redis%s run %d: %llu commands in %llu round trips (%.1f "
+                   "per write)\n",
+                   query, r + 1, static_cast<unsigned long long>(pipe.commands),
+                   static_cast<unsigned long long>(pipe.round_trips),
+                   pipe.round_trips == 0
+                     ? 0.0
+                     : static_cast<double>(pipe.commands)
+                         / static_cast<double>(pipe.round_trips));
+    };
+    if (redis && row_on("redis"))
+      redis_row("", red);
+    if (redis && row_on("redis-script"))
+      redis_row("?claim=script", red_script);
 #endif
   }
   std::printf("messages %llu, keys %llu, runs %d (medians), cores %u\n",
               static_cast<unsigned long long>(n),
               static_cast<unsigned long long>(keys), runs,
               std::thread::hardware_concurrency());
-  double base = median([&] {
-    std::vector<double> v;
-    for (auto& r : bare)
-      v.push_back(r.rate);
-    return v;
-  }());
-  print_row("bare nats.c pull consumer", bare, base);
-  print_row("evmesh nats, memory dedupe", mem, base);
+  std::vector<double> bare_rates;
+  for (auto& r : bare)
+    bare_rates.push_back(r.rate);
+  double base = bare_rates.empty() ? 0 : median(bare_rates);
+  if (!bare.empty())
+    print_row("bare nats.c pull consumer", bare, base);
+  if (!mem.empty())
+    print_row("evmesh nats, memory dedupe", mem, base);
   if (!red.empty())
     print_row("evmesh nats, redis dedupe", red, base);
-  else
+  else if (row_on("redis"))
     std::printf("evmesh nats, redis dedupe: skipped (no redis-server)\n");
+  if (!red_script.empty())
+    print_row("evmesh nats, redis, Lua claims", red_script, base);
   auto to_json = [&](const char* row, const std::vector<result>& rs,
                      unsigned conc, double b) {
+    if (rs.empty())
+      return;
     std::vector<evmesh::bench::result> v;
     for (auto& r : rs)
       v.push_back({r.rate, r.cpu_us});
@@ -438,8 +560,10 @@ int main(int argc, char** argv) {
   auto conc = 2 * std::thread::hardware_concurrency();
   to_json("bare nats.c", bare, 1, 0);
   to_json("evmesh nats, memory dedupe", mem, conc, base);
-  if (!red.empty())
-    to_json("evmesh nats, redis dedupe", red, conc, base);
+  to_json("evmesh nats, redis dedupe", red, conc, base);
+  to_json("evmesh nats, redis dedupe, Lua claims", red_script, conc, base);
+  if (!latency || mem.empty() || bare.empty())
+    return 0;
   // Latency with memory dedupe at half its measured maximum, ~3 s of load.
   std::vector<double> mem_rates;
   for (auto& r : mem)

@@ -78,7 +78,8 @@ caf::error bad_url(std::string_view url, std::string_view problem) {
   msg += "': ";
   msg += problem;
   msg += " — expected redis://[[user]:password@]host[:port][/db]"
-         "[?pool=N&timeout_ms=T&connect_timeout_ms=T&prefix=P]";
+         "[?pool=N&timeout_ms=T&connect_timeout_ms=T&prefix=P"
+         "&claim=auto|script]";
   return make_error(errc::invalid_url, std::move(msg));
 }
 
@@ -201,6 +202,20 @@ bool starts_with(std::string_view str, std::string_view prefix) {
   return str.substr(0, prefix.size()) == prefix;
 }
 
+/// The major version in an `INFO server` reply (`redis_version:7.0.15`),
+/// 0 when absent or unreadable.
+int redis_major_version(std::string_view info) {
+  constexpr std::string_view field = "redis_version:";
+  auto at = info.find(field);
+  if (at == std::string_view::npos)
+    return 0;
+  auto digits = info.substr(at + field.size());
+  int major = 0;
+  auto [ptr, ec] = std::from_chars(digits.data(), digits.data() + digits.size(),
+                                   major);
+  return ec == std::errc{} && ptr != digits.data() ? major : 0;
+}
+
 /// Why `ctx` failed, in words: hiredis reports a read timeout as EAGAIN.
 std::string io_failure(const redisContext& ctx,
                        std::chrono::milliseconds timeout) {
@@ -304,7 +319,28 @@ struct connection {
   bool writing = false;
   context_ptr ctx;
   steady::time_point retry_after{};
+  std::string wbuf; // the writer's RESP buffer, reused across batches
 };
+
+// A write buffer that grew beyond this is not kept for the next batch.
+constexpr size_t max_kept_buffer = size_t{1} << 20;
+
+/// Appends `cmd` in the Redis protocol (an array of bulk strings).
+void append_resp(std::string& out, const pending_command& cmd) {
+  char num[24];
+  auto header = [&](char kind, size_t n) {
+    out += kind;
+    auto [end, ec] = std::to_chars(num, num + sizeof num, n);
+    out.append(num, end);
+    out += "\r\n";
+  };
+  header('*', static_cast<size_t>(cmd.argc));
+  for (int i = 0; i < cmd.argc; ++i) {
+    header('$', cmd.argvlen[i]);
+    out.append(cmd.argv[i], cmd.argvlen[i]);
+    out += "\r\n";
+  }
+}
 
 // Commands sent in one pipelined write at most.
 constexpr size_t max_pipeline = 512;
@@ -440,6 +476,13 @@ caf::expected<redis_store_options> parse_redis_url(std::string_view url) {
     } else if (name == "prefix") {
       if (!percent_decode(value, opts.prefix))
         return invalid("bad percent-encoding");
+    } else if (name == "claim") {
+      if (value == "auto")
+        opts.claim = redis_store_options::claim_mode::automatic;
+      else if (value == "script")
+        opts.claim = redis_store_options::claim_mode::script;
+      else
+        return invalid("auto or script");
     } else {
       return bad_url(url, "unknown parameter '" + std::string{name} + "'");
     }
@@ -458,6 +501,8 @@ struct redis_idempotency_store::impl {
   std::atomic<uint64_t> commands{0};
   std::atomic<uint64_t> round_trips{0};
   std::string claim_sha;
+  // Claims are one `SET ... NX GET` (Redis 7+) instead of the claim script.
+  bool set_claims = false;
   std::string release_sha;
   std::string forget_sha;
   // Tokens of this instance's live claims, by key, for `abort`.
@@ -559,6 +604,58 @@ struct redis_idempotency_store::impl {
     return caf::error{};
   }
 
+  /// Whether claims can be one `SET key token NX PX ms GET` (Redis 7 allows
+  /// NX with GET): asks `INFO server` for the version. A refused INFO (ACL)
+  /// keeps the claim script.
+  caf::error detect_set_claims(redisContext* ctx) {
+    set_claims = false;
+    if (opts.claim != redis_store_options::claim_mode::automatic)
+      return caf::error{};
+    auto reply = send_command(ctx, {"INFO", "server"});
+    if (!reply)
+      return make_error(errc::unavailable,
+                        "cannot ask " + shown_url + " for its version: "
+                          + io_failure(*ctx, opts.connect_timeout));
+    if (reply->type != REDIS_REPLY_STRING)
+      return caf::error{};
+    set_claims = redis_major_version(reply_text(*reply)) >= 7;
+    return caf::error{};
+  }
+
+  /// The arguments of a claim of `full` (a prefixed key) with `token`.
+  void set_claim(pending_command& cmd, std::string_view full,
+                 std::string_view token, std::string_view ms) const {
+    if (set_claims) {
+      cmd.set({"SET", full, token, "NX", "PX", ms, "GET"});
+      cmd.script = {};
+    } else {
+      cmd.set({"EVALSHA", claim_sha, "1", full, token, ms, committed_marker});
+      cmd.script = claim_script;
+    }
+  }
+
+  /// What a claim's reply means; false when it is not a claim's answer.
+  bool claim_answer(const redisReply& r, claim_result& out) const {
+    if (set_claims) {
+      // Nil: the key was absent and is ours now; else the value it holds.
+      if (r.type == REDIS_REPLY_NIL) {
+        out = claim_result::fresh;
+        return true;
+      }
+      if (r.type != REDIS_REPLY_STRING)
+        return false;
+      out = reply_text(r) == committed_marker ? claim_result::duplicate
+                                              : claim_result::in_flight;
+      return true;
+    }
+    if (r.type != REDIS_REPLY_INTEGER)
+      return false;
+    out = r.integer == 1   ? claim_result::fresh
+          : r.integer == 2 ? claim_result::duplicate
+                           : claim_result::in_flight;
+    return true;
+  }
+
   void mark_failed(const caf::error& err) {
     if (healthy.exchange(false))
       spdlog::warn("redis idempotency store answers unavailable until the "
@@ -621,13 +718,20 @@ struct redis_idempotency_store::impl {
     auto* ctx = conn.ctx.get();
     commands.fetch_add(batch.size(), std::memory_order_relaxed);
     round_trips.fetch_add(1, std::memory_order_relaxed);
+    // The whole batch as RESP in one reused buffer, handed to hiredis at
+    // once (redisAppendCommandArgv formats and copies every command into
+    // fresh strings of its own).
+    auto& buf = conn.wbuf;
+    buf.clear();
     for (auto* cmd : batch)
-      if (redisAppendCommandArgv(ctx, cmd->argc, cmd->argv, cmd->argvlen)
-          != REDIS_OK) {
-        fail_all(0, "command on " + shown_url + " failed: " + ctx->errstr);
-        conn.ctx.reset();
-        return;
-      }
+      append_resp(buf, *cmd);
+    if (redisAppendFormattedCommand(ctx, buf.data(), buf.size()) != REDIS_OK) {
+      fail_all(0, "command on " + shown_url + " failed: " + ctx->errstr);
+      conn.ctx.reset();
+      return;
+    }
+    if (buf.capacity() > max_kept_buffer)
+      std::string{}.swap(buf);
     for (size_t i = 0; i < batch.size(); ++i) {
       void* raw = nullptr;
       if (redisGetReply(ctx, &raw) != REDIS_OK || raw == nullptr) {
@@ -894,6 +998,8 @@ redis_idempotency_store::open(redis_store_options opts) {
     return std::move(ctx.error());
   if (auto err = st->load_scripts(ctx->get()))
     return err;
+  if (auto err = st->detect_set_claims(ctx->get()))
+    return err;
   st->pool[0].ctx = std::move(*ctx);
   return std::shared_ptr<redis_idempotency_store>{
     new redis_idempotency_store(std::move(st))};
@@ -905,9 +1011,13 @@ claim_result redis_idempotency_store::try_begin(std::string_view key,
   auto token = st.make_token();
   auto ms = std::to_string(ttl_ms(lease));
   auto expires_at = local_deadline(steady::now(), lease);
-  auto reply = st.eval(st.claim_sha, claim_script, st.full_key(key),
-                       {token, ms, committed_marker});
-  if (!reply || (*reply)->type != REDIS_REPLY_INTEGER) {
+  auto full = st.full_key(key);
+  pending_command cmd;
+  st.set_claim(cmd, full, token, ms);
+  st.submit_scripts({&cmd, 1});
+  auto reply = st.outcome_of(cmd);
+  auto answer = claim_result::unavailable;
+  if (!reply || !st.claim_answer(**reply, answer)) {
     if (reply)
       st.mark_failed(st.unexpected("claim a key", **reply));
     // The claim may have reached the server before a timeout: remember the
@@ -915,15 +1025,9 @@ claim_result redis_idempotency_store::try_begin(std::string_view key,
     st.remember(key, std::move(token), expires_at, false);
     return claim_result::unavailable;
   }
-  switch ((*reply)->integer) {
-    case 1:
-      st.remember(key, std::move(token), expires_at, true);
-      return claim_result::fresh;
-    case 2:
-      return claim_result::duplicate;
-    default:
-      return claim_result::in_flight;
-  }
+  if (answer == claim_result::fresh)
+    st.remember(key, std::move(token), expires_at, true);
+  return answer;
 }
 
 caf::error redis_idempotency_store::commit(std::string_view key,
@@ -980,9 +1084,7 @@ void redis_idempotency_store::try_begin_many(
   for (size_t i = 0; i < n; ++i) {
     full[i] = st.full_key(keys[i]);
     tokens[i] = st.make_token();
-    cmds[i].set(
-      {"EVALSHA", st.claim_sha, "1", full[i], tokens[i], ms, committed_marker});
-    cmds[i].script = claim_script;
+    st.set_claim(cmds[i], full[i], tokens[i], ms);
   }
   // One pipelined write and one read of the replies for the whole batch.
   st.submit_scripts(cmds);
@@ -992,7 +1094,8 @@ void redis_idempotency_store::try_begin_many(
   auto now = steady::now();
   for (size_t i = 0; i < n; ++i) {
     auto& cmd = cmds[i];
-    if (!cmd.failure.empty() || cmd.reply->type != REDIS_REPLY_INTEGER) {
+    auto answer = claim_result::unavailable;
+    if (!cmd.failure.empty() || !st.claim_answer(*cmd.reply, answer)) {
       if (!first)
         first = !cmd.failure.empty()
                   ? make_error(errc::unavailable, std::move(cmd.failure))
@@ -1003,18 +1106,9 @@ void redis_idempotency_store::try_begin_many(
       continue;
     }
     any_ok = true;
-    switch (cmd.reply->integer) {
-      case 1:
-        st.remember_locked(keys[i], std::move(tokens[i]), expires_at, true,
-                           now);
-        out[i] = claim_result::fresh;
-        break;
-      case 2:
-        out[i] = claim_result::duplicate;
-        break;
-      default:
-        out[i] = claim_result::in_flight;
-    }
+    if (answer == claim_result::fresh)
+      st.remember_locked(keys[i], std::move(tokens[i]), expires_at, true, now);
+    out[i] = answer;
   }
   if (first)
     st.mark_failed(first);

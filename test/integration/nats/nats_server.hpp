@@ -39,6 +39,11 @@ public:
     return port_;
   }
 
+  /// The server's process id (for benchmarks that read its CPU time).
+  pid_t pid() const noexcept {
+    return proc_.pid();
+  }
+
   /// Stops the server at once (SIGKILL); its store stays for `start`.
   void kill() {
     proc_.kill9();

@@ -39,6 +39,11 @@ public:
     return "redis://127.0.0.1:" + std::to_string(port_) + "/0";
   }
 
+  /// The server's process id (for benchmarks that read its CPU time).
+  pid_t pid() const noexcept {
+    return proc_.pid();
+  }
+
   uint16_t port() const noexcept {
     return port_;
   }

@@ -943,3 +943,131 @@ TEST_F(redis_store_test, batch_scripts_survive_a_script_flush) {
   EXPECT_EQ(out, std::vector<claim_result>(2, claim_result::fresh))
     << "the aborts after the flush released both claims";
 }
+
+// -- how claims are sent ---------------------------------------------------------
+
+namespace {
+
+/// Output of `redis-cli -p PORT ARGS...` (empty when it fails).
+std::string redis_cli(uint16_t port, const std::string& args) {
+  auto cmd = "redis-cli -p " + std::to_string(port) + " " + args;
+  std::string out;
+  if (auto* pipe = ::popen(cmd.c_str(), "r")) {
+    char buf[4096];
+    size_t n = 0;
+    while ((n = std::fread(buf, 1, sizeof buf, pipe)) > 0)
+      out.append(buf, n);
+    ::pclose(pipe);
+  }
+  return out;
+}
+
+/// Calls of `command` since the server started, from INFO commandstats.
+long command_calls(uint16_t port, const std::string& command) {
+  auto stats = redis_cli(port, "INFO commandstats");
+  auto field = "cmdstat_" + command + ":calls=";
+  auto at = stats.find(field);
+  if (at == std::string::npos)
+    return 0;
+  return std::stol(stats.substr(at + field.size()));
+}
+
+int server_major_version(uint16_t port) {
+  auto info = redis_cli(port, "INFO server");
+  auto at = info.find("redis_version:");
+  if (at == std::string::npos)
+    return 0;
+  return std::atoi(info.c_str() + at + 14);
+}
+
+} // namespace
+
+TEST(parse_redis_url, reads_the_claim_mode) {
+  auto def = parse_redis_url("redis://h");
+  ASSERT_TRUE(def);
+  EXPECT_EQ(def->claim, redis_store_options::claim_mode::automatic);
+  auto script = parse_redis_url("redis://h?claim=script");
+  ASSERT_TRUE(script);
+  EXPECT_EQ(script->claim, redis_store_options::claim_mode::script);
+  auto automatic = parse_redis_url("redis://h?claim=auto");
+  ASSERT_TRUE(automatic);
+  EXPECT_EQ(automatic->claim, redis_store_options::claim_mode::automatic);
+  auto bad = parse_redis_url("redis://h?claim=lua");
+  ASSERT_FALSE(bad);
+  EXPECT_EQ(code_of(bad.error()), errc::invalid_url);
+  EXPECT_NE(render(bad.error()).find("auto or script"), std::string::npos)
+    << render(bad.error());
+}
+
+TEST_F(redis_store_test, claims_on_redis_7_are_one_set_command_without_lua) {
+  ASSERT_TRUE(store);
+  if (std::system("command -v redis-cli >/dev/null 2>&1") != 0)
+    GTEST_SKIP() << "redis-cli is not installed";
+  if (server_major_version(server.port()) < 7)
+    GTEST_SKIP() << "redis-server older than 7 claims with the script";
+  auto before = command_calls(server.port(), "evalsha");
+  EXPECT_EQ(store->try_begin("s1", 30s), claim_result::fresh);
+  EXPECT_EQ(store->try_begin("s1", 30s), claim_result::in_flight);
+  EXPECT_FALSE(store->commit("s1", 1h));
+  EXPECT_EQ(store->try_begin("s1", 30s), claim_result::duplicate);
+  std::vector<std::string_view> keys{"s1", "s2", "s2"};
+  std::vector<claim_result> out(keys.size());
+  store->try_begin_many(keys, 30s, out);
+  EXPECT_EQ(out, (std::vector<claim_result>{claim_result::duplicate,
+                                            claim_result::fresh,
+                                            claim_result::in_flight}));
+  EXPECT_EQ(command_calls(server.port(), "evalsha"), before)
+    << "no claim ran a script";
+  // A claimed key holds the token: abort still releases only our claim.
+  EXPECT_FALSE(store->abort("s2"));
+  EXPECT_EQ(store->try_begin("s2", 30s), claim_result::fresh);
+}
+
+TEST_F(redis_store_test, claim_script_mode_answers_the_same_with_lua) {
+  if (std::system("command -v redis-cli >/dev/null 2>&1") != 0)
+    GTEST_SKIP() << "redis-cli is not installed";
+  auto lua = open(server.url("/0?timeout_ms=5000&claim=script"));
+  ASSERT_TRUE(lua);
+  auto before = command_calls(server.port(), "evalsha");
+  EXPECT_EQ(lua->try_begin("l1", 30s), claim_result::fresh);
+  EXPECT_EQ(lua->try_begin("l1", 30s), claim_result::in_flight);
+  EXPECT_FALSE(lua->commit("l1", 1h));
+  EXPECT_EQ(lua->try_begin("l1", 30s), claim_result::duplicate);
+  std::vector<std::string_view> keys{"l1", "l2", "l2"};
+  std::vector<claim_result> out(keys.size());
+  lua->try_begin_many(keys, 30s, out);
+  EXPECT_EQ(out, (std::vector<claim_result>{claim_result::duplicate,
+                                            claim_result::fresh,
+                                            claim_result::in_flight}));
+  EXPECT_GE(command_calls(server.port(), "evalsha"), before + 6)
+    << "every claim ran the script";
+  // Both kinds of store see each other's claims and commits.
+  EXPECT_EQ(store->try_begin("l2", 30s), claim_result::in_flight);
+  EXPECT_EQ(store->try_begin("l1", 30s), claim_result::duplicate);
+  EXPECT_EQ(lua->try_begin("l3", 30s), claim_result::fresh);
+  EXPECT_EQ(store->try_begin("l3", 30s), claim_result::in_flight);
+  EXPECT_EQ(store->try_begin("s3", 30s), claim_result::fresh);
+  EXPECT_EQ(lua->try_begin("s3", 30s), claim_result::in_flight);
+  // A single claim after SCRIPT FLUSH falls back to EVAL.
+  redis_cli(server.port(), "SCRIPT FLUSH");
+  EXPECT_EQ(lua->try_begin("l4", 30s), claim_result::fresh)
+    << "NOSCRIPT must fall back to EVAL";
+  EXPECT_EQ(lua->try_begin("l4", 30s), claim_result::in_flight);
+}
+
+TEST_F(redis_store_test, a_key_of_another_type_makes_a_claim_unavailable) {
+  if (std::system("command -v redis-cli >/dev/null 2>&1") != 0)
+    GTEST_SKIP() << "redis-cli is not installed";
+  ASSERT_TRUE(store);
+  auto lua = open(server.url("/0?timeout_ms=5000&claim=script"));
+  ASSERT_TRUE(lua);
+  redis_cli(server.port(), "LPUSH evmesh:idem:listkey x");
+  // Both claim forms answer unavailable (WRONGTYPE), never fresh.
+  EXPECT_EQ(store->try_begin("listkey", 30s), claim_result::unavailable);
+  EXPECT_EQ(lua->try_begin("listkey", 30s), claim_result::unavailable);
+  std::vector<std::string_view> keys{"listkey", "fine"};
+  std::vector<claim_result> out(keys.size());
+  store->try_begin_many(keys, 30s, out);
+  EXPECT_EQ(out, (std::vector<claim_result>{claim_result::unavailable,
+                                            claim_result::fresh}));
+}

@@ -450,6 +450,10 @@ int run_main(int argc, char** argv) {
       auto ln = static_cast<uint64_t>(std::max(1000.0, rate * 3));
       eb::latency_recorder lat{ln};
       run_mesh(ln, keys, rate, &lat);
+      if (auto* series = std::getenv("EVMESH_BENCH_SERIES"))
+        lat.write_series(
+          (std::string{series} + "." + std::to_string(static_cast<long>(rate)))
+            .c_str());
       auto p = lat.percentiles();
       std::printf("evmesh inproc latency at a fixed %.0f msg/s, %llu "
                   "messages: p50 %.0f µs, p99 %.0f µs, p99.9 %.0f µs\n",

@@ -8,6 +8,7 @@
 #include <charconv>
 #include <chrono>
 #include <cstdint>
+#include <cstdio>
 #include <memory>
 #include <string_view>
 #include <thread>
@@ -68,6 +69,34 @@ public:
       return d[static_cast<size_t>(q * static_cast<double>(d.size() - 1))];
     };
     return {at(0.50), at(0.99), at(0.999)};
+  }
+
+  /// Writes "ms-since-first-send max-latency-us messages" per 10 ms of send
+  /// time to `path` (to find where in a run the tail comes from).
+  void write_series(const char* path) const {
+    auto* f = std::fopen(path, "w");
+    if (f == nullptr)
+      return;
+    int64_t t0 = sent_[0].load(std::memory_order_relaxed);
+    std::fprintf(f, "# first send at %lld ns (steady clock)\n",
+                 static_cast<long long>(t0));
+    std::vector<std::pair<double, size_t>> buckets;
+    for (size_t i = 0; i < n_; ++i) {
+      auto s = sent_[i].load(std::memory_order_relaxed);
+      auto r = seen_[i].load(std::memory_order_relaxed);
+      if (s == 0 || r == 0)
+        continue;
+      auto b = static_cast<size_t>((s - t0) / 10'000'000);
+      if (b >= buckets.size())
+        buckets.resize(b + 1);
+      buckets[b].first = std::max(buckets[b].first,
+                                  static_cast<double>(r - s) / 1000.0);
+      ++buckets[b].second;
+    }
+    for (size_t b = 0; b < buckets.size(); ++b)
+      std::fprintf(f, "%zu %.0f %zu\n", b * 10, buckets[b].first,
+                   buckets[b].second);
+    std::fclose(f);
   }
 
 private:

@@ -1,10 +1,13 @@
 #include "evmesh/memory_store.hpp"
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -40,27 +43,132 @@ time_point deadline(time_point now, caf::timespan ttl) {
 /// hash and its entry. Compared with a node-based map this saves the node
 /// allocation per key and hashing a key more than once per operation, and
 /// the incremental sweep is a walk over an array.
+///
+/// A large table grows incrementally: the entries move from the previous
+/// table (`old`) to the new one a few slots per operation, so no single
+/// operation pays for rehashing the whole shard (which took milliseconds at
+/// tens of thousands of keys and showed up as the p99 of the whole mesh).
+/// While that runs, a key is in exactly one of the two tables; one found in
+/// `old` moves to the new table before it is touched, so every change
+/// happens in `slots`.
 struct memory_idempotency_store::shard {
-  // 32 bytes: the key's bytes live in an exact-size block of their own.
+  // 32 bytes and trivially copyable: all-zero bytes are an empty slot, so
+  // a table comes zeroed from calloc and its pages are first touched as
+  // entries arrive rather than all at once when it grows (first touches
+  // are page faults, which cost tens of milliseconds for a large table on
+  // some virtual machines). The key's bytes live in an exact-size block of
+  // their own, owned by the table that holds the slot.
   struct slot {
-    uint64_t hash = 0; // 0: empty
-    time_point expires_at{};
-    std::unique_ptr<char[]> key;
-    uint32_t size = 0;
-    entry_state state = entry_state::in_flight;
+    uint64_t hash; // 0: empty
+    time_point expires_at;
+    char* key;
+    uint32_t size;
+    entry_state state;
 
     bool holds(std::string_view k) const noexcept {
       return size == k.size()
-             && (size == 0 || std::memcmp(key.get(), k.data(), size) == 0);
+             && (size == 0 || std::memcmp(key, k.data(), size) == 0);
     }
+  };
+  static_assert(std::is_trivially_copyable_v<slot>);
+
+  // A zero-initialised array of slots (size 0 or a power of two) that frees
+  // the keys of its slots with itself.
+  class table {
+  public:
+    table() noexcept = default;
+
+    explicit table(size_t n)
+      : p_(static_cast<slot*>(std::calloc(n, sizeof(slot)))), n_(n) {
+      if (p_ == nullptr)
+        throw std::bad_alloc{};
+    }
+
+    table(table&& x) noexcept
+      : p_(std::exchange(x.p_, nullptr)), n_(std::exchange(x.n_, 0)) {
+      // Nothing else to do.
+    }
+
+    table& operator=(table&& x) noexcept {
+      if (this != &x) {
+        release();
+        p_ = std::exchange(x.p_, nullptr);
+        n_ = std::exchange(x.n_, 0);
+      }
+      return *this;
+    }
+
+    ~table() {
+      release();
+    }
+
+    size_t size() const noexcept {
+      return n_;
+    }
+
+    bool empty() const noexcept {
+      return n_ == 0;
+    }
+
+    slot& operator[](size_t i) noexcept {
+      return p_[i];
+    }
+
+    const slot& operator[](size_t i) const noexcept {
+      return p_[i];
+    }
+
+    slot* begin() noexcept {
+      return p_;
+    }
+
+    slot* end() noexcept {
+      return p_ + n_;
+    }
+
+  private:
+    void release() noexcept {
+      for (size_t i = 0; i < n_; ++i)
+        std::free(p_[i].key);
+      std::free(p_);
+      p_ = nullptr;
+      n_ = 0;
+    }
+
+    slot* p_ = nullptr;
+    size_t n_ = 0;
   };
 
   static constexpr size_t npos = static_cast<size_t>(-1);
   static constexpr size_t min_capacity = 16;
+  /// Tables with fewer live entries than this are rebuilt at once.
+  static constexpr size_t incremental_from = 256;
+  /// Least slots of `old` moved per operation while a table grows: the new
+  /// table starts at a load of at most 5/8 and an operation inserts at most
+  /// one key, so moving `old` in at most 1/8 as many operations as the new
+  /// table has slots keeps its load below 3/4 until the move completes.
+  static constexpr size_t min_moves_per_op = 8;
+  /// Tables of at least this many slots get their successor prepared.
+  static constexpr size_t spare_from = 2048;
+  static constexpr size_t page_bytes = 4096;
+  /// Marks a slot of `old` whose entry moved out ahead of the cursor.
+  static constexpr uint32_t moved_mark = static_cast<uint32_t>(-1);
 
   mutable std::mutex mtx;
-  std::vector<slot> slots; // size 0 or a power of two
+  table slots;
   size_t used = 0;
+  /// The previous table while a growth is in progress, else empty.
+  table old;
+  /// Entries (live or expired) still in `old`.
+  size_t old_used = 0;
+  /// Slots of `old` below this index have been moved (or were empty).
+  size_t old_cursor = 0;
+  /// Slots of `old` moved per operation.
+  size_t moves_per_op = min_moves_per_op;
+  /// The table the next growth will use, prepared while this one fills
+  /// from 5/8 towards 3/4, and how many of its bytes have been touched.
+  table spare;
+  size_t spare_touched = 0;
   size_t ops = 0;
   /// Next slot the incremental sweep inspects.
   size_t cursor = 0;
@@ -80,73 +188,203 @@ struct memory_idempotency_store::shard {
     pass_min = std::min(pass_min, t);
   }
 
-  size_t find(std::string_view key, uint64_t h) const noexcept {
-    if (used == 0)
-      return npos;
-    for (auto i = static_cast<size_t>(h) & mask();; i = (i + 1) & mask()) {
-      auto& s = slots[i];
-      if (s.hash == 0)
-        return npos;
-      if (s.hash == h && s.holds(key))
-        return i;
+  /// Entries in both tables (live or expired).
+  size_t size() const noexcept {
+    return used + old_used;
+  }
+
+  // Moves an entry known to be absent into `slots`, which has room, and
+  // returns its index; `s` is left empty.
+  size_t place(slot& s) {
+    auto i = static_cast<size_t>(s.hash) & mask();
+    while (slots[i].hash != 0)
+      i = (i + 1) & mask();
+    noted(s.expires_at);
+    slots[i] = s;
+    s.hash = 0;
+    s.key = nullptr;
+    ++used;
+    return i;
+  }
+
+  // Moves the entry of old slot `i` (if live) into `slots` and leaves a
+  // slot that lookups in `old` skip.
+  void move_out(size_t i, time_point now) {
+    auto& s = old[i];
+    if (s.hash == 0)
+      return;
+    --old_used;
+    if (s.expires_at > now) {
+      place(s);
+    } else {
+      std::free(s.key);
+      s.hash = 0;
+      s.key = nullptr;
+    }
+    s.size = moved_mark;
+  }
+
+  // Moves up to `n` slots of `old`; frees it once everything moved.
+  void move_some(time_point now, size_t n) {
+    auto end = std::min(old.size(), old_cursor + n);
+    for (; old_cursor < end; ++old_cursor)
+      move_out(old_cursor, now);
+    if (old_cursor == old.size() || old_used == 0) {
+      old = table{};
+      old_used = 0;
+      old_cursor = 0;
     }
   }
 
-  // Rebuilds the table with room for the live entries and restarts the
-  // sweep; `extra` reserves room for insertions. Returns how many expired
-  // entries it dropped.
-  size_t rebuild(time_point now, size_t extra) {
+  void finish_growth(time_point now) {
+    if (!old.empty())
+      move_some(now, old.size());
+  }
+
+  // Index of `key` in `old`, or npos. Slots below the cursor and slots
+  // whose entry moved ahead of it count as occupied: the probe run of an
+  // entry still in `old` went through them when it was inserted.
+  size_t find_old(std::string_view key, uint64_t h) const noexcept {
+    if (old_used == 0)
+      return npos;
+    auto m = old.size() - 1;
+    auto i = static_cast<size_t>(h) & m;
+    for (size_t probes = 0; probes < old.size(); ++probes, i = (i + 1) & m) {
+      if (i < old_cursor) {
+        // Skip the moved prefix in one step (all of it counts as occupied).
+        probes += old_cursor - i;
+        i = old_cursor;
+        if (probes >= old.size() || i == old.size())
+          return npos;
+      }
+      auto& s = old[i];
+      if (s.hash == 0) {
+        if (s.size == moved_mark)
+          continue;
+        return npos;
+      }
+      if (s.hash == h && s.holds(key))
+        return i;
+    }
+    return npos;
+  }
+
+  // Index of `key` in `slots`, or npos; a key found in `old` moves first.
+  size_t find(std::string_view key, uint64_t h) {
+    if (used != 0) {
+      for (auto i = static_cast<size_t>(h) & mask();; i = (i + 1) & mask()) {
+        auto& s = slots[i];
+        if (s.hash == 0)
+          break;
+        if (s.hash == h && s.holds(key))
+          return i;
+      }
+    }
+    auto j = find_old(key, h);
+    if (j == npos)
+      return npos;
+    // Expired entries move too: the caller decides what an expired entry
+    // means (a claim reuses it, an abort removes it).
+    --old_used;
+    auto i = place(old[j]);
+    old[j].size = moved_mark;
+    return i;
+  }
+
+  // The smallest power-of-two capacity with `live` entries at a load factor
+  // of at most 5/8: room to grow before the 3/4 limit, without doubling the
+  // table just because expired entries (dropped on the way) filled it.
+  static size_t capacity_for(size_t live) noexcept {
+    size_t cap = min_capacity;
+    while (8 * live > 5 * cap)
+      cap *= 2;
+    return cap;
+  }
+
+  // Replaces the table with one sized for the live entries (plus `extra`)
+  // and restarts the sweep. A large table moves over incrementally; a small
+  // one, or `at_once`, right here. Returns how many expired entries it
+  // dropped right away.
+  size_t rebuild(time_point now, size_t extra, bool at_once) {
+    finish_growth(now);
     size_t live = 0;
     for (auto& s : slots)
       if (s.hash != 0 && s.expires_at > now)
         ++live;
-    // The smallest table with the live entries at a load factor of at most
-    // 5/8: room to grow before the 3/4 limit, without doubling the table
-    // just because expired entries (dropped here) filled it.
-    size_t cap = min_capacity;
-    while (8 * (live + extra) > 5 * cap)
-      cap *= 2;
-    std::vector<slot> old(cap);
-    old.swap(slots);
-    auto old_used = used;
+    auto cap = capacity_for(live + extra);
+    table previous = spare.size() == cap ? std::move(spare) : table{cap};
+    spare = table{};
+    spare_touched = 0;
+    std::swap(previous, slots);
+    auto before = used;
     used = 0;
     cursor = 0;
     earliest = time_point::max();
     pass_min = time_point::max();
-    for (auto& s : old) {
-      if (s.hash == 0 || s.expires_at <= now)
-        continue;
-      auto i = static_cast<size_t>(s.hash) & mask();
-      while (slots[i].hash != 0)
-        i = (i + 1) & mask();
-      noted(s.expires_at);
-      slots[i] = std::move(s);
-      ++used;
+    if (!at_once && live >= incremental_from) {
+      old = std::move(previous);
+      old_used = before;
+      old_cursor = 0;
+      moves_per_op = std::max(min_moves_per_op,
+                              min_moves_per_op * old.size() / slots.size());
+      return 0;
     }
-    return old_used - used;
+    // Expired entries stay behind; `previous` frees their keys.
+    for (auto& s : previous)
+      if (s.hash != 0 && s.expires_at > now)
+        place(s);
+    return before - used;
   }
 
-  // Inserts a key known to be absent.
+  // While the table fills from 5/8 towards the 3/4 that makes it grow,
+  // allocates the table twice its size and touches its pages in step with
+  // the insertions, so that the last page is touched when the growth comes
+  // and the growth finds its memory ready. First touches are page faults:
+  // a whole table's worth at once stalled every shard for tens of
+  // milliseconds on a virtual machine where a fault costs ~16 µs, while one
+  // page per 8 insertions spreads the same cost thinly. A table settles at
+  // most at 5/8 after it grows, so a shard whose key count is steady holds
+  // no spare unless it sits between 5/8 and 3/4.
+  void prepare_spare() {
+    auto cap = slots.size();
+    if (cap < spare_from || 8 * used <= 5 * cap)
+      return;
+    if (spare.size() != 2 * cap) {
+      spare = table{2 * cap};
+      spare_touched = 0;
+    }
+    auto bytes = spare.size() * sizeof(slot);
+    // The fraction of the way from 5/8 to 3/4 of the table.
+    auto due = std::min(bytes, bytes / (cap / 8) * (used - 5 * cap / 8));
+    for (; spare_touched < due; spare_touched += page_bytes)
+      // Storing a zero keeps the calloc'ed bytes as they are.
+      reinterpret_cast<volatile char*>(spare.begin())[spare_touched] = 0;
+  }
+
+  // Inserts a key known to be absent from both tables.
   void insert(std::string_view key, uint64_t h, entry_state st, time_point t,
               time_point now) {
     // Grow above a load factor of 3/4 (dropping expired entries on the way).
     if (4 * (used + 1) > 3 * slots.size())
-      rebuild(now, 1);
+      rebuild(now, 1, false);
     auto i = static_cast<size_t>(h) & mask();
     while (slots[i].hash != 0)
       i = (i + 1) & mask();
     auto& s = slots[i];
     s.hash = h;
-    s.key = std::make_unique_for_overwrite<char[]>(key.size());
+    s.key = static_cast<char*>(std::malloc(std::max<size_t>(key.size(), 1)));
+    if (s.key == nullptr)
+      throw std::bad_alloc{};
     if (!key.empty())
-      std::memcpy(s.key.get(), key.data(), key.size());
+      std::memcpy(s.key, key.data(), key.size());
     s.size = static_cast<uint32_t>(key.size());
     s.state = st;
     s.expires_at = t;
     noted(t);
     ++used;
+    if (old.empty())
+      prepare_spare();
   }
-
   void set(size_t i, entry_state st, time_point t) noexcept {
     slots[i].state = st;
     slots[i].expires_at = t;
@@ -156,6 +394,7 @@ struct memory_idempotency_store::shard {
   // Empties slot `i` and shifts the entries of its probe run back, so lookups
   // never need tombstones. The slot `i` may afterwards hold another entry.
   void erase(size_t i) {
+    std::free(slots[i].key);
     auto m = mask();
     auto j = i;
     for (;;) {
@@ -169,7 +408,7 @@ struct memory_idempotency_store::shard {
       bool stays = i <= j ? (i < home && home <= j) : (i < home || home <= j);
       if (stays)
         continue;
-      slots[i] = std::move(s);
+      slots[i] = s;
       // It may have left the part of the array the sweep pass has yet to
       // see; keep its deadline in the pass's minimum.
       pass_min = std::min(pass_min, slots[i].expires_at);
@@ -177,7 +416,7 @@ struct memory_idempotency_store::shard {
     }
     auto& hole = slots[i];
     hole.hash = 0;
-    hole.key.reset();
+    hole.key = nullptr; // freed above, or now held by the slot it moved to
     hole.size = 0;
     --used;
   }
@@ -204,15 +443,19 @@ struct memory_idempotency_store::shard {
         earliest = pass_min;
         pass_min = time_point::max();
         // Memory follows the live keys: shrink a mostly empty table.
-        if (slots.size() > min_capacity && 8 * used < slots.size())
-          return removed + rebuild(now, 0);
+        if (old.empty() && slots.size() > min_capacity
+            && 8 * used < slots.size())
+          return removed + rebuild(now, 0, true);
       }
     }
     return removed;
   }
 
-  // Requires mtx. Counts an operation and sweeps on every sweep_interval-th.
+  // Requires mtx. Counts an operation, moves a few slots of a growing table
+  // and sweeps on every sweep_interval-th.
   void tick(time_point now) {
+    if (!old.empty())
+      move_some(now, moves_per_op);
     if (++ops % sweep_interval == 0)
       sweep(now, sweep_buckets);
   }
@@ -371,7 +614,7 @@ size_t memory_idempotency_store::size() const {
   size_t result = 0;
   for (size_t i = 0; i < shard_count_; ++i) {
     std::lock_guard<std::mutex> guard{shards_[i].mtx};
-    result += shards_[i].used;
+    result += shards_[i].size();
   }
   return result;
 }
@@ -386,6 +629,9 @@ size_t memory_idempotency_store::evict_expired() {
   for (size_t i = 0; i < shard_count_; ++i) {
     auto& s = shards_[i];
     std::lock_guard<std::mutex> guard{s.mtx};
+    auto before = s.size();
+    s.finish_growth(t);
+    result += before - s.size();
     result += s.sweep(t, s.slots.size());
   }
   return result;

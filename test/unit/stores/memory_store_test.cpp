@@ -162,6 +162,74 @@ TEST(memory_idempotency_store, sweeps_expired_entries_without_being_asked) {
   EXPECT_LT(store.size(), n + n / 4);
 }
 
+// A table of tens of thousands of keys grows a few slots per operation:
+// while its entries move to the larger table, every key stays findable
+// (committed ones answer duplicate, leased ones in_flight), expired ones
+// count as absent, and aborts and zero-keep commits remove keys from
+// whichever table holds them.
+TEST(memory_idempotency_store, every_key_stays_findable_while_a_table_grows) {
+  virtual_clock clock;
+  memory_idempotency_store store{1, [&] { return clock.now(); }};
+  std::mt19937 rng{28112026};
+  constexpr int n = 40'000;
+  auto key = [](int i) { return "order-" + std::to_string(i); };
+  enum class st { committed, leased, short_lived, gone };
+  std::vector<st> state;
+  for (int i = 0; i < n; ++i) {
+    if (i % 7 == 3) {
+      ASSERT_EQ(store.try_begin(key(i), 1h), claim_result::fresh) << i;
+      state.push_back(st::leased);
+    } else {
+      ASSERT_FALSE(store.commit(key(i), i % 11 == 5 ? 1s : 1h));
+      state.push_back(i % 11 == 5 ? st::short_lived : st::committed);
+    }
+    // Probe two earlier keys after every insertion; remove one now and then.
+    for (int probe = 0; probe < 2; ++probe) {
+      auto j = std::uniform_int_distribution<int>{0, i}(rng);
+      switch (state[j]) {
+        case st::committed:
+        case st::short_lived:
+          ASSERT_EQ(store.try_begin(key(j), 1h), claim_result::duplicate)
+            << "key " << j << " after " << i << " insertions";
+          break;
+        case st::leased:
+          ASSERT_EQ(store.try_begin(key(j), 1h), claim_result::in_flight)
+            << "key " << j << " after " << i << " insertions";
+          break;
+        case st::gone:
+          break;
+      }
+    }
+    if (i % 97 == 0) {
+      auto j = std::uniform_int_distribution<int>{0, i}(rng);
+      if (state[j] == st::leased) {
+        ASSERT_FALSE(store.abort(key(j)));
+        state[j] = st::gone;
+      } else if (state[j] != st::gone) {
+        ASSERT_FALSE(store.commit(key(j), 0s));
+        state[j] = st::gone;
+      }
+    }
+  }
+  auto gone = std::count(state.begin(), state.end(), st::gone);
+  EXPECT_EQ(store.size(), static_cast<size_t>(n - gone));
+  for (int i = 0; i < n; ++i) {
+    if (state[i] == st::gone) {
+      ASSERT_EQ(store.try_begin(key(i), 1h), claim_result::fresh) << i;
+    }
+  }
+  // The short-lived commits expire; everything else is still there.
+  clock.advance(2s);
+  for (int i = 0; i < n; ++i) {
+    auto expected = state[i] == st::leased      ? claim_result::in_flight
+                    : state[i] == st::committed ? claim_result::duplicate
+                                                : claim_result::fresh;
+    if (state[i] == st::gone)
+      expected = claim_result::in_flight; // claimed just above
+    ASSERT_EQ(store.try_begin(key(i), 1h), expected) << i;
+  }
+}
+
 // The store against a plain map implementing the documented semantics,
 // under random claims, batches, commits (some with zero keep), aborts and
 // clock steps. One shard, so probe runs are long and every deletion shifts

@@ -4,7 +4,7 @@
 //
 //   e2e_amqp [messages] [keys] [runs] [--json FILE] [--nest-script PATH]
 //            [--node-path DIR] [--no-nest 1] [--no-latency 1]
-//            [--only ROW]
+//            [--latency-rate R] [--only ROW]
 //
 // --no-nest 1 skips the NestJS row, --no-latency 1 the latency rows,
 // --only bare|transport|evmesh|nest runs that throughput row alone (for
@@ -47,6 +47,8 @@
 // in 1 ms ticks on a second connection while the runtime consumes; latency =
 // publish call to handler call. The same for the bare consumer at half its
 // rate (latency = publish call to receipt; the id is found in the bytes).
+// --latency-rate R offers R msg/s to both instead (the broker also carries
+// the publisher, so rows at different rates are not comparable).
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -524,6 +526,10 @@ int main(int argc, char** argv) {
     }
   bool skip_nest = eb::take_option(argc, argv, "no-nest") == "1";
   bool skip_latency = eb::take_option(argc, argv, "no-latency") == "1";
+  // One offered rate for both latency rows (msg/s); default: half of each
+  // row's own measured maximum.
+  auto latency_rate
+    = std::stod(eb::take_option(argc, argv, "latency-rate", "0"));
   auto only = eb::take_option(argc, argv, "only");
   if (auto* env = std::getenv("EVMESH_BENCH_IDLE_WORKERS"))
     idle_workers = env;
@@ -641,7 +647,7 @@ int main(int argc, char** argv) {
   if (skip_latency)
     return 0;
   // Latency at about half the evmesh rate, ~3 s of load.
-  auto half = m.rate / 2;
+  auto half = latency_rate > 0 ? latency_rate : m.rate / 2;
   auto lat_n = static_cast<uint64_t>(std::max(1000.0, half * 3));
   eb::latency_recorder lat{lat_n};
   auto lat_bodies = eb::make_payloads(topic, lat_n, keys);
@@ -670,7 +676,7 @@ int main(int argc, char** argv) {
   eb::print_latency("evmesh amqp", half, lat, lat_n);
   json.latency("evmesh amqp, memory dedupe", half, lat, lat_n);
   {
-    auto bare_half = b.rate / 2;
+    auto bare_half = latency_rate > 0 ? latency_rate : b.rate / 2;
     auto bn = static_cast<uint64_t>(std::max(1000.0, bare_half * 3));
     eb::latency_recorder blat{bn};
     run_bare_latency(port, "latency_bare", eb::make_payloads(topic, bn, keys),

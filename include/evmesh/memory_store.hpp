@@ -23,10 +23,12 @@ namespace evmesh {
 /// sweep pass shrinks. So memory follows the number of live keys rather than
 /// the number of keys ever seen.
 ///
-/// No operation pays for a growth: a large table moves to its successor a
-/// few slots per operation, and the successor's memory is allocated and
-/// touched a page at a time while the table fills from 5/8 to 3/4 of its
-/// slots (so a shard can hold up to twice its table in that range).
+/// No operation pays for a growth: a large table that doubles moves to its
+/// successor a few slots per operation, and the successor's memory is
+/// allocated and touched a page at a time while more than 5/8 of the slots
+/// hold live keys and the table fills towards 3/4 (so a shard can hold up to
+/// three times its table then). A table filled with expired entries is
+/// rebuilt at its size at once.
 ///
 /// Leases carry no owner: a late `abort` from a worker whose lease expired
 /// (and whose key another worker re-claimed) releases the newer claim, so a

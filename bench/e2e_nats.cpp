@@ -39,7 +39,6 @@
 
 #include <nats/nats.h>
 #include <spdlog/spdlog.h>
-#include <sys/resource.h>
 #include <unistd.h>
 
 #include "evmesh/consumer.hpp"
@@ -58,33 +57,12 @@ using namespace std::chrono;
 
 namespace {
 
-std::atomic<uint64_t> handled{0};
-std::atomic<evmesh::bench::latency_recorder*> recorder{nullptr};
+using evmesh::bench::counting_sink;
+using evmesh::bench::cpu_seconds;
+using evmesh::bench::handled;
+
 /// Messages per pull request, bare and evmesh alike (--fetch).
 int fetch_batch = 256;
-/// Steady-clock time (ns) and process CPU seconds at the run's first
-/// handler call: an evmesh row is measured from there, as the method says
-/// (the runtime's start-up, connect and consumer creation are not).
-std::atomic<int64_t> first_ns{0};
-std::atomic<double> first_cpu{0};
-
-evmesh::outcome bench_handler(evmesh::event_context& ctx) {
-  if (handled.fetch_add(1, std::memory_order_relaxed) == 0) {
-    first_cpu = evmesh::bench::cpu_seconds();
-    first_ns = evmesh::bench::now_ns();
-  }
-  if (auto* r = recorder.load(std::memory_order_relaxed))
-    r->seen(ctx.message().id);
-  return evmesh::ok();
-}
-
-class counting_sink : public evmesh::span_sink {
-public:
-  std::atomic<uint64_t> spans{0};
-  void record(const evmesh::span_record&) noexcept override {
-    spans.fetch_add(1, std::memory_order_relaxed);
-  }
-};
 
 /// Tells `perf record --control fifo:FILE -D -1` (FILE in
 /// EVMESH_BENCH_PERF_CTL) to sample only while a timed phase runs.
@@ -97,15 +75,6 @@ void perf_control(bool on) {
     std::fputs(on ? "enable\n" : "disable\n", ctl);
     std::fflush(ctl);
   }
-}
-
-double cpu_seconds() {
-  rusage ru{};
-  getrusage(RUSAGE_SELF, &ru);
-  auto tv = [](timeval t) {
-    return static_cast<double>(t.tv_sec) + static_cast<double>(t.tv_usec) / 1e6;
-  };
-  return tv(ru.ru_utime) + tv(ru.ru_stime);
 }
 
 /// CPU seconds process `pid` used so far (0 if unreadable).
@@ -361,8 +330,9 @@ result run_evmesh(const std::string& url, const std::string& stream,
   auto producer = std::make_unique<js_conn>(url);
   producer->preload(stream, subject,
                     rate > 0 ? std::vector<std::string>{} : payloads);
-  recorder = lat;
-  handled = 0;
+  // The handler notes the first call: an evmesh row is measured from there,
+  // as the method says (start-up, connect and consumer creation are not).
+  evmesh::bench::reset_counters(lat);
   const uint64_t n = payloads.size();
   evmesh::runtime_config cfg;
   cfg.node_name = "bench";
@@ -386,7 +356,7 @@ result run_evmesh(const std::string& url, const std::string& stream,
   static std::vector<std::unique_ptr<std::string>> patterns;
   patterns.push_back(std::make_unique<std::string>(subject + ".*"));
   h.pattern = patterns.back()->c_str();
-  h.fn = &bench_handler;
+  h.fn = &evmesh::bench::counting_handler;
   perf_control(true);
   cpu_meter meter;
   auto start = steady_clock::now();
@@ -417,18 +387,19 @@ result run_evmesh(const std::string& url, const std::string& stream,
   }
   auto secs = duration<double>(steady_clock::now() - start).count();
   auto res = meter.done(secs, n);
-  if (rate <= 0 && first_ns.load() != 0) {
+  if (auto first = evmesh::bench::first_handled_ns.load();
+      rate <= 0 && first != 0) {
     // From the first handler call (server CPU: from before the start).
-    secs = static_cast<double>(evmesh::bench::now_ns() - first_ns.load()) / 1e9;
+    secs = static_cast<double>(evmesh::bench::now_ns() - first) / 1e9;
     res.rate = static_cast<double>(n) / secs;
-    res.cpu_us = 1e6 * (evmesh::bench::cpu_seconds() - first_cpu.load())
+    res.cpu_us = 1e6 * (cpu_seconds() - evmesh::bench::first_handled_cpu.load())
                  / static_cast<double>(n);
   }
   perf_control(false);
   if (pacer.joinable())
     pacer.join();
   rt.stop(seconds{5});
-  recorder = nullptr;
+  evmesh::bench::recorder = nullptr;
   if (handled < n || sink->spans < n)
     std::fprintf(stderr, "mismatch: handled %llu spans %llu of %llu\n",
                  static_cast<unsigned long long>(handled.load()),

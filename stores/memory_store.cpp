@@ -143,11 +143,12 @@ struct memory_idempotency_store::shard {
   static constexpr size_t min_capacity = 16;
   /// Tables with fewer live entries than this are rebuilt at once.
   static constexpr size_t incremental_from = 256;
-  /// Least slots of `old` moved per operation while a table grows: the new
+  /// Slots of `old` moved per operation while a table doubles: the new
   /// table starts at a load of at most 5/8 and an operation inserts at most
-  /// one key, so moving `old` in at most 1/8 as many operations as the new
-  /// table has slots keeps its load below 3/4 until the move completes.
-  static constexpr size_t min_moves_per_op = 8;
+  /// one key, so moving `old` (half the new table's slots) in 1/16 as many
+  /// operations as the new table has slots keeps its load below 3/4 until
+  /// the move completes.
+  static constexpr size_t moves_per_op = 8;
   /// Tables of at least this many slots get their successor prepared.
   static constexpr size_t spare_from = 2048;
   static constexpr size_t page_bytes = 4096;
@@ -163,8 +164,6 @@ struct memory_idempotency_store::shard {
   size_t old_used = 0;
   /// Slots of `old` below this index have been moved (or were empty).
   size_t old_cursor = 0;
-  /// Slots of `old` moved per operation.
-  size_t moves_per_op = min_moves_per_op;
   /// The table the next growth will use, prepared while this one fills
   /// from 5/8 towards 3/4, and how many of its bytes have been touched.
   table spare;
@@ -195,12 +194,28 @@ struct memory_idempotency_store::shard {
     return used + old_used;
   }
 
+  // The first empty slot of `slots` on the probe run of hash `h` (`slots`
+  // has room).
+  size_t empty_slot_for(uint64_t h) const noexcept {
+    auto i = static_cast<size_t>(h) & mask();
+    while (slots[i].hash != 0)
+      i = (i + 1) & mask();
+    return i;
+  }
+
+  // Live (unexpired) entries in `slots`.
+  size_t count_live(time_point now) const noexcept {
+    size_t live = 0;
+    for (size_t i = 0; i < slots.size(); ++i)
+      if (slots[i].hash != 0 && slots[i].expires_at > now)
+        ++live;
+    return live;
+  }
+
   // Moves an entry known to be absent into `slots`, which has room, and
   // returns its index; `s` is left empty.
   size_t place(slot& s) {
-    auto i = static_cast<size_t>(s.hash) & mask();
-    while (slots[i].hash != 0)
-      i = (i + 1) & mask();
+    auto i = empty_slot_for(s.hash);
     noted(s.expires_at);
     slots[i] = s;
     s.hash = 0;
@@ -309,10 +324,7 @@ struct memory_idempotency_store::shard {
   // expired entries it dropped right away.
   size_t rebuild(time_point now, size_t extra, bool at_once) {
     finish_growth(now);
-    size_t live = 0;
-    for (auto& s : slots)
-      if (s.hash != 0 && s.expires_at > now)
-        ++live;
+    auto live = count_live(now);
     auto cap = capacity_for(live + extra);
     table previous = spare.size() == cap ? std::move(spare) : table{cap};
     spare = table{};
@@ -334,8 +346,6 @@ struct memory_idempotency_store::shard {
       old = std::move(previous);
       old_used = before;
       old_cursor = 0;
-      moves_per_op = std::max(min_moves_per_op,
-                              min_moves_per_op * old.size() / slots.size());
       return 0;
     }
     // Expired entries stay behind; `previous` frees their keys.
@@ -367,11 +377,7 @@ struct memory_idempotency_store::shard {
     if (spare.size() != 2 * cap) {
       if (used < spare_check)
         return;
-      size_t live = 0;
-      for (auto& s : slots)
-        if (s.hash != 0 && s.expires_at > now)
-          ++live;
-      if (8 * live <= 5 * cap) {
+      if (8 * count_live(now) <= 5 * cap) {
         spare_check = used + cap / 32;
         return;
       }
@@ -394,10 +400,7 @@ struct memory_idempotency_store::shard {
     // Grow above a load factor of 3/4 (dropping expired entries on the way).
     if (4 * (used + 1) > 3 * slots.size())
       rebuild(now, 1, false);
-    auto i = static_cast<size_t>(h) & mask();
-    while (slots[i].hash != 0)
-      i = (i + 1) & mask();
-    auto& s = slots[i];
+    auto& s = slots[empty_slot_for(h)];
     s.hash = h;
     s.key = static_cast<char*>(std::malloc(std::max<size_t>(key.size(), 1)));
     if (s.key == nullptr)
@@ -412,6 +415,7 @@ struct memory_idempotency_store::shard {
     if (old.empty())
       prepare_spare(now);
   }
+
   void set(size_t i, entry_state st, time_point t) noexcept {
     slots[i].state = st;
     slots[i].expires_at = t;

@@ -127,6 +127,88 @@ TEST(envelope, extra_fields_never_overwrite_known_fields) {
   EXPECT_FALSE(obj.contains("specversion"));
 }
 
+// The decoder reads a plain native envelope (known fields only, each once,
+// of the right type) straight from the parser's events, and everything else
+// through a parsed tree; one unknown field is enough to take the second
+// path. Both must make the same envelope, down to the payload's storage
+// (it stays valid and unchanged after the envelope moves).
+TEST(envelope, plain_native_envelopes_decode_as_envelopes_with_extra_fields) {
+  const std::string long_text(5000, 'x');
+  const std::string long_escaped = [] {
+    std::string s;
+    for (int i = 0; i < 700; ++i)
+      s += R"(a\"b\\c\u00e9\n)";
+    return s;
+  }();
+  std::string many_keys = "{";
+  for (int i = 0; i < 60; ++i)
+    many_keys += (i > 0 ? "," : "") + std::string{"\"k"} + std::to_string(i)
+                 + "\":[" + std::to_string(i) + ",{\"s\":\""
+                 + long_text.substr(0, 40) + "\"}]";
+  many_keys += "}";
+  const std::vector<std::string> inputs{
+    R"({"topic":"a"})",
+    R"({"id":"evt-1","topic":"order.confirmed","payload":{"order_id":"A-1","quantity":2},"idempotency_key":"idem-1","tenant":"acme","traceparent":"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01","tracestate":"vendor=x","key":"A-1","headers":{"x-source":"checkout","empty":""},"produced_at":"2026-01-02T03:04:05Z","attempt":3,"content_type":"application/json"})",
+    R"({"topic":"a","payload":[1,2.5,-3,true,false,null,"s",{"n":{"m":[[]]}},18446744073709551615,-9223372036854775808,1e300]})",
+    R"({"topic":"a","payload":"just a string"})",
+    R"({"topic":"a","payload":42})",
+    R"({"topic":"a","payload":-1.5e-300})",
+    R"({"topic":"a","payload":true})",
+    R"({"topic":"a","payload":null})",
+    R"({"topic":"a","payload":{}})",
+    R"({"topic":"a","payload":[]})",
+    R"({"topic":"a","payload":{"dup":1,"dup":2}})",
+    R"({"payload":{"x":1},"topic":"after.payload"})",
+    R"({"id":12345,"topic":"a"})",
+    R"({"id":-7,"topic":"a"})",
+    R"({"id":18446744073709551615,"topic":"a"})",
+    R"({"id":null,"topic":"a","tenant":null,"headers":null,"attempt":null,"key":null})",
+    R"({"topic":"a","attempt":0})",
+    R"({"topic":"a","attempt":4294967295})",
+    R"({"topic":"a\u00e9\"\\\/b","key":"k\n","headers":{"h\u0041":"v\t\u20ac"},"payload":{"k\u0042ey":"v\u00e9\ud83d\ude00"}})",
+    R"({"topic":"a","headers":{"same":"1","same":"2","other":"3"}})",
+    "  {\n \"topic\" : \"a\" ,\t\"payload\" : { \"x\" : [ 1 , 2 ] } }  \n",
+    R"({"topic":"a","payload":{"text":")" + long_text + R"("}})",
+    R"({"topic":"a","payload":")" + long_escaped + R"("})",
+    R"({"topic":"a","key":")" + long_escaped + R"(","headers":{")"
+      + long_escaped + R"(":")" + long_escaped + R"("}})",
+    R"({"topic":"a","payload":{")" + long_escaped + R"(":1}})",
+    R"({"topic":"a","payload":)" + many_keys + "}",
+  };
+  for (const auto& in : inputs) {
+    auto plain = decode_envelope(in);
+    ASSERT_TRUE(plain) << render(plain.error()) << " for " << in;
+    auto slow_in = in.substr(0, in.rfind('}')) + R"(,"zz_unknown":1})";
+    auto slow = decode_envelope(slow_in);
+    ASSERT_TRUE(slow) << render(slow.error()) << " for " << slow_in;
+    ASSERT_EQ(slow->extra.size(), 1u) << slow_in;
+    // Moving the envelope keeps the payload and its storage.
+    envelope a = std::move(*plain);
+    envelope b = std::move(*slow);
+    EXPECT_EQ(a.id, b.id) << in;
+    EXPECT_EQ(a.topic, b.topic) << in;
+    EXPECT_EQ(a.payload, b.payload) << in;
+    EXPECT_EQ(json::serialize(a.payload), json::serialize(b.payload)) << in;
+    EXPECT_EQ(a.idempotency_key, b.idempotency_key) << in;
+    EXPECT_EQ(a.tenant, b.tenant) << in;
+    EXPECT_EQ(a.traceparent, b.traceparent) << in;
+    EXPECT_EQ(a.tracestate, b.tracestate) << in;
+    EXPECT_EQ(a.key, b.key) << in;
+    EXPECT_EQ(a.headers, b.headers) << in;
+    EXPECT_EQ(a.produced_at, b.produced_at) << in;
+    EXPECT_EQ(a.attempt, b.attempt) << in;
+    EXPECT_EQ(a.content_type, b.content_type) << in;
+    EXPECT_TRUE(a.extra.empty()) << in;
+    EXPECT_EQ(a.format, wire_format::native) << in;
+    EXPECT_EQ(dedupe_key(a), dedupe_key(b)) << in;
+    // A handler's copy of the payload outlives the envelope.
+    json::value copy = a.payload;
+    auto before = json::serialize(copy);
+    a = envelope{};
+    EXPECT_EQ(json::serialize(copy), before) << in;
+  }
+}
+
 TEST(envelope, accepts_integer_ids_of_outbox_rows) {
   auto env = decode_ok(R"({"id": 42, "topic": "a", "payload": {}})");
   EXPECT_EQ(env.id, "42");

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <charconv>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -12,6 +13,7 @@
 #include <fstream>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <vector>
 
@@ -188,6 +190,43 @@ inline std::string take_option(int& argc, char** argv, const std::string& name,
     }
   }
   return fallback;
+}
+
+/// After every `take_option`: exits with status 2 and `usage` on stderr if
+/// an option is left over (a misspelt or unknown `--NAME`), instead of
+/// running with defaults the caller did not ask for.
+inline void reject_unknown_options(int argc, char** argv, const char* usage) {
+  for (int i = 1; i < argc; ++i) {
+    if (std::string_view{argv[i]}.substr(0, 2) == "--") {
+      std::fprintf(stderr, "unknown option %s\n%s", argv[i], usage);
+      std::exit(2);
+    }
+  }
+}
+
+/// The positional argument `argv[i]` as a positive count, or `fallback` when
+/// absent; exits with status 2 and `usage` if it is not a positive integer.
+inline uint64_t positional_count(int argc, char** argv, int i,
+                                 uint64_t fallback, const char* usage) {
+  if (i >= argc)
+    return fallback;
+  std::string_view text{argv[i]};
+  uint64_t x = 0;
+  auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), x);
+  if (ec != std::errc{} || end != text.data() + text.size() || x == 0) {
+    std::fprintf(stderr, "not a positive count: %s\n%s", argv[i], usage);
+    std::exit(2);
+  }
+  return x;
+}
+
+/// True if argv holds `--help` or `-h`.
+inline bool wants_help(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i)
+    if (std::string_view{argv[i]} == "--help"
+        || std::string_view{argv[i]} == "-h")
+      return true;
+  return false;
 }
 
 /// Appends one JSON object per line to a file (`--json FILE`); every row

@@ -510,20 +510,20 @@ eb::result run_nest(const std::string& url, uint16_t port, const std::string& q,
 
 } // namespace
 
+const char* const usage
+  = "usage: e2e_amqp [messages=50000] [keys=1000] [runs=3] [--json FILE]\n"
+    "       [--nest-script PATH] [--node-path DIR] [--no-nest 1]\n"
+    "       [--no-latency 1] [--latency-rate R]\n"
+    "       [--only bare|transport|evmesh|nest] [--idle-workers poll|sleep]\n"
+    "Starts its own rabbitmq-server; bare rabbitmq-c vs evmesh vs the\n"
+    "NestJS peer, medians of `runs`, then latency at half the rates (or at\n"
+    "R msg/s for both).\n";
+
 int main(int argc, char** argv) {
-  for (int i = 1; i < argc; ++i)
-    if (std::string_view{argv[i]} == "--help"
-        || std::string_view{argv[i]} == "-h") {
-      std::printf(
-        "usage: %s [messages=50000] [keys=1000] [runs=3] [--json FILE]\n"
-        "       [--nest-script PATH] [--node-path DIR] [--no-nest 1]\n"
-        "       [--no-latency 1] [--only bare|transport|evmesh|nest]\n"
-        "       [--idle-workers poll|sleep]\n"
-        "Starts its own rabbitmq-server; bare rabbitmq-c vs evmesh vs the\n"
-        "NestJS peer, medians of `runs`, then latency at half the rates.\n",
-        argv[0]);
-      return 0;
-    }
+  if (eb::wants_help(argc, argv)) {
+    std::fputs(usage, stdout);
+    return 0;
+  }
   bool skip_nest = eb::take_option(argc, argv, "no-nest") == "1";
   bool skip_latency = eb::take_option(argc, argv, "no-latency") == "1";
   // One offered rate for both latency rows (msg/s); default: half of each
@@ -547,9 +547,10 @@ int main(int argc, char** argv) {
                                 EVMESH_BENCH_NEST_SCRIPT);
   auto modules = eb::take_option(argc, argv, "node-path",
                                  EVMESH_BENCH_NEST_MODULES);
-  uint64_t n = argc > 1 ? std::stoull(argv[1]) : 50'000;
-  uint64_t keys = argc > 2 ? std::stoull(argv[2]) : 1000;
-  int runs = argc > 3 ? std::stoi(argv[3]) : 3;
+  eb::reject_unknown_options(argc, argv, usage);
+  uint64_t n = eb::positional_count(argc, argv, 1, 50'000, usage);
+  uint64_t keys = eb::positional_count(argc, argv, 2, 1000, usage);
+  int runs = static_cast<int>(eb::positional_count(argc, argv, 3, 3, usage));
   spdlog::set_level(spdlog::level::warn);
   if (!evmesh::testing::rabbitmq_server::available())
     die("rabbitmq-server is not installed (scripts/install-deps.sh "

@@ -401,6 +401,8 @@ constexpr const char* usage
     "       e2e_inproc --mode soak [--seconds S] [--rate R] [--keep K] "
     "[--json FILE]\n"
     "       e2e_inproc --mode latency [--rates R1,R2,...] [--json FILE]\n"
+    "       e2e_inproc --mode mesh [messages] [keys]   (evmesh row only, "
+    "for profiling)\n"
     "EVMESH_BENCH_IDLE_WORKERS=poll|sleep sets runtime.idle_workers.\n";
 
 int run_main(int argc, char** argv);
@@ -434,6 +436,7 @@ int run_main(int argc, char** argv) {
   auto soak_rate = std::stod(eb::take_option(argc, argv, "rate", "2000"));
   auto keep = std::stoi(eb::take_option(argc, argv, "keep", "60"));
   auto rates = eb::take_option(argc, argv, "rates", "1000,5000,20000");
+  eb::reject_unknown_options(argc, argv, usage);
   uint64_t n = argc > 1 ? std::stoull(argv[1]) : 200000;
   uint64_t keys = argc > 2 ? std::stoull(argv[2]) : 1000;
   spdlog::set_level(spdlog::level::warn);
@@ -464,8 +467,15 @@ int run_main(int argc, char** argv) {
   }
   if (mode == "soak")
     return run_soak(soak_rate, soak_secs, keep, keys, json);
+  if (mode == "mesh") {
+    // Only the evmesh row, once: for profilers (perf record -g).
+    auto r = run_mesh(n, keys);
+    eb::print_row("evmesh inproc, guarantees on", r, 0);
+    return 0;
+  }
   if (mode != "throughput") {
-    std::fprintf(stderr, "unknown --mode %s (throughput|memory|soak|latency)\n",
+    std::fprintf(stderr,
+                 "unknown --mode %s (throughput|mesh|memory|soak|latency)\n",
                  mode.c_str());
     return 2;
   }

@@ -377,19 +377,31 @@ eb::result run_evmesh(const evmesh::testing::kafka_mock_cluster& cluster,
 
 } // namespace
 
+const char* const usage
+  = "usage: e2e_kafka [messages=200000] [keys=1000] [runs=3] [--json FILE]\n"
+    "       [--partitions P] [--evmesh-query K=V&...] [--latency 0]\n"
+    "       [--rows bare,evmesh,alone]\n"
+    "A 3-broker librdkafka mock cluster in this process; bare librdkafka vs\n"
+    "evmesh vs the transport alone, medians of `runs`, then latency.\n";
+
 int main(int argc, char** argv) {
+  if (eb::wants_help(argc, argv)) {
+    std::fputs(usage, stdout);
+    return 0;
+  }
   auto json_path = eb::take_option(argc, argv, "json");
   int partitions = std::stoi(eb::take_option(argc, argv, "partitions", "16"));
   auto extra = eb::take_option(argc, argv, "evmesh-query");
   bool latency = eb::take_option(argc, argv, "latency", "1") != "0";
   // Which throughput rows to run (for profiling one of them).
   auto rows = eb::take_option(argc, argv, "rows", "bare,evmesh,alone");
+  eb::reject_unknown_options(argc, argv, usage);
   auto want = [&](const char* row) {
     return rows.find(row) != std::string::npos;
   };
-  uint64_t n = argc > 1 ? std::stoull(argv[1]) : 200'000;
-  uint64_t keys = argc > 2 ? std::stoull(argv[2]) : 1000;
-  int runs = argc > 3 ? std::stoi(argv[3]) : 3;
+  uint64_t n = eb::positional_count(argc, argv, 1, 200'000, usage);
+  uint64_t keys = eb::positional_count(argc, argv, 2, 1000, usage);
+  int runs = static_cast<int>(eb::positional_count(argc, argv, 3, 3, usage));
   if (!extra.empty())
     extra = "&" + extra;
   spdlog::set_level(spdlog::level::warn);

@@ -436,7 +436,18 @@ void print_row(const char* name, const std::vector<result>& rs,
 
 } // namespace
 
+const char* const usage
+  = "usage: e2e_nats [messages=100000] [keys=1000] [runs=3] [--json FILE]\n"
+    "       [--no-redis 1] [--rows bare,memory,redis,redis-script]\n"
+    "       [--latency 0] [--fetch N]\n"
+    "Starts its own nats-server (and redis-server); bare nats.c vs evmesh,\n"
+    "medians of `runs`, then latency at half the rates.\n";
+
 int main(int argc, char** argv) {
+  if (evmesh::bench::wants_help(argc, argv)) {
+    std::fputs(usage, stdout);
+    return 0;
+  }
   evmesh::bench::json_out json{evmesh::bench::take_option(argc, argv, "json"),
                                "e2e_nats"};
   // --no-redis 1: skip the Redis dedupe row.
@@ -461,9 +472,11 @@ int main(int argc, char** argv) {
   bool latency = evmesh::bench::take_option(argc, argv, "latency", "1") != "0";
   fetch_batch
     = std::stoi(evmesh::bench::take_option(argc, argv, "fetch", "256"));
-  uint64_t n = argc > 1 ? std::stoull(argv[1]) : 100'000;
-  uint64_t keys = argc > 2 ? std::stoull(argv[2]) : 1000;
-  int runs = argc > 3 ? std::stoi(argv[3]) : 3;
+  evmesh::bench::reject_unknown_options(argc, argv, usage);
+  uint64_t n = evmesh::bench::positional_count(argc, argv, 1, 100'000, usage);
+  uint64_t keys = evmesh::bench::positional_count(argc, argv, 2, 1000, usage);
+  int runs = static_cast<int>(
+    evmesh::bench::positional_count(argc, argv, 3, 3, usage));
   spdlog::set_level(spdlog::level::warn);
   if (!evmesh::testing::nats_server::available())
     die("nats-server is not installed (apt-get install nats-server)");

@@ -10,6 +10,7 @@
 #include <new>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -339,21 +340,20 @@ public:
   }
 
   bool on_object_begin(json::error_code& ec) {
+    const bool headers = depth_ == 1 && field_ == native_field::headers;
+    if (starts_payload())
+      begin_payload();
     ++depth_;
-    if (depth_ == 1)
+    if (depth_ == 1 || in_payload_)
+      return true; // the envelope itself, or inside the payload
+    if (headers) {
+      in_headers_ = true;
       return true;
-    if (depth_ == 2 && begin_value(ec)) {
-      if (field_ == native_field::headers) {
-        in_headers_ = true;
-        return true;
-      }
-      if (field_ != native_field::payload)
-        return give_up(ec);
     }
-    return in_payload_ || give_up(ec);
+    return give_up(ec);
   }
 
-  bool on_object_end(size_t n, json::error_code& ec) {
+  bool on_object_end(size_t n, json::error_code&) {
     --depth_;
     if (depth_ == 0)
       return true;
@@ -362,20 +362,20 @@ public:
       return true;
     }
     payload_.push_object(n);
-    return end_payload_value(ec);
+    return end_payload_value();
   }
 
   bool on_array_begin(json::error_code& ec) {
+    if (starts_payload())
+      begin_payload();
     ++depth_;
-    if (depth_ == 2 && !(begin_value(ec) && field_ == native_field::payload))
-      return give_up(ec);
     return in_payload_ || give_up(ec);
   }
 
-  bool on_array_end(size_t n, json::error_code& ec) {
+  bool on_array_end(size_t n, json::error_code&) {
     --depth_;
     payload_.push_array(n);
-    return end_payload_value(ec);
+    return end_payload_value();
   }
 
   // -- keys -------------------------------------------------------------------
@@ -414,6 +414,8 @@ public:
   // -- scalars ----------------------------------------------------------------
 
   bool on_string_part(json::string_view s, size_t, json::error_code& ec) {
+    if (starts_payload())
+      begin_payload();
     if (in_payload_) {
       payload_.push_chars(s);
       return true;
@@ -422,26 +424,15 @@ public:
       value_.append(s.data(), s.size());
       return true;
     }
-    if (depth_ == 1 && field_ == native_field::payload) {
-      if (!begin_value(ec))
-        return false;
-      payload_.push_chars(s);
-      return true;
-    }
-    auto* out = string_target();
-    if (out == nullptr)
-      return give_up(ec);
-    out->append(s.data(), s.size());
-    return true;
+    return append_to_field(s, ec);
   }
 
   bool on_string(json::string_view s, size_t, json::error_code& ec) {
-    if (depth_ == 1 && field_ == native_field::payload && !in_payload_
-        && !begin_value(ec))
-      return false;
+    if (starts_payload())
+      begin_payload();
     if (in_payload_) {
       payload_.push_string(s);
-      return end_payload_value(ec);
+      return end_payload_value();
     }
     if (in_headers_) {
       value_.append(s.data(), s.size());
@@ -450,11 +441,7 @@ public:
       value_.clear();
       return true;
     }
-    auto* out = string_target();
-    if (out == nullptr)
-      return give_up(ec);
-    out->append(s.data(), s.size());
-    return true;
+    return append_to_field(s, ec);
   }
 
   bool on_number_part(json::string_view, json::error_code&) {
@@ -462,60 +449,27 @@ public:
   }
 
   bool on_int64(int64_t x, json::string_view, json::error_code& ec) {
-    if (scalar_payload(ec)) {
-      payload_.push_int64(x);
-      return end_payload_value(ec);
-    }
-    if (depth_ != 1 || in_payload_)
-      return in_payload_ || give_up(ec);
-    if (field_ == native_field::id) {
-      env_->id = std::to_string(x);
-      return true;
-    }
-    if (field_ == native_field::attempt && x >= 0
-        && static_cast<uint64_t>(x) <= std::numeric_limits<uint32_t>::max()) {
-      env_->attempt = static_cast<uint32_t>(x);
-      return true;
-    }
-    return give_up(ec);
+    return on_integer(x, ec);
   }
 
   bool on_uint64(uint64_t x, json::string_view, json::error_code& ec) {
-    if (scalar_payload(ec)) {
-      payload_.push_uint64(x);
-      return end_payload_value(ec);
-    }
-    if (depth_ != 1 || in_payload_)
-      return in_payload_ || give_up(ec);
-    if (field_ == native_field::id) {
-      env_->id = std::to_string(x);
-      return true;
-    }
-    return give_up(ec); // an attempt this large is an error
+    return on_integer(x, ec);
   }
 
   bool on_double(double x, json::string_view, json::error_code& ec) {
-    if (scalar_payload(ec)) {
-      payload_.push_double(x);
-      return end_payload_value(ec);
-    }
-    return in_payload_ || give_up(ec);
+    if (push_payload_scalar([&] { payload_.push_double(x); }))
+      return true;
+    return give_up(ec);
   }
 
   bool on_bool(bool x, json::error_code& ec) {
-    if (scalar_payload(ec)) {
-      payload_.push_bool(x);
-      return end_payload_value(ec);
-    }
-    return in_payload_ || give_up(ec);
+    if (push_payload_scalar([&] { payload_.push_bool(x); }))
+      return true;
+    return give_up(ec);
   }
 
   bool on_null(json::error_code& ec) {
-    if (scalar_payload(ec)) {
-      payload_.push_null();
-      return end_payload_value(ec);
-    }
-    if (in_payload_)
+    if (push_payload_scalar([&] { payload_.push_null(); }))
       return true;
     // JSON null counts as absent for every other field.
     return depth_ == 1 || give_up(ec);
@@ -564,28 +518,67 @@ private:
     }
   }
 
-  // Called where a depth-1 value starts (inside the top-level object):
-  // starts the payload when the value is the payload's.
-  bool begin_value(json::error_code&) {
-    if (field_ != native_field::payload || in_payload_)
+  // Appends (part of) a depth-1 string value to its field.
+  bool append_to_field(json::string_view s, json::error_code& ec) {
+    auto* out = string_target();
+    if (out == nullptr)
+      return give_up(ec);
+    out->append(s.data(), s.size());
+    return true;
+  }
+
+  // An integer: part of the payload, an outbox row's numeric `id`, or the
+  // `attempt` (a negative or too large one is an error the general path
+  // words).
+  template <class Int>
+  bool on_integer(Int x, json::error_code& ec) {
+    if (push_payload_scalar([&] {
+          if constexpr (std::is_signed_v<Int>)
+            payload_.push_int64(x);
+          else
+            payload_.push_uint64(x);
+        }))
       return true;
+    if (depth_ == 1 && field_ == native_field::id) {
+      env_->id = std::to_string(x);
+      return true;
+    }
+    if (depth_ == 1 && field_ == native_field::attempt
+        && std::in_range<uint32_t>(x)) {
+      env_->attempt = static_cast<uint32_t>(x);
+      return true;
+    }
+    return give_up(ec);
+  }
+
+  // Whether the value that starts here is the payload itself.
+  bool starts_payload() const noexcept {
+    return depth_ == 1 && field_ == native_field::payload && !in_payload_;
+  }
+
+  // Builds the payload in a storage of its own from here on.
+  void begin_payload() {
     in_payload_ = true;
     storage_ = json::make_shared_resource<payload_resource>();
     payload_.reset(storage_);
     payload_resource::filling = true;
-    return true;
   }
 
-  // A scalar at depth 1 that is the payload (starts it).
-  bool scalar_payload(json::error_code& ec) {
-    if (depth_ == 1 && field_ == native_field::payload && !in_payload_)
-      return begin_value(ec);
-    return in_payload_;
+  // A scalar that is the payload or part of it: pushes it and returns true;
+  // false when the scalar belongs to another field.
+  template <class Push>
+  bool push_payload_scalar(Push push) {
+    if (starts_payload())
+      begin_payload();
+    if (!in_payload_)
+      return false;
+    push();
+    return end_payload_value();
   }
 
   // After a value inside the payload: when it was the payload itself, moves
   // it into the envelope.
-  bool end_payload_value(json::error_code&) {
+  bool end_payload_value() {
     if (depth_ > 1)
       return true; // still inside the payload
     payload_resource::filling = false;
@@ -797,6 +790,14 @@ void fill_gaps(envelope& env, const transport_metadata& meta) {
     env.tracestate = meta.tracestate;
 }
 
+// Fills what the envelope left open from `meta`; a topic is required.
+caf::expected<envelope> finish(envelope&& env, const transport_metadata& meta) {
+  fill_gaps(env, meta);
+  if (env.topic.empty())
+    return fail("envelope has no topic and the transport gave no subject");
+  return std::move(env);
+}
+
 caf::expected<envelope> decode_impl(std::string_view bytes,
                                     const transport_metadata& meta) {
   if (bytes.empty())
@@ -843,10 +844,7 @@ caf::expected<envelope> decode_impl(std::string_view bytes,
       consumed = fast.write_some(false, bytes.data(), bytes.size(), ec);
     }
     if (!ec && consumed == bytes.size()) {
-      fill_gaps(env, meta);
-      if (env.topic.empty())
-        return fail("envelope has no topic and the transport gave no subject");
-      return env;
+      return finish(std::move(env), meta);
     }
     handler.abandon();
   }
@@ -877,10 +875,7 @@ caf::expected<envelope> decode_impl(std::string_view bytes,
     err = decode_native(*obj, env);
   if (err)
     return err;
-  fill_gaps(env, meta);
-  if (env.topic.empty())
-    return fail("envelope has no topic and the transport gave no subject");
-  return env;
+  return finish(std::move(env), meta);
 }
 
 } // namespace

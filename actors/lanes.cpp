@@ -24,7 +24,7 @@ int64_t wall_ns() noexcept {
 
 size_t scoped_key_size(const subscription& sub, const incoming_message& m) {
   return std::string_view{sub.handler->consumer}.size()
-         + std::string_view{sub.handler->pattern}.size() + m.dedupe_key.size()
+         + std::string_view{sub.handler->pattern}.size() + m.dedupe_key().size()
          + 2;
 }
 
@@ -34,7 +34,7 @@ void append_scoped_dedupe_key(std::string& out, const subscription& sub,
   out += ':';
   out += sub.handler->pattern;
   out += ':';
-  out += m.dedupe_key;
+  out += m.dedupe_key();
 }
 
 std::string scoped_dedupe_key(const subscription& sub,
@@ -211,8 +211,8 @@ template <class F>
 auto with_context(const attempt_scope& a, F&& f) {
   auto& env = *a.env;
   auto& m = *a.msg;
-  return f(m.msg->env, env.services, m.trace, m.attempt, m.msg->tenant,
-           env.out.get(), m.deadline,
+  return f(m.msg->env, env.services, m.trace, m.attempt,
+           std::string{m.msg->tenant()}, env.out.get(), m.deadline,
            std::string_view{a.sub->handler->consumer},
            std::string_view{a.sub->handler->pattern});
 }

@@ -4,10 +4,12 @@
 
 #include <atomic>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <mutex>
 #include <random>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include <caf/actor.hpp>
@@ -97,17 +99,31 @@ using runtime_env_ptr = std::shared_ptr<const runtime_env>;
 
 /// What a delivery keeps of its `raw_message` once decoded: the decoded
 /// envelope has the rest (subject, trace headers and key filled its gaps).
+/// The bytes and the position share one exactly sized block (see
+/// `incoming_message::bytes` and `position`).
 struct raw_origin {
   /// The transport's handle (for `attempt_started`).
   uint64_t tag = 0;
-  /// The bytes as received: a dead-letter record's `original`.
-  std::string bytes;
-  /// The native position, for dead-letter records.
-  std::string position;
+  /// The bytes as received followed by the native position.
+  std::unique_ptr<char[]> data;
+};
+
+/// The producer's side of a delivery's trace: every attempt is a child of
+/// `span` in `trace`. The tracestate is the envelope's (none for a new root).
+struct producer_trace {
+  trace_id trace{};
+  /// The producer's span; all zero when this hop started a new root trace.
+  span_id span{};
+  /// Trace flags, kept from the producer (bit 0 = sampled).
+  uint8_t flags = 1;
+  /// True when no (valid) traceparent was carried.
+  bool is_root = true;
 };
 
 /// One delivery after decoding, shared by every subscription it matched.
-struct incoming_message {
+/// Kept small: one lives for every message in flight.
+class incoming_message {
+public:
   /// Source-local id of the delivery.
   uint64_t delivery_id = 0;
   raw_origin raw;
@@ -115,40 +131,114 @@ struct incoming_message {
   /// Handler executions made in earlier deliveries:
   /// max(broker delivery count - 1, envelope attempt).
   uint32_t prior_attempts = 0;
+
+private:
+  uint32_t bytes_size_ = 0;
+  uint32_t position_size_ = 0;
+
+public:
   /// The producer's span (parent of every attempt), or a new root.
-  trace_context producer;
-  /// The tenant after resolution (fallback applied).
-  std::string tenant;
-  /// `dedupe_key(env)`: a view of `env.idempotency_key` or `env.id`, or of
-  /// `own_key` when the key is a digest (see `set_dedupe_key`).
-  std::string_view dedupe_key;
-  std::string own_key;
+  producer_trace producer;
 
   incoming_message() = default;
   /// Takes `e` by move construction: its payload keeps its own storage
   /// (assignment would copy it into the default one).
   explicit incoming_message(envelope&& e) : env(std::move(e)) {
   }
-  // `dedupe_key` may point into this object: never copied or moved (it
-  // lives in a shared_ptr from creation on).
   incoming_message(const incoming_message&) = delete;
   incoming_message& operator=(const incoming_message&) = delete;
 
-  /// Points `dedupe_key` at `dedupe_key(env)`; call once `env` is final.
+  /// The bytes as received: a dead-letter record's `original`.
+  std::string_view bytes() const noexcept {
+    return {raw.data.get(), bytes_size_};
+  }
+
+  /// The native position, for dead-letter records.
+  std::string_view position() const noexcept {
+    return {raw.data.get() + bytes_size_, position_size_};
+  }
+
+  /// Keeps copies of `bytes` and `position` in `raw.data` (each at most
+  /// 4 GiB - 1: the source dead-letters larger messages before decoding).
+  void set_origin(std::string_view bytes, std::string_view position) {
+    auto total = bytes.size() + position.size();
+    raw.data.reset(total == 0 ? nullptr : new char[total]);
+    if (!bytes.empty())
+      std::memcpy(raw.data.get(), bytes.data(), bytes.size());
+    if (!position.empty())
+      std::memcpy(raw.data.get() + bytes.size(), position.data(),
+                  position.size());
+    bytes_size_ = static_cast<uint32_t>(bytes.size());
+    position_size_ = static_cast<uint32_t>(position.size());
+  }
+
+  /// `dedupe_key(env)`: `env.idempotency_key` or `env.id`, or a key of its
+  /// own when the key is a digest (see `set_dedupe_key`).
+  std::string_view dedupe_key() const noexcept {
+    switch (key_from_) {
+      case from::idempotency_key:
+        return env.idempotency_key;
+      case from::id:
+        return env.id;
+      default:
+        return owned_ ? std::string_view{owned_->key} : std::string_view{};
+    }
+  }
+
+  /// Picks `dedupe_key(env)`; call once `env` is final.
   void set_dedupe_key() {
     if (!env.idempotency_key.empty())
-      dedupe_key = env.idempotency_key;
+      key_from_ = from::idempotency_key;
     else if (!env.id.empty())
-      dedupe_key = env.id;
+      key_from_ = from::id;
     else
       set_dedupe_key(evmesh::dedupe_key(env));
   }
 
   /// Sets a key computed elsewhere (a cluster peer sends it along).
   void set_dedupe_key(std::string key) {
-    own_key = std::move(key);
-    dedupe_key = own_key;
+    owned().key = std::move(key);
+    key_from_ = from::own;
   }
+
+  /// The tenant after resolution (fallback applied).
+  std::string_view tenant() const noexcept {
+    if (tenant_from_ == from::own)
+      return owned_->tenant;
+    return env.tenant;
+  }
+
+  /// Sets the resolved tenant (kept apart only when it differs from
+  /// `env.tenant`).
+  void set_tenant(std::string_view resolved) {
+    if (resolved == env.tenant) {
+      tenant_from_ = from::tenant;
+      return;
+    }
+    owned().tenant = std::string{resolved};
+    tenant_from_ = from::own;
+  }
+
+private:
+  /// Where `dedupe_key()` and `tenant()` come from.
+  enum class from : uint8_t { id, idempotency_key, tenant, own };
+
+  /// The strings `env` does not hold (most deliveries have none: one pointer
+  /// instead of two empty strings).
+  struct owned_strings {
+    std::string key;
+    std::string tenant;
+  };
+
+  owned_strings& owned() {
+    if (!owned_)
+      owned_ = std::make_unique<owned_strings>();
+    return *owned_;
+  }
+
+  from key_from_ = from::own;
+  from tenant_from_ = from::tenant;
+  std::unique_ptr<owned_strings> owned_;
 };
 
 using incoming_ptr = std::shared_ptr<const incoming_message>;

@@ -5,7 +5,6 @@
 #include <algorithm>
 #include <unordered_map>
 
-#include <boost/container/small_vector.hpp>
 #include <caf/all.hpp>
 #include <spdlog/spdlog.h>
 
@@ -15,25 +14,68 @@ namespace evmesh::internal {
 
 namespace {
 
+/// The subscriptions that have not settled a delivery yet: a bit mask for
+/// indexes below 64, a list (made on first use) for the rest.
+class owing_set {
+public:
+  void assign(const std::vector<uint32_t>& subs) {
+    bits_ = 0;
+    more_.reset();
+    for (auto sub : subs) {
+      if (sub < 64) {
+        bits_ |= uint64_t{1} << sub;
+      } else {
+        if (!more_)
+          more_ = std::make_unique<std::vector<uint32_t>>();
+        more_->push_back(sub);
+      }
+    }
+  }
+
+  bool contains(uint32_t sub) const noexcept {
+    if (sub < 64)
+      return (bits_ >> sub) & 1u;
+    return more_
+           && std::find(more_->begin(), more_->end(), sub) != more_->end();
+  }
+
+  /// Removes `sub`; false when it was not in the set.
+  bool erase(uint32_t sub) {
+    if (!contains(sub))
+      return false;
+    if (sub < 64)
+      bits_ &= ~(uint64_t{1} << sub);
+    else
+      more_->erase(std::find(more_->begin(), more_->end(), sub));
+    return true;
+  }
+
+private:
+  uint64_t bits_ = 0;
+  std::unique_ptr<std::vector<uint32_t>> more_;
+};
+
 struct pending_delivery {
   /// The delivery id (0: the slot is free).
   uint64_t id = 0;
   uint64_t tag = 0;
-  uint32_t remaining = 0;
   /// The decoded message (null for intake dead letters) and the
   /// subscriptions that have not settled it yet: a restarted topic
   /// supervisor gets these again.
   incoming_ptr msg;
-  boost::container::small_vector<uint32_t, 2> owing;
+  owing_set owing;
+  /// Dead-letter records to publish on settling (rare: made on first use).
+  std::unique_ptr<std::vector<std::shared_ptr<const dead_letter_record>>>
+    records;
+  /// A subscription deferred it (`transport::defer`): the latest due time
+  /// and the most runs asked for win.
+  caf::timespan delay{0};
+  uint32_t attempts = 0;
+  uint32_t remaining = 0;
+  bool defer = false;
   bool nack = false;
   /// Dead-lettered by the source itself (decode, tenant, no handler).
   bool intake = false;
-  /// A subscription deferred it (`transport::defer`): the latest due time
-  /// and the most runs asked for win.
-  bool defer = false;
-  caf::timespan delay{0};
-  uint32_t attempts = 0;
-  std::vector<std::shared_ptr<const dead_letter_record>> records;
 };
 
 /// The deliveries in flight, in reused slots (no allocation per delivery once
@@ -212,10 +254,13 @@ public:
     auto& d = st_->deliveries.add();
     auto id = d.id;
     d.tag = raw.tag;
-    if (raw.bytes.size() > env.config.max_message_bytes) {
+    // The configuration bounds the limit to 4 GiB - 1 (what a delivery
+    // records of a size); a limit set in code is held to that too.
+    auto limit = std::min<size_t>(env.config.max_message_bytes, 0xFFFF'FFFF);
+    if (raw.bytes.size() > limit) {
       auto reason = "message of " + std::to_string(raw.bytes.size())
                     + " bytes exceeds transport.max_message_bytes = "
-                    + std::to_string(env.config.max_message_bytes);
+                    + std::to_string(limit);
       raw.bytes.resize(std::min<size_t>(raw.bytes.size(), 64 * 1024));
       intake_dead_letter(id, raw, nullptr, "too_large", reason);
       return;
@@ -236,41 +281,41 @@ public:
                          "no handler matches topic '" + e.topic + "'");
       return;
     }
-    std::string tenant = e.tenant;
+    std::string resolved;
     if (env.tenants) {
       auto res = env.tenants->resolve(e.tenant);
       if (!res.accepted) {
         intake_dead_letter(id, raw, &e, "tenant_rejected", res.reason);
         return;
       }
-      tenant = std::move(res.tenant);
+      resolved = std::move(res.tenant);
     }
     auto msg = std::make_shared<incoming_message>(std::move(e));
     auto& me = msg->env;
     msg->delivery_id = id;
     msg->prior_attempts = std::max(
       raw.delivery_count > 0 ? raw.delivery_count - 1 : 0u, me.attempt);
-    msg->producer = continue_trace(me.traceparent, me.tracestate);
-    if (msg->producer.is_root) {
+    // The producer's span is the parent of every attempt; without a valid
+    // traceparent this hop starts a new root trace (and W3C drops the
+    // tracestate with it).
+    if (auto parent = parse_traceparent(me.traceparent)) {
+      msg->producer = producer_trace{parent->trace, parent->parent,
+                                     parent->flags, false};
+    } else {
+      msg->producer.trace = new_trace_id();
       stats_block::inc(stats().new_root_traces);
       if (!me.traceparent.empty())
         spdlog::debug("invalid traceparent '{}' on topic {}: starting a new "
                       "root trace",
                       me.traceparent, me.topic);
     }
-    // `producer.span` holds the producer's span: the parent of every attempt
-    // (all zero for a new root).
-    msg->producer.span = msg->producer.is_root ? span_id{}
-                                               : msg->producer.parent;
-    msg->producer.parent = span_id{};
-    msg->tenant = std::move(tenant);
+    msg->set_tenant(env.tenants ? std::string_view{resolved}
+                                : std::string_view{me.tenant});
     msg->set_dedupe_key();
     msg->raw.tag = raw.tag;
-    msg->raw.bytes = std::move(raw.bytes);
-    msg->raw.bytes.shrink_to_fit();
-    msg->raw.position = std::move(raw.position);
+    msg->set_origin(raw.bytes, raw.position);
     d.remaining = static_cast<uint32_t>(st_->matches.size());
-    d.owing.assign(st_->matches.begin(), st_->matches.end());
+    d.owing.assign(st_->matches);
     incoming_ptr shared = std::move(msg);
     d.msg = shared;
     for (auto idx : st_->matches) {
@@ -312,20 +357,21 @@ public:
       return;
     auto& d = *found;
     if (d.msg) {
-      auto j = std::find(d.owing.begin(), d.owing.end(), s.sub);
-      if (j == d.owing.end()) {
+      if (!d.owing.erase(s.sub)) {
         spdlog::critical("delivery {} settled by subscription {} that does "
                          "not owe it; ignoring the extra settlement",
                          s.delivery_id, s.sub);
         return;
       }
-      d.owing.erase(j);
     }
     if (s.kind == settle_kind::nack)
       d.nack = true;
-    else if (s.kind == settle_kind::dead_lettered && s.record)
-      d.records.push_back(s.record);
-    else if (s.kind == settle_kind::defer) {
+    else if (s.kind == settle_kind::dead_lettered && s.record) {
+      if (!d.records)
+        d.records = std::make_unique<
+          std::vector<std::shared_ptr<const dead_letter_record>>>();
+      d.records->push_back(s.record);
+    } else if (s.kind == settle_kind::defer) {
       d.defer = true;
       d.delay = std::max(d.delay, s.delay);
       d.attempts = std::max(d.attempts, s.attempts);
@@ -341,9 +387,10 @@ public:
     auto& t = *st_->env->transport;
     caf::error err;
     if (!d.nack) {
-      for (auto& rec : d.records)
-        if ((err = t.dead_letter(d.tag, *rec)))
-          break;
+      if (d.records)
+        for (auto& rec : *d.records)
+          if ((err = t.dead_letter(d.tag, *rec)))
+            break;
       if (!err && d.defer) {
         // The transport stored it for a later attempt and settled the tag.
         if ((err = t.defer(d.tag, d.delay, d.attempts)))
@@ -397,8 +444,7 @@ public:
     auto& subscription = env.table.subscriptions[index];
     std::vector<std::pair<uint64_t, incoming_ptr>> owed;
     st_->deliveries.for_each([&](pending_delivery& d) {
-      if (d.msg
-          && std::find(d.owing.begin(), d.owing.end(), index) != d.owing.end())
+      if (d.msg && d.owing.contains(index))
         owed.emplace_back(d.id, d.msg);
     });
     std::sort(owed.begin(), owed.end(),

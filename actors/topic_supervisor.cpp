@@ -48,9 +48,14 @@ struct record {
 /// The trace context of `r`'s running (or last) attempt: a child of the
 /// producer's span.
 trace_context attempt_trace(const record& r) {
-  auto& p = r.msg->producer;
-  return trace_context{p.trace, r.span,       p.span,
-                       p.flags, p.tracestate, p.is_root};
+  auto& m = *r.msg;
+  auto& p = m.producer;
+  return trace_context{p.trace,
+                       r.span,
+                       p.span,
+                       p.flags,
+                       p.is_root ? std::string{} : m.env.tracestate,
+                       p.is_root};
 }
 
 struct lane_slot {
@@ -753,13 +758,13 @@ public:
     rec->key = m.env.key;
     rec->idempotency_key = m.env.idempotency_key;
     rec->transport = std::string{env.transport->scheme()};
-    rec->position = m.raw.position;
+    rec->position = std::string{m.position()};
     rec->node = env.node;
     rec->traceparent = r.attempted ? attempt_trace(r).traceparent()
                                    : m.env.traceparent;
     rec->original = env.config.mask_fields.empty()
-                      ? m.raw.bytes
-                      : mask_fields(m.raw.bytes, env.config.mask_fields);
+                      ? std::string{m.bytes()}
+                      : mask_fields(m.bytes(), env.config.mask_fields);
     rec->original_decoded = true;
     spdlog::warn("{}: dead-lettering {} message on '{}' after {} attempt(s): "
                  "{}",

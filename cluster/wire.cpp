@@ -39,8 +39,8 @@ wire_attempt to_wire(const attempt_msg& am, const std::string& sub,
   w.attempt = am.attempt;
   w.prior_attempts = am.msg->prior_attempts;
   w.envelope = encode_envelope(am.msg->env);
-  w.tenant = am.msg->tenant;
-  w.dedupe_key = std::string{am.msg->dedupe_key};
+  w.tenant = std::string{am.msg->tenant()};
+  w.dedupe_key = std::string{am.msg->dedupe_key()};
   w.trace = bytes_of(am.trace.trace);
   w.span = bytes_of(am.trace.span);
   w.parent = bytes_of(am.trace.parent);
@@ -59,9 +59,9 @@ caf::expected<attempt_msg> from_wire(const wire_attempt& w) {
   if (!env)
     return env.error();
   auto msg = std::make_shared<incoming_message>(std::move(*env));
-  msg->raw.bytes = w.envelope;
+  msg->set_origin(w.envelope, {});
   msg->prior_attempts = w.prior_attempts;
-  msg->tenant = w.tenant;
+  msg->set_tenant(w.tenant);
   msg->set_dedupe_key(w.dedupe_key);
   attempt_msg am;
   if (!read_bytes(w.trace, am.trace.trace) || !read_bytes(w.span, am.trace.span)
@@ -71,8 +71,8 @@ caf::expected<attempt_msg> from_wire(const wire_attempt& w) {
   am.trace.flags = w.flags;
   am.trace.tracestate = w.tracestate;
   am.trace.is_root = w.is_root;
-  msg->producer = am.trace;
-  msg->producer.span = am.trace.parent;
+  msg->producer = producer_trace{am.trace.trace, am.trace.parent,
+                                 am.trace.flags, am.trace.is_root};
   am.msg = std::move(msg);
   am.id = w.id;
   am.seq = w.seq;

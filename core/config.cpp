@@ -445,9 +445,11 @@ constexpr key_entry entries[] = {
    [](const rc& c) -> value { return c.poll_idle; }},
   {{"transport.max_message_bytes", config_type::integer, "1048576",
     "Messages larger than this are dead-lettered without being decoded "
-    "(>= 1).",
+    "(1 to 4294967295).",
     ""},
-   [](rc& c, const value& x) { return set_int(c.max_message_bytes, x, 1); },
+   [](rc& c, const value& x) {
+     return set_int(c.max_message_bytes, x, 1, int64_t{0xFFFF'FFFF});
+   },
    [](const rc& c) { return get_size(c.max_message_bytes); }},
   // -- [dedupe]
   {{"dedupe.url", config_type::string, "sqlite://state/dedupe.db",

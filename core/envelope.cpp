@@ -217,9 +217,14 @@ native_field classify(std::string_view name) noexcept {
 // (a handler copying the payload shares its storage) goes to the heap, so
 // the resource, once shared, has no mutable state and is safe to use from
 // several threads at once.
+//
+// Sized for the heap block: make_shared_resource's wrapper (16 bytes) and
+// this resource (vtable, count, buffer) make a 168-byte request, a 176-byte
+// block for glibc's malloc. The buffer is not over-aligned: allocations are
+// aligned by address, which costs at most a few bytes of the buffer.
 class payload_resource final : public json::memory_resource {
 public:
-  static constexpr size_t inline_bytes = 128;
+  static constexpr size_t inline_bytes = 140;
 
   /// Set by `set_payload` around the copy into a fresh resource.
   static inline thread_local bool filling = false;
@@ -233,9 +238,10 @@ private:
 
   void* do_allocate(size_t n, size_t align) override {
     if (filling && align <= alignof(std::max_align_t)) {
-      auto at = (used_ + align - 1) & ~(align - 1);
+      auto base = reinterpret_cast<uintptr_t>(buffer_);
+      auto at = ((base + used_ + align - 1) & ~(align - 1)) - base;
       if (at + n <= inline_bytes) {
-        used_ = at + n;
+        used_ = static_cast<uint32_t>(at + n);
         return buffer_ + at;
       }
     }
@@ -251,9 +257,12 @@ private:
     return this == &other;
   }
 
-  alignas(std::max_align_t) unsigned char buffer_[inline_bytes];
-  size_t used_ = 0;
+  uint32_t used_ = 0;
+  unsigned char buffer_[inline_bytes];
 };
+
+static_assert(sizeof(payload_resource) <= 152,
+              "payload_resource outgrew its 176-byte heap block");
 
 // Sets `env.payload` to a copy of `v` (which lives in the decoder's scratch
 // arena) in a storage of its own: one allocation for a small payload instead

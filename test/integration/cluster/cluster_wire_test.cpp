@@ -15,8 +15,8 @@ TEST(cluster_wire, attempts_survive_the_round_trip) {
   msg->env.key = "order-7";
   msg->env.payload = boost::json::object{{"qty", 3}};
   msg->env.headers["h"] = "v";
-  msg->tenant = "acme";
-  msg->dedupe_key = "m-1";
+  msg->set_tenant("acme");
+  msg->set_dedupe_key("c/orders.*:digest-1");
   msg->prior_attempts = 2;
   attempt_msg am;
   am.msg = msg;
@@ -39,8 +39,8 @@ TEST(cluster_wire, attempts_survive_the_round_trip) {
   EXPECT_EQ(back->msg->env.key, "order-7");
   EXPECT_EQ(back->msg->env.payload, msg->env.payload);
   EXPECT_EQ(back->msg->env.headers, msg->env.headers);
-  EXPECT_EQ(back->msg->tenant, "acme");
-  EXPECT_EQ(back->msg->dedupe_key, "m-1");
+  EXPECT_EQ(back->msg->tenant(), "acme");
+  EXPECT_EQ(back->msg->dedupe_key(), "c/orders.*:digest-1");
   EXPECT_EQ(back->msg->prior_attempts, 2u);
   EXPECT_EQ(back->trace.traceparent(), am.trace.traceparent());
   EXPECT_EQ(back->trace.tracestate, "vendor=x");

@@ -189,6 +189,46 @@ TEST_F(fixture, rejected_tenant_is_dead_lettered_without_running) {
   EXPECT_EQ(mesh->broker_stats().acked, 3u);
 }
 
+TEST_F(fixture, handlers_see_the_resolved_tenant) {
+  mesh->config().tenants_enabled = true;
+  mesh->config().tenants_known = {"acme"};
+  mesh->config().tenant_fallback = "shared";
+  start();
+  auto known = make_env("order.confirmed", "t-known");
+  known.tenant = "acme";
+  auto unknown = make_env("order.confirmed", "t-unknown");
+  unknown.tenant = "nobody";
+  auto none = make_env("order.confirmed", "t-none");
+  mesh->publish(known);
+  mesh->publish(unknown);
+  mesh->publish(none);
+  ASSERT_TRUE(mesh->run_until_settled());
+  std::map<std::string, std::string> seen;
+  for (auto& c : p->calls)
+    seen[c.id] = c.tenant;
+  EXPECT_EQ(seen["t-known"], "acme");
+  EXPECT_EQ(seen["t-unknown"], "shared"); // the fallback, not the envelope's
+  EXPECT_EQ(seen["t-none"], "");          // no tenant is accepted as is
+  EXPECT_EQ(mesh->broker_stats().acked, 3u);
+}
+
+TEST_F(fixture, dead_letter_records_keep_the_bytes_and_position_as_received) {
+  start();
+  p->behave = [](event_context&) { return dead_letter("declined"); };
+  // Not the encoder's own output: spacing and field order must survive.
+  std::string bytes = R"({ "topic":"order.confirmed", "id":"raw-1",)"
+                      R"( "payload": {"n": 1} })";
+  mesh->broker().publish_raw("order.confirmed", bytes);
+  ASSERT_TRUE(mesh->run_until_settled());
+  auto records = dlq();
+  ASSERT_EQ(records.size(), 1u);
+  EXPECT_EQ(records[0].original, bytes);
+  EXPECT_TRUE(records[0].original_decoded);
+  EXPECT_EQ(records[0].position.rfind("inproc:", 0), 0u) << records[0].position;
+  EXPECT_NE(records[0].position.find('#'), std::string::npos)
+    << records[0].position;
+}
+
 TEST_F(fixture, duplicate_subscription_fails_start_clearly) {
   auto twin = make_handler("orders", "order.*");
   auto err = mesh->start({&handler, &twin}, with_probe(p));

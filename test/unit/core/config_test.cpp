@@ -362,6 +362,8 @@ TEST(config_toml, enforces_every_rule_naming_key_value_and_rule) {
       "one poll must fit"}},
     {"[transport]\nmax_in_flight = 0", {"transport.max_in_flight = 0"}},
     {"[transport]\nmax_message_bytes = 0", {"transport.max_message_bytes"}},
+    {"[transport]\nmax_message_bytes = 4294967296",
+     {"transport.max_message_bytes = 4294967296"}},
     {"[transport]\npoll_idle = \"0s\"", {"transport.poll_idle", "> 0"}},
     {"[transport]\nurl = \"localhost:4222\"",
      {"transport.url = \"localhost:4222\"", "scheme://"}},

@@ -11,6 +11,8 @@
 #include <utility>
 #include <vector>
 
+#include <sys/mman.h>
+
 namespace evmesh {
 
 namespace {
@@ -53,11 +55,12 @@ time_point deadline(time_point now, caf::timespan ttl) {
 /// happens in `slots`.
 struct memory_idempotency_store::shard {
   // 32 bytes and trivially copyable: all-zero bytes are an empty slot, so
-  // a table comes zeroed from calloc and its pages are first touched as
-  // entries arrive rather than all at once when it grows (first touches
-  // are page faults, which cost tens of milliseconds for a large table on
-  // some virtual machines). The key's bytes live in an exact-size block of
-  // their own, owned by the table that holds the slot.
+  // a table comes zeroed from calloc (or, when large, straight from mmap)
+  // and its pages are first touched as entries arrive rather than all at
+  // once when it grows (first touches are page faults, which cost tens of
+  // milliseconds for a large table on some virtual machines). The key's
+  // bytes live in an exact-size block of their own, owned by the table that
+  // holds the slot.
   struct slot {
     uint64_t hash; // 0: empty
     time_point expires_at;
@@ -74,14 +77,32 @@ struct memory_idempotency_store::shard {
 
   // A zero-initialised array of slots (size 0 or a power of two) that frees
   // the keys of its slots with itself.
+  //
+  // A large table is mapped from the kernel directly: its pages arrive
+  // zeroed and untouched, and go back when it is freed. From calloc, a
+  // table of a megabyte or two came out of the heap once glibc had raised
+  // its mmap threshold (it does after freeing a mapped block), and calloc
+  // then cleared all of it at once: up to half a millisecond under the
+  // shard's lock, in every shard at nearly the same moment.
   class table {
   public:
+    /// Tables of at least this many bytes are mapped.
+    static constexpr size_t map_from = 256 * 1024;
+
     table() noexcept = default;
 
-    explicit table(size_t n)
-      : p_(static_cast<slot*>(std::calloc(n, sizeof(slot)))), n_(n) {
-      if (p_ == nullptr)
-        throw std::bad_alloc{};
+    explicit table(size_t n) : n_(n) {
+      if (mapped()) {
+        auto* p = ::mmap(nullptr, n * sizeof(slot), PROT_READ | PROT_WRITE,
+                         MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (p == MAP_FAILED)
+          throw std::bad_alloc{};
+        p_ = static_cast<slot*>(p);
+      } else {
+        p_ = static_cast<slot*>(std::calloc(n, sizeof(slot)));
+        if (p_ == nullptr)
+          throw std::bad_alloc{};
+      }
     }
 
     table(table&& x) noexcept
@@ -127,10 +148,17 @@ struct memory_idempotency_store::shard {
     }
 
   private:
+    bool mapped() const noexcept {
+      return n_ * sizeof(slot) >= map_from;
+    }
+
     void release() noexcept {
       for (size_t i = 0; i < n_; ++i)
         std::free(p_[i].key);
-      std::free(p_);
+      if (p_ != nullptr && mapped())
+        ::munmap(p_, n_ * sizeof(slot));
+      else
+        std::free(p_);
       p_ = nullptr;
       n_ = 0;
     }
@@ -203,8 +231,16 @@ struct memory_idempotency_store::shard {
     return i;
   }
 
-  // Live (unexpired) entries in `slots`.
+  // Live (unexpired) entries in `slots`, for sizing tables. While the clock
+  // is below `earliest`, nothing can have expired and no scan is needed:
+  // growing tables of keys kept for hours no longer scan a megabyte or two
+  // (up to 0.1 ms, under the shard's lock) to learn that they are all live.
+  // (`earliest` can miss an entry an erase shifted behind the sweep's
+  // cursor; then the count includes an expired entry or two, which only
+  // sizes a table a little larger.)
   size_t count_live(time_point now) const noexcept {
+    if (now < earliest)
+      return used;
     size_t live = 0;
     for (size_t i = 0; i < slots.size(); ++i)
       if (slots[i].hash != 0 && slots[i].expires_at > now)
@@ -502,12 +538,16 @@ memory_idempotency_store::memory_idempotency_store(size_t shards,
 
 memory_idempotency_store::~memory_idempotency_store() = default;
 
-memory_idempotency_store::shard&
-memory_idempotency_store::shard_for(uint64_t hash) const noexcept {
+size_t memory_idempotency_store::shard_index(uint64_t hash) const noexcept {
   // Fibonacci hashing on the high bits: the tables inside a shard use the low
   // bits of the same hash, so taking those here would skew their slots.
   auto h = hash * 0x9E3779B97F4A7C15ull;
-  return shards_[static_cast<size_t>((h >> 32) % shard_count_)];
+  return static_cast<size_t>((h >> 32) % shard_count_);
+}
+
+memory_idempotency_store::shard&
+memory_idempotency_store::shard_for(uint64_t hash) const noexcept {
+  return shards_[shard_index(hash)];
 }
 
 memory_idempotency_store::clock_type::time_point
@@ -590,6 +630,33 @@ caf::error memory_idempotency_store::abort(std::string_view key) {
   return caf::error{};
 }
 
+void memory_idempotency_store::visit_by_shard(
+  std::span<const uint64_t> hashes,
+  const std::function<void(shard&, size_t)>& op) {
+  // (shard, index) pairs: sorted, they group a batch by shard and keep the
+  // batch's order within a shard (the same key twice in a batch is claimed
+  // in order).
+  thread_local std::vector<std::pair<uint32_t, uint32_t>> order;
+  order.clear();
+  for (size_t i = 0; i < hashes.size(); ++i)
+    order.emplace_back(static_cast<uint32_t>(shard_index(hashes[i])),
+                       static_cast<uint32_t>(i));
+  std::sort(order.begin(), order.end());
+  for (size_t first = 0; first < order.size();) {
+    auto& s = shards_[order[first].first];
+    auto last = first;
+    while (last < order.size() && order[last].first == order[first].first)
+      ++last;
+    std::lock_guard<std::mutex> guard{s.mtx};
+    if (!s.slots.empty())
+      for (auto k = first; k < last; ++k)
+        __builtin_prefetch(&s.slots[hashes[order[k].second] & s.mask()]);
+    for (auto k = first; k < last; ++k)
+      op(s, order[k].second);
+    first = last;
+  }
+}
+
 void memory_idempotency_store::try_begin_many(
   std::span<const std::string_view> keys, caf::timespan lease,
   std::span<claim_result> out) {
@@ -597,20 +664,13 @@ void memory_idempotency_store::try_begin_many(
   if (n == 0)
     return;
   auto t = now();
-  shard* held = nullptr;
-  std::unique_lock<std::mutex> guard;
-  for (size_t i = 0; i < n; ++i) {
-    auto h = hash_key(keys[i]);
-    auto& s = shard_for(h);
-    if (&s != held) {
-      // Never two shards at once: release the previous one first.
-      if (guard.owns_lock())
-        guard.unlock();
-      guard = std::unique_lock<std::mutex>{s.mtx};
-      held = &s;
-    }
-    out[i] = claim_locked(s, keys[i], h, t, lease);
-  }
+  thread_local std::vector<uint64_t> hashes;
+  hashes.resize(n);
+  for (size_t i = 0; i < n; ++i)
+    hashes[i] = hash_key(keys[i]);
+  visit_by_shard({hashes.data(), n}, [&](shard& s, size_t i) {
+    out[i] = claim_locked(s, keys[i], hashes[i], t, lease);
+  });
 }
 
 caf::error memory_idempotency_store::finish_many(std::span<const finish_op> ops,
@@ -620,24 +680,17 @@ caf::error memory_idempotency_store::finish_many(std::span<const finish_op> ops,
   if (n == 0)
     return caf::error{};
   auto t = now();
-  shard* held = nullptr;
-  std::unique_lock<std::mutex> guard;
-  for (size_t i = 0; i < n; ++i) {
-    auto h = hash_key(ops[i].key);
-    auto& s = shard_for(h);
-    if (&s != held) {
-      // Never two shards at once: release the previous one first.
-      if (guard.owns_lock())
-        guard.unlock();
-      guard = std::unique_lock<std::mutex>{s.mtx};
-      held = &s;
-    }
+  thread_local std::vector<uint64_t> hashes;
+  hashes.resize(n);
+  for (size_t i = 0; i < n; ++i)
+    hashes[i] = hash_key(ops[i].key);
+  visit_by_shard({hashes.data(), n}, [&](shard& s, size_t i) {
     if (ops[i].kind == finish_op::commit)
-      commit_locked(s, ops[i].key, h, t, keep);
+      commit_locked(s, ops[i].key, hashes[i], t, keep);
     else
-      abort_locked(s, ops[i].key, h, t);
+      abort_locked(s, ops[i].key, hashes[i], t);
     errors[i] = caf::error{};
-  }
+  });
   return caf::error{};
 }
 

@@ -4,6 +4,7 @@
 #include <cstddef>
 #include <functional>
 #include <memory>
+#include <span>
 #include <string_view>
 
 #include "evmesh/stores.hpp"
@@ -98,6 +99,15 @@ private:
   struct shard;
 
   shard& shard_for(uint64_t hash) const noexcept;
+
+  size_t shard_index(uint64_t hash) const noexcept;
+
+  /// Calls `op(shard, i)` for every i in [0, hashes.size()) with the shard
+  /// of `hashes[i]` locked: shard by shard (one lock per shard and batch, in
+  /// index order within a shard), after asking the CPU to fetch the first
+  /// slot each key probes, so that a batch's cache misses overlap.
+  void visit_by_shard(std::span<const uint64_t> hashes,
+                      const std::function<void(shard&, size_t)>& op);
 
   clock_type::time_point now() const;
 

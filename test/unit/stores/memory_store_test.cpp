@@ -6,6 +6,7 @@
 #include <chrono>
 #include <map>
 #include <random>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -606,4 +607,46 @@ TEST(memory_idempotency_store, racing_batches_claim_each_key_exactly_once) {
   EXPECT_EQ(fresh.load(), keys_per_batch);
   for (auto& name : names)
     EXPECT_EQ(store.try_begin(name, 30s), claim_result::duplicate) << name;
+}
+
+TEST(memory_idempotency_store, batches_across_shards_answer_in_batch_order) {
+  // A batch is worked through shard by shard; each key's answers must still
+  // follow the batch's order: its first occurrence is the fresh claim, a
+  // later one in the same batch finds it in flight. Keys stored before the
+  // batch answer for themselves.
+  memory_idempotency_store store{16};
+  ASSERT_FALSE(store.commit("done-0", 1h));
+  ASSERT_EQ(store.try_begin("held-0", 1h), claim_result::fresh);
+  std::vector<std::string> names;
+  for (int i = 0; i < 96; ++i)
+    names.push_back("key-" + std::to_string(i));
+  std::vector<std::string_view> keys;
+  for (int i = 0; i < 96; ++i) {
+    keys.push_back(names[static_cast<size_t>(i)]);
+    if (i % 3 == 0) // a repeat a few places later
+      keys.push_back(names[static_cast<size_t>(i / 2)]);
+  }
+  keys.push_back("done-0");
+  keys.push_back("held-0");
+  std::vector<claim_result> out(keys.size(), claim_result::unavailable);
+  store.try_begin_many(keys, 1h, out);
+  std::set<std::string_view> seen;
+  for (size_t i = 0; i + 2 < keys.size(); ++i) {
+    auto expected = seen.insert(keys[i]).second ? claim_result::fresh
+                                                : claim_result::in_flight;
+    EXPECT_EQ(out[i], expected) << keys[i] << " at " << i;
+  }
+  EXPECT_EQ(out[keys.size() - 2], claim_result::duplicate);
+  EXPECT_EQ(out[keys.size() - 1], claim_result::in_flight);
+  // Commits and aborts of one batch across shards: every step runs.
+  std::vector<finish_op> ops;
+  for (size_t i = 0; i < names.size(); ++i)
+    ops.push_back(
+      {names[i], i % 2 == 0 ? finish_op::commit : finish_op::abort});
+  std::vector<caf::error> errors(ops.size());
+  EXPECT_FALSE(store.finish_many(ops, 1h, errors));
+  for (size_t i = 0; i < names.size(); ++i)
+    EXPECT_EQ(store.try_begin(names[i], 1h),
+              i % 2 == 0 ? claim_result::duplicate : claim_result::fresh)
+      << names[i];
 }

@@ -1,6 +1,8 @@
 #include "evmesh/memory_store.hpp"
 
 #include <algorithm>
+#include <atomic>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -180,6 +182,11 @@ struct memory_idempotency_store::shard {
   /// Tables of at least this many slots get their successor prepared.
   static constexpr size_t spare_from = 2048;
   static constexpr size_t page_bytes = 4096;
+  /// Bytes of a spare made present at a time (see `make_present`).
+  static constexpr size_t populate_bytes = 16 * page_bytes;
+  /// Set once MADV_POPULATE_WRITE failed (an older kernel): pages are then
+  /// touched one at a time.
+  static inline std::atomic<bool> populate_failed{false};
   /// Marks a slot of `old` whose entry moved out ahead of the cursor.
   static constexpr uint32_t moved_mark = static_cast<uint32_t>(-1);
 
@@ -280,6 +287,11 @@ struct memory_idempotency_store::shard {
   // Moves up to `n` slots of `old`; frees it once everything moved.
   void move_some(time_point now, size_t n) {
     auto end = std::min(old.size(), old_cursor + n);
+    // The entries land in random slots of the new table: fetch those first,
+    // so the misses of one call overlap rather than follow each other.
+    for (auto i = old_cursor; i < end; ++i)
+      if (old[i].hash != 0)
+        __builtin_prefetch(&slots[old[i].hash & mask()]);
     for (; old_cursor < end; ++old_cursor)
       move_out(old_cursor, now);
     if (old_cursor == old.size() || old_used == 0) {
@@ -396,8 +408,9 @@ struct memory_idempotency_store::shard {
   // the insertions, so that the last page is touched when the growth comes
   // and the growth finds its memory ready. First touches are page faults:
   // a whole table's worth at once stalled every shard for tens of
-  // milliseconds on a virtual machine where a fault costs ~16 µs, while one
-  // page per 8 insertions spreads the same cost thinly.
+  // milliseconds on a virtual machine where a fault costs ~16 µs, while 16
+  // pages made present together every 128 insertions spread the cost thinly
+  // and pay a fraction of it (`make_present`).
   //
   // `used` counts expired entries the sweep has not reached yet, and a
   // growth sizes the new table by the live ones: where keys expire as fast
@@ -421,13 +434,43 @@ struct memory_idempotency_store::shard {
       spare_touched = 0;
     }
     auto bytes = spare.size() * sizeof(slot);
-    // The fraction of the way from 5/8 to 3/4 of the table; at most four
-    // pages per insertion when the spare came late.
+    // The fraction of the way from 5/8 to 3/4 of the table, a step at a
+    // time once a whole step is due; at most four steps per insertion when
+    // the spare came late.
     auto due = std::min(bytes, bytes / (cap / 8) * (used - 5 * cap / 8));
-    for (int k = 0; k < 4 && spare_touched < due;
-         ++k, spare_touched += page_bytes)
-      // Storing a zero keeps the calloc'ed bytes as they are.
-      reinterpret_cast<volatile char*>(spare.begin())[spare_touched] = 0;
+    auto step = populate_failed.load(std::memory_order_relaxed)
+                  ? page_bytes
+                  : populate_bytes;
+    for (int k = 0; k < 4 && spare_touched < due; ++k) {
+      if (due - spare_touched < step && due < bytes)
+        break;
+      auto to = std::min(bytes, spare_touched + step);
+      make_present(reinterpret_cast<char*>(spare.begin()), spare_touched, to);
+      spare_touched = to;
+    }
+  }
+
+  // Makes bytes [from, to) of `base` present in memory without changing
+  // them: one MADV_POPULATE_WRITE for the pages they span (Linux 5.14+),
+  // else a write of each page. On the virtual machines measured here a
+  // first-touch fault cost ~10 us a page while populating 16 pages at once
+  // cost ~0.7 us a page. The pages at either end may hold other bytes too
+  // (a table from the heap need not be page-aligned); populating never
+  // changes what a page holds.
+  static void make_present(char* base, size_t from, size_t to) {
+    if (!populate_failed.load(std::memory_order_relaxed)) {
+      auto first = reinterpret_cast<uintptr_t>(base + from) & ~(page_bytes - 1);
+      auto last = (reinterpret_cast<uintptr_t>(base + to) + page_bytes - 1)
+                  & ~(page_bytes - 1);
+      if (::madvise(reinterpret_cast<void*>(first), last - first,
+                    MADV_POPULATE_WRITE)
+          == 0)
+        return;
+      populate_failed.store(true, std::memory_order_relaxed);
+    }
+    for (auto at = from; at < to; at += page_bytes)
+      // Storing a zero keeps the zeroed bytes as they are.
+      reinterpret_cast<volatile char*>(base)[at] = 0;
   }
 
   // Inserts a key known to be absent from both tables.

@@ -24,12 +24,18 @@ namespace evmesh {
 /// sweep pass shrinks. So memory follows the number of live keys rather than
 /// the number of keys ever seen.
 ///
-/// No operation pays for a growth: a large table that doubles moves to its
-/// successor a few slots per operation, and the successor's memory is
-/// allocated and touched a page at a time while more than 5/8 of the slots
-/// hold live keys and the table fills towards 3/4 (so a shard can hold up to
-/// three times its table then). A table filled with expired entries is
+/// No single operation pays for a growth: a large table that doubles moves
+/// to its successor a few slots per operation (so operations cost more
+/// while the move lasts), and the successor's memory is allocated and made
+/// present 16 pages at a time (one `madvise`, where the kernel has
+/// MADV_POPULATE_WRITE) while more than 5/8 of the slots hold live keys and
+/// the table fills towards 3/4 (so a shard can hold up to three times its
+/// table then). Tables of 256 KiB and more are mapped from the kernel and
+/// returned to it when freed. A table filled with expired entries is
 /// rebuilt at its size at once.
+///
+/// `try_begin_many` and `finish_many` take a batch shard by shard (one lock
+/// per shard and batch), in the batch's order within each shard.
 ///
 /// Leases carry no owner: a late `abort` from a worker whose lease expired
 /// (and whose key another worker re-claimed) releases the newer claim, so a

@@ -88,7 +88,7 @@ struct attempt_scope {
   /// Tells the transport that the handler is about to run.
   void announce() {
     if (env->transport) {
-      token = env->transport->attempt_started(msg->msg->raw.tag);
+      token = env->transport->attempt_started(msg->msg->tag);
       announced = true;
     }
   }

@@ -97,17 +97,6 @@ struct runtime_env {
 
 using runtime_env_ptr = std::shared_ptr<const runtime_env>;
 
-/// What a delivery keeps of its `raw_message` once decoded: the decoded
-/// envelope has the rest (subject, trace headers and key filled its gaps).
-/// The bytes and the position share one exactly sized block (see
-/// `incoming_message::bytes` and `position`).
-struct raw_origin {
-  /// The transport's handle (for `attempt_started`).
-  uint64_t tag = 0;
-  /// The bytes as received followed by the native position.
-  std::unique_ptr<char[]> data;
-};
-
 /// The producer's side of a delivery's trace: every attempt is a child of
 /// `span` in `trace`. The tracestate is the envelope's (none for a new root).
 struct producer_trace {
@@ -126,7 +115,9 @@ class incoming_message {
 public:
   /// Source-local id of the delivery.
   uint64_t delivery_id = 0;
-  raw_origin raw;
+  /// The transport's handle (for `attempt_started`).
+  uint64_t tag = 0;
+  /// Decoded from `bytes()`; subject, trace headers and key filled its gaps.
   envelope env;
   /// Handler executions made in earlier deliveries:
   /// max(broker delivery count - 1, envelope attempt).
@@ -150,23 +141,24 @@ public:
 
   /// The bytes as received: a dead-letter record's `original`.
   std::string_view bytes() const noexcept {
-    return {raw.data.get(), bytes_size_};
+    return {origin_.get(), bytes_size_};
   }
 
   /// The native position, for dead-letter records.
   std::string_view position() const noexcept {
-    return {raw.data.get() + bytes_size_, position_size_};
+    return {origin_.get() + bytes_size_, position_size_};
   }
 
-  /// Keeps copies of `bytes` and `position` in `raw.data` (each at most
-  /// 4 GiB - 1: the source dead-letters larger messages before decoding).
+  /// Keeps copies of `bytes` and `position`, in one exactly sized block
+  /// (each at most 4 GiB - 1: the source dead-letters larger messages
+  /// before decoding).
   void set_origin(std::string_view bytes, std::string_view position) {
     auto total = bytes.size() + position.size();
-    raw.data.reset(total == 0 ? nullptr : new char[total]);
+    origin_.reset(total == 0 ? nullptr : new char[total]);
     if (!bytes.empty())
-      std::memcpy(raw.data.get(), bytes.data(), bytes.size());
+      std::memcpy(origin_.get(), bytes.data(), bytes.size());
     if (!position.empty())
-      std::memcpy(raw.data.get() + bytes.size(), position.data(),
+      std::memcpy(origin_.get() + bytes.size(), position.data(),
                   position.size());
     bytes_size_ = static_cast<uint32_t>(bytes.size());
     position_size_ = static_cast<uint32_t>(position.size());
@@ -238,6 +230,8 @@ private:
 
   from key_from_ = from::own;
   from tenant_from_ = from::tenant;
+  /// The bytes as received followed by the native position.
+  std::unique_ptr<char[]> origin_;
   std::unique_ptr<owned_strings> owned_;
 };
 

@@ -312,7 +312,7 @@ public:
     msg->set_tenant(env.tenants ? std::string_view{resolved}
                                 : std::string_view{me.tenant});
     msg->set_dedupe_key();
-    msg->raw.tag = raw.tag;
+    msg->tag = raw.tag;
     msg->set_origin(raw.bytes, raw.position);
     d.remaining = static_cast<uint32_t>(st_->matches.size());
     d.owing.assign(st_->matches);

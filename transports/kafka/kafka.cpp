@@ -343,9 +343,18 @@ caf::expected<conf_ptr> make_conf(const kafka_settings& s, bool consumer,
     {"reconnect.backoff.max.ms", "2000"},
   };
   if (consumer) {
-    props.insert(props.end(), {{"group.id", s.group},
-                               {"auto.offset.reset", "earliest"},
-                               {"enable.partition.eof", "false"}});
+    props.insert(props.end(),
+                 {{"group.id", s.group},
+                  {"auto.offset.reset", "earliest"},
+                  {"enable.partition.eof", "false"},
+                  // librdkafka 2.0 checks this per-partition bound against
+                  // the one consumer queue all partitions feed, and when it
+                  // is passed looks again only when the broker thread next
+                  // wakes, up to 1 s later: a consumer faster than ~100 k
+                  // msg/s drained 100 000 prefetched records and then sat
+                  // idle. The prefetch stays bounded by
+                  // queued.max.messages.kbytes (64 MiB by default).
+                  {"queued.min.messages", "1000000"}});
   } else {
     props.insert(
       props.end(),

@@ -115,6 +115,19 @@ inline size_t heap_bytes() {
 }
 
 /// The 1-minute load average (/proc/loadavg).
+/// Tells `perf record --control fifo:FILE -D -1` (FILE in
+/// EVMESH_BENCH_PERF_CTL) to sample only while a timed phase runs.
+inline void perf_control(bool on) {
+  static FILE* ctl = [] {
+    auto* path = std::getenv("EVMESH_BENCH_PERF_CTL");
+    return path != nullptr ? std::fopen(path, "w") : nullptr;
+  }();
+  if (ctl != nullptr) {
+    std::fputs(on ? "enable\n" : "disable\n", ctl);
+    std::fflush(ctl);
+  }
+}
+
 inline double load_average() {
   std::ifstream in{"/proc/loadavg"};
   double one = -1;

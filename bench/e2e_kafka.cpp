@@ -6,6 +6,9 @@
 //             [--latency 0]              (throughput rows only)
 //             [--rows bare,evmesh,alone] (which throughput rows to run)
 //
+// EVMESH_BENCH_PERF_CTL=ctl perf record -D -1 --control fifo:ctl -- e2e_kafka
+// samples only the evmesh runs (group join included: the process is idle).
+//
 // A 3-broker mock cluster (rdkafka_mock.h) lives inside this process. One
 // topic of P partitions (default 16, replication 3) is preloaded once with
 // `messages` pre-encoded ~200-byte native envelopes keyed over `keys` keys;
@@ -371,9 +374,11 @@ eb::result run_evmesh(const evmesh::testing::kafka_mock_cluster& cluster,
       std::this_thread::sleep_for(milliseconds{1});
     }
   };
+  eb::perf_control(true);
   uint64_t expect = pace(rt, wait);
   wait([&] { return rt.stats().acked >= expect; });
   auto end = eb::now_ns();
+  eb::perf_control(false);
   auto cpu = eb::cpu_seconds() - eb::first_handled_cpu.load();
   auto secs = static_cast<double>(end - eb::first_handled_ns.load()) / 1e9;
   rt.stop(seconds{5});

@@ -64,19 +64,6 @@ using evmesh::bench::handled;
 /// Messages per pull request, bare and evmesh alike (--fetch).
 int fetch_batch = 256;
 
-/// Tells `perf record --control fifo:FILE -D -1` (FILE in
-/// EVMESH_BENCH_PERF_CTL) to sample only while a timed phase runs.
-void perf_control(bool on) {
-  static FILE* ctl = [] {
-    auto* path = std::getenv("EVMESH_BENCH_PERF_CTL");
-    return path != nullptr ? std::fopen(path, "w") : nullptr;
-  }();
-  if (ctl != nullptr) {
-    std::fputs(on ? "enable\n" : "disable\n", ctl);
-    std::fflush(ctl);
-  }
-}
-
 /// CPU seconds process `pid` used so far (0 if unreadable).
 double proc_cpu_seconds(pid_t pid) {
   if (pid <= 0)
@@ -219,7 +206,7 @@ result run_bare(const std::string& url, const std::string& stream,
         "pull subscribe");
   const uint64_t n = payloads.size();
   uint64_t acked = 0;
-  perf_control(true);
+  evmesh::bench::perf_control(true);
   cpu_meter meter;
   auto start = steady_clock::now();
   while (acked < n) {
@@ -236,7 +223,7 @@ result run_bare(const std::string& url, const std::string& stream,
   natsConnection_FlushTimeout(c.nc, 10'000);
   auto secs = duration<double>(steady_clock::now() - start).count();
   auto res = meter.done(secs, n);
-  perf_control(false);
+  evmesh::bench::perf_control(false);
   natsSubscription_Destroy(sub);
   return res;
 }
@@ -357,7 +344,7 @@ result run_evmesh(const std::string& url, const std::string& stream,
   patterns.push_back(std::make_unique<std::string>(subject + ".*"));
   h.pattern = patterns.back()->c_str();
   h.fn = &evmesh::bench::counting_handler;
-  perf_control(true);
+  evmesh::bench::perf_control(true);
   cpu_meter meter;
   auto start = steady_clock::now();
   evmesh::consumer_runtime rt{cfg, b.freeze()};
@@ -395,7 +382,7 @@ result run_evmesh(const std::string& url, const std::string& stream,
     res.cpu_us = 1e6 * (cpu_seconds() - evmesh::bench::first_handled_cpu.load())
                  / static_cast<double>(n);
   }
-  perf_control(false);
+  evmesh::bench::perf_control(false);
   if (pacer.joinable())
     pacer.join();
   rt.stop(seconds{5});

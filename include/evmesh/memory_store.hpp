@@ -30,12 +30,16 @@ namespace evmesh {
 /// present 16 pages at a time (one `madvise`, where the kernel has
 /// MADV_POPULATE_WRITE) while more than 5/8 of the slots hold live keys and
 /// the table fills towards 3/4 (so a shard can hold up to three times its
-/// table then). Tables of 256 KiB and more are mapped from the kernel and
-/// returned to it when freed. A table filled with expired entries is
-/// rebuilt at its size at once.
+/// table then). Shards grow at slightly different loads (eight steps from
+/// 3/4 down to 89/128), so that keys spread evenly over the shards do not
+/// make all of them double at once. Tables of 256 KiB and more are mapped
+/// from the kernel and returned to it when freed; the table a growth leaves
+/// behind is freed after the shard's lock is released. A table filled with
+/// expired entries is rebuilt at its size at once.
 ///
 /// `try_begin_many` and `finish_many` take a batch shard by shard (one lock
-/// per shard and batch), in the batch's order within each shard.
+/// per shard and batch), in the batch's order within each shard; shards
+/// another thread holds at that moment are taken after the others.
 ///
 /// Leases carry no owner: a late `abort` from a worker whose lease expired
 /// (and whose key another worker re-claimed) releases the newer claim, so a

@@ -650,3 +650,47 @@ TEST(memory_idempotency_store, batches_across_shards_answer_in_batch_order) {
               i % 2 == 0 ? claim_result::duplicate : claim_result::fresh)
       << names[i];
 }
+
+TEST(memory_idempotency_store, contended_batches_keep_each_shards_order) {
+  // Eight threads claim the same keys in batches over all 16 shards, round
+  // after round: a batch that finds a shard held works the free ones first
+  // and comes back to it. Each key is still fresh exactly once, and a key a
+  // batch names twice finds its own first claim the second time. The keys
+  // also make the tables grow (and retire the old ones) while threads race.
+  memory_idempotency_store store{16};
+  constexpr int threads = 8;
+  constexpr int rounds = 40;
+  constexpr int keys_per_batch = 256;
+  std::vector<std::vector<std::string>> names(rounds);
+  for (int r = 0; r < rounds; ++r)
+    for (int i = 0; i < keys_per_batch; ++i)
+      names[static_cast<size_t>(r)].push_back("r" + std::to_string(r) + "-k"
+                                              + std::to_string(i));
+  std::atomic<int> fresh{0};
+  std::atomic<int> fresh_repeats{0};
+  std::barrier start{threads};
+  std::vector<std::thread> workers;
+  for (int t = 0; t < threads; ++t)
+    workers.emplace_back([&, t] {
+      for (int r = 0; r < rounds; ++r) {
+        auto& round = names[static_cast<size_t>(r)];
+        std::vector<std::string_view> keys{round.begin(), round.end()};
+        std::rotate(keys.begin(), keys.begin() + t * 31, keys.end());
+        if (t % 2 == 1)
+          std::reverse(keys.begin(), keys.end());
+        keys.push_back(keys.front()); // the same key again, last
+        std::vector<claim_result> out(keys.size());
+        start.arrive_and_wait();
+        store.try_begin_many(keys, 30s, out);
+        fresh += static_cast<int>(
+          std::count(out.begin(), out.end() - 1, claim_result::fresh));
+        if (out.back() == claim_result::fresh)
+          ++fresh_repeats;
+      }
+    });
+  for (auto& w : workers)
+    w.join();
+  EXPECT_EQ(fresh.load(), rounds * keys_per_batch);
+  EXPECT_EQ(fresh_repeats.load(), 0);
+  EXPECT_EQ(store.size(), static_cast<size_t>(rounds * keys_per_batch));
+}

@@ -1,7 +1,9 @@
 #include "evmesh/kafka.hpp"
 
 #include <algorithm>
+#include <array>
 #include <atomic>
+#include <bit>
 #include <charconv>
 #include <chrono>
 #include <condition_variable>
@@ -28,6 +30,8 @@
 #include "evmesh/config.hpp"
 #include "evmesh/error.hpp"
 #include "evmesh/pattern.hpp"
+
+#include "offset_table.hpp"
 
 namespace evmesh {
 
@@ -1036,7 +1040,7 @@ struct partition_state {
   uint64_t gen = 0;  // incremented on every assignment
   int64_t low = -1;
   int64_t end = -1;
-  std::map<int64_t, offset_info> offsets;
+  kafka_detail::offset_table<offset_info> offsets;
   int64_t committed = -1; // the last commit sent (or the group's, on assign)
   // A main partition whose retry partition is still being read on assign:
   // fetched records wait in `held` until the parked keys are known.
@@ -1061,8 +1065,7 @@ struct partition_state {
   /// assignment (it no longer holds the watermark back).
   void start_at(int64_t off) {
     fresh = false;
-    for (auto i = offsets.begin(); i != offsets.end() && i->first < off;)
-      i = offsets.erase(i);
+    offsets.erase_below(off);
     low = std::max(low, off);
     end = std::max(end, low);
   }
@@ -1078,13 +1081,13 @@ struct partition_state {
   /// Drops the terminal prefix; returns the offset to commit: the lowest
   /// offset not yet terminal.
   int64_t watermark() {
-    while (!offsets.empty() && offsets.begin()->first < end
-           && offsets.begin()->second.state == offset_state::terminal) {
-      low = offsets.begin()->first + 1;
-      offsets.erase(offsets.begin());
+    while (!offsets.empty() && offsets.lowest() < end
+           && offsets.find(offsets.lowest())->state == offset_state::terminal) {
+      low = offsets.lowest() + 1;
+      offsets.erase(low - 1);
     }
-    if (!offsets.empty() && offsets.begin()->first < end)
-      return offsets.begin()->first;
+    if (!offsets.empty() && offsets.lowest() < end)
+      return offsets.lowest();
     low = std::max(low, end);
     return end;
   }
@@ -1304,8 +1307,8 @@ public:
       unacked_.erase(i);
       settled_.notify_all();
       auto& p = *e->part;
-      auto o = p.offsets.find(e->offset);
-      bool ours = o != p.offsets.end() && o->second.tag == tag;
+      auto* o = p.offsets.find(e->offset);
+      bool ours = o != nullptr && o->tag == tag;
       if (!ours)
         return {}; // dead-lettered already: the record is in the DLQ
       if (!p.assigned || p.gen != e->gen) {
@@ -1313,7 +1316,7 @@ public:
         p.forget(e->offset);
         return {};
       }
-      o->second = offset_info{offset_state::queued, 0};
+      *o = offset_info{offset_state::queued, 0};
       if (delay.count() > 0) {
         // The consumer thread wakes the source when it falls due.
         delayed_.emplace(now_() + delay, std::move(e));
@@ -1428,7 +1431,7 @@ public:
       // Park the key first (unless the reader already read the record and
       // parked it), then settle the delivery: the key never looks free.
       if (!e->key.empty() && where.second >= rp.end
-          && rp.offsets.count(where.second) == 0) {
+          && !rp.offsets.contains(where.second)) {
         rp.expected.insert(where.second);
         ++parks_[key_of(*e)].count;
       }
@@ -1529,8 +1532,8 @@ public:
         std::lock_guard guard{mtx_};
         for (auto& [tag, e] : unacked_) {
           auto& p = parts_[tp_key{e->topic, e->partition}];
-          auto o = p.offsets.find(e->offset);
-          if (o != p.offsets.end() && o->second.tag == tag)
+          auto* o = p.offsets.find(e->offset);
+          if (o != nullptr && o->tag == tag)
             unsettled.push_back({e->topic, e->partition, e->offset});
         }
       }
@@ -1578,11 +1581,10 @@ private:
     if (ledger_)
       done_pending_.push_back({e.topic, e.partition, e.offset});
     auto& p = *e.part;
-    auto o = p.offsets.find(e.offset);
-    if (o != p.offsets.end() && o->second.tag == tag)
-      o->second = offset_info{offset_state::terminal, 0};
-    else if (o == p.offsets.end() && e.offset >= p.low && p.assigned
-             && p.gen == e.gen)
+    auto* o = p.offsets.find(e.offset);
+    if (o != nullptr && o->tag == tag)
+      *o = offset_info{offset_state::terminal, 0};
+    else if (o == nullptr && e.offset >= p.low && p.assigned && p.gen == e.gen)
       p.offsets[e.offset] = offset_info{offset_state::terminal, 0};
   }
 
@@ -1935,9 +1937,10 @@ private:
         auto& p = parts_[tp];
         p.assigned = false;
         std::vector<int64_t> queued;
-        for (auto& [off, info] : p.offsets)
+        p.offsets.for_each([&](int64_t off, const offset_info& info) {
           if (info.state == offset_state::queued)
             queued.push_back(off);
+        });
         for (auto off : queued)
           p.forget(off);
         p.gated = false;
@@ -2005,11 +2008,11 @@ private:
       p.start_at(off); // the group committed everything below it
     if (off < p.low)
       return false; // terminal here: a replay after a failed commit
-    if (auto i = p.offsets.find(off); i != p.offsets.end()) {
+    if (auto* i = p.offsets.find(off); i != nullptr) {
       p.end = std::max(p.end, off + 1);
-      if (i->second.state == offset_state::out) {
+      if (i->state == offset_state::out) {
         // Still being handled from before the rebalance: adopt it.
-        if (auto u = unacked_.find(i->second.tag); u != unacked_.end())
+        if (auto u = unacked_.find(i->tag); u != unacked_.end())
           u->second->gen = p.gen;
       }
       return false;

@@ -114,7 +114,6 @@ inline size_t heap_bytes() {
   return mi.uordblks + mi.hblkhd;
 }
 
-/// The 1-minute load average (/proc/loadavg).
 /// Tells `perf record --control fifo:FILE -D -1` (FILE in
 /// EVMESH_BENCH_PERF_CTL) to sample only while a timed phase runs.
 inline void perf_control(bool on) {
@@ -128,6 +127,7 @@ inline void perf_control(bool on) {
   }
 }
 
+/// The 1-minute load average (/proc/loadavg).
 inline double load_average() {
   std::ifstream in{"/proc/loadavg"};
   double one = -1;

@@ -1,9 +1,7 @@
 #include "evmesh/kafka.hpp"
 
 #include <algorithm>
-#include <array>
 #include <atomic>
-#include <bit>
 #include <charconv>
 #include <chrono>
 #include <condition_variable>
@@ -1081,13 +1079,15 @@ struct partition_state {
   /// Drops the terminal prefix; returns the offset to commit: the lowest
   /// offset not yet terminal.
   int64_t watermark() {
-    while (!offsets.empty() && offsets.lowest() < end
-           && offsets.find(offsets.lowest())->state == offset_state::terminal) {
-      low = offsets.lowest() + 1;
-      offsets.erase(low - 1);
+    while (!offsets.empty()) {
+      auto off = offsets.lowest();
+      if (off >= end)
+        break;
+      if (offsets.find(off)->state != offset_state::terminal)
+        return off;
+      low = off + 1;
+      offsets.erase(off);
     }
-    if (!offsets.empty() && offsets.lowest() < end)
-      return offsets.lowest();
     low = std::max(low, end);
     return end;
   }

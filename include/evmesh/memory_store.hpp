@@ -26,16 +26,20 @@ namespace evmesh {
 ///
 /// No single operation pays for a growth: a large table that doubles moves
 /// to its successor a few slots per operation (so operations cost more
-/// while the move lasts), and the successor's memory is allocated and made
-/// present 16 pages at a time (one `madvise`, where the kernel has
-/// MADV_POPULATE_WRITE) while more than 5/8 of the slots hold live keys and
-/// the table fills towards 3/4 (so a shard can hold up to three times its
-/// table then). Shards grow at slightly different loads (eight steps from
-/// 3/4 down to 89/128), so that keys spread evenly over the shards do not
-/// make all of them double at once. Tables of 256 KiB and more are mapped
-/// from the kernel and returned to it when freed; the table a growth leaves
-/// behind is freed after the shard's lock is released. A table filled with
-/// expired entries is rebuilt at its size at once.
+/// while the move lasts), and the successor's memory is allocated once more
+/// than 5/8 of the slots hold live keys and made present (16 pages at a
+/// time: one `madvise` where the kernel has MADV_POPULATE_WRITE, then a read
+/// of each page) while the table fills towards 3/4, so a shard can hold up
+/// to three times its table then. That work runs on a thread of the
+/// store's own (named `evmesh-mstore`, at nice 10), started when a table
+/// first reaches 2 048 slots and stopped by the destructor; claims never
+/// wait for it, and where no thread can be started the caller does it
+/// after releasing the shard's lock. Shards grow at slightly different loads
+/// (eight steps from 3/4 down to 89/128), so that keys spread evenly over the
+/// shards do not make all of them double at once. Tables of 256 KiB and more
+/// are mapped from the kernel and returned to it when freed; the table a growth
+/// leaves behind is freed after the shard's lock is released. A table filled
+/// with expired entries is rebuilt at its size at once.
 ///
 /// `try_begin_many` and `finish_many` take a batch shard by shard (one lock
 /// per shard and batch), in the batch's order within each shard; shards
@@ -107,6 +111,7 @@ public:
 
 private:
   struct shard;
+  class preparer;
 
   shard& shard_for(uint64_t hash) const noexcept;
 
@@ -124,6 +129,8 @@ private:
   std::unique_ptr<shard[]> shards_;
   size_t shard_count_;
   clock_function clock_;
+  /// Declared last: stopped before the shards go.
+  std::unique_ptr<preparer> preparer_;
 };
 
 } // namespace evmesh

@@ -118,6 +118,7 @@ eb::result run_mesh(uint64_t n, uint64_t keys, double rate = 0,
   // Pre-encode the messages so the producer is not what we measure.
   auto bytes = eb::make_payloads("bench.created", n, keys);
   recorder = lat;
+  eb::perf_control(true);
   auto cpu0 = eb::cpu_seconds();
   auto start = steady_clock::now();
   if (rate > 0) {
@@ -133,6 +134,7 @@ eb::result run_mesh(uint64_t n, uint64_t keys, double rate = 0,
     std::this_thread::sleep_for(microseconds{200});
   auto secs = duration<double>(steady_clock::now() - start).count();
   auto cpu = eb::cpu_seconds() - cpu0;
+  eb::perf_control(false);
   rt->stop(seconds{5});
   recorder = nullptr;
   if (handled < n || sink->spans < n)

@@ -1,6 +1,8 @@
 #include "evmesh/inproc.hpp"
 
 #include <algorithm>
+#include <charconv>
+#include <deque>
 #include <map>
 #include <mutex>
 
@@ -29,19 +31,133 @@ struct entry {
 };
 
 struct group_state {
-  std::map<uint64_t, entry>
-    ready; // by publish sequence: redeliveries keep order
+  /// Messages not delivered yet, in publish order (a publish appends).
+  std::deque<entry> fresh;
+  /// Messages to deliver again (nacked, requeued, due again), by publish
+  /// sequence: a poll merges them with `fresh`, so redeliveries come back in
+  /// publish order.
+  std::map<uint64_t, entry> returned;
   std::multimap<time_point, entry> delayed;
-  // By delivery tag. A map like `ready`, so a polled entry's node moves
-  // from one to the other without an allocation (tags only grow, so the
-  // insertion goes at the end).
-  std::map<uint64_t, entry> unacked;
+  /// Delivered and not settled: slot i holds tag `unacked_base + i` (tags
+  /// are handed out in order), or nothing (`msg` empty) once it is settled.
+  /// Settled slots leave from the front. A slot that stays unsettled while
+  /// far more later ones are settled moves to `stragglers`, so one stuck
+  /// delivery does not make the window grow with every message after it.
+  std::deque<entry> unacked;
+  uint64_t unacked_base = 1;
+  size_t unacked_live = 0;
+  std::map<uint64_t, entry> stragglers;
   uint64_t next_tag = 1;
   inproc_group_stats stats;
   std::vector<std::string> dlq;
   std::map<uint64_t, std::function<void()>> wakeups; // by consumer id
   bool waiting = false;
   std::function<time_point()> now;
+
+  /// The window's size from which a slot at its front, still unsettled, is
+  /// a straggler (when it also exceeds 8 times the unsettled deliveries).
+  static constexpr size_t straggler_window = 65536;
+
+  size_t pending() const noexcept {
+    return fresh.size() + returned.size() + delayed.size();
+  }
+
+  size_t unacked_count() const noexcept {
+    return unacked_live + stragglers.size();
+  }
+
+  /// Whether a message is ready to deliver.
+  bool has_ready() const noexcept {
+    return !fresh.empty() || !returned.empty();
+  }
+
+  /// Takes the ready message with the lowest publish sequence.
+  entry take_ready() {
+    if (!returned.empty()
+        && (fresh.empty() || returned.begin()->first < fresh.front().seq)) {
+      auto node = returned.extract(returned.begin());
+      return std::move(node.mapped());
+    }
+    entry e = std::move(fresh.front());
+    fresh.pop_front();
+    return e;
+  }
+
+  /// Records `e` as delivered under tag `tag` (the next tag in order).
+  void add_unacked(uint64_t tag, entry e) {
+    if (unacked.empty())
+      unacked_base = tag;
+    unacked.push_back(std::move(e));
+    ++unacked_live;
+  }
+
+  /// The unsettled delivery `tag`, or nullptr.
+  entry* find_unacked(uint64_t tag) {
+    if (tag >= unacked_base && tag - unacked_base < unacked.size()) {
+      auto& e = unacked[tag - unacked_base];
+      return e.msg != nullptr ? &e : nullptr;
+    }
+    auto i = stragglers.find(tag);
+    return i != stragglers.end() ? &i->second : nullptr;
+  }
+
+  /// Settles the delivery `tag`, which `find_unacked` found, and returns
+  /// its entry.
+  entry take_unacked(uint64_t tag) {
+    entry e;
+    if (tag >= unacked_base && tag - unacked_base < unacked.size()) {
+      e = std::move(unacked[tag - unacked_base]);
+      unacked[tag - unacked_base].msg = nullptr;
+      --unacked_live;
+      trim();
+    } else {
+      auto node = stragglers.extract(tag);
+      e = std::move(node.mapped());
+    }
+    return e;
+  }
+
+  /// Moves every unsettled delivery for which `pred(entry)` holds to
+  /// `returned` (to be delivered again).
+  template <class Pred>
+  void return_unacked(Pred pred) {
+    for (auto& e : unacked)
+      if (e.msg != nullptr && pred(e)) {
+        auto seq = e.seq;
+        returned.emplace(seq, std::move(e));
+        e.msg = nullptr;
+        --unacked_live;
+      }
+    for (auto i = stragglers.begin(); i != stragglers.end();) {
+      if (pred(i->second)) {
+        returned.emplace(i->second.seq, std::move(i->second));
+        i = stragglers.erase(i);
+      } else {
+        ++i;
+      }
+    }
+    trim();
+  }
+
+private:
+  // Drops settled slots from the window's front, and moves a straggler at
+  // the front out of the way when the window has grown far beyond the
+  // deliveries it holds.
+  void trim() {
+    for (;;) {
+      while (!unacked.empty() && unacked.front().msg == nullptr) {
+        unacked.pop_front();
+        ++unacked_base;
+      }
+      if (unacked.size() <= straggler_window
+          || unacked.size() <= 8 * unacked_live)
+        return;
+      stragglers.emplace(unacked_base, std::move(unacked.front()));
+      unacked.pop_front();
+      ++unacked_base;
+      --unacked_live;
+    }
+  }
 };
 
 } // namespace
@@ -60,7 +176,7 @@ struct inproc_broker::state {
       return i->second;
     auto& g = groups[std::string{name}];
     for (auto& e : backlog) {
-      g.ready.emplace(e.seq, e);
+      g.fresh.push_back(e);
       ++g.stats.published;
     }
     backlog.clear();
@@ -74,7 +190,7 @@ struct inproc_broker::state {
     auto now = g.now ? g.now() : std::chrono::steady_clock::now();
     auto end = g.delayed.upper_bound(now);
     for (auto i = g.delayed.begin(); i != end; ++i)
-      g.ready.emplace(i->second.seq, std::move(i->second));
+      g.returned.emplace(i->second.seq, std::move(i->second));
     g.delayed.erase(g.delayed.begin(), end);
   }
 
@@ -86,7 +202,7 @@ struct inproc_broker::state {
       return wake;
     }
     for (auto& [name, g] : groups) {
-      g.ready.emplace(e.seq, e);
+      g.fresh.push_back(e);
       ++g.stats.published;
       if (g.waiting) {
         g.waiting = false;
@@ -147,8 +263,8 @@ inproc_group_stats inproc_broker::stats(std::string_view group) const {
     return result;
   }
   auto result = i->second.stats;
-  result.pending = i->second.ready.size() + i->second.delayed.size();
-  result.unacked = i->second.unacked.size();
+  result.pending = i->second.pending();
+  result.unacked = i->second.unacked_count();
   return result;
 }
 
@@ -166,9 +282,7 @@ void inproc_broker::requeue_unacked(std::string_view group) {
   {
     std::lock_guard guard{state_->mtx};
     auto& g = state_->group(group);
-    for (auto& [tag, e] : g.unacked)
-      g.ready.emplace(e.seq, std::move(e));
-    g.unacked.clear();
+    g.return_unacked([](const entry&) { return true; });
     for (auto& [id, fn] : g.wakeups)
       wake.push_back(fn);
   }
@@ -226,9 +340,8 @@ public:
     auto& g = broker_->state_->group(group_);
     inproc_broker::state::promote(g);
     size_t n = 0;
-    while (n < max && !g.ready.empty()) {
-      auto node = g.ready.extract(g.ready.begin());
-      auto& e = node.mapped();
+    while (n < max && g.has_ready()) {
+      auto e = g.take_ready();
       auto tag = g.next_tag++;
       ++e.deliveries;
       e.owner = id_;
@@ -239,17 +352,18 @@ public:
       msg.traceparent = e.msg->traceparent;
       msg.key = e.msg->key;
       msg.delivery_count = e.deliveries;
-      auto seq = std::to_string(e.seq);
-      msg.position.reserve(8 + group_.size() + seq.size());
+      char seq[20];
+      auto seq_end = std::to_chars(seq, seq + sizeof(seq), e.seq).ptr;
+      auto seq_len = static_cast<size_t>(seq_end - seq);
+      msg.position.reserve(8 + group_.size() + seq_len);
       msg.position += "inproc:";
       msg.position += group_;
       msg.position += '#';
-      msg.position += seq;
+      msg.position.append(seq, seq_len);
       ++g.stats.delivered;
       if (e.deliveries > 1)
         ++g.stats.redelivered;
-      node.key() = tag;
-      g.unacked.insert(g.unacked.end(), std::move(node));
+      g.add_unacked(tag, std::move(e));
       out.push_back(std::move(msg));
       ++n;
     }
@@ -263,10 +377,10 @@ public:
   caf::error ack(uint64_t tag) override {
     std::lock_guard guard{broker_->state_->mtx};
     auto& g = broker_->state_->group(group_);
-    auto i = g.unacked.find(tag);
-    if (i == g.unacked.end() || i->second.owner != id_)
+    auto* e = g.find_unacked(tag);
+    if (e == nullptr || e->owner != id_)
       return violation(g, "ack", tag);
-    g.unacked.erase(i);
+    g.take_unacked(tag);
     ++g.stats.acked;
     return {};
   }
@@ -274,14 +388,14 @@ public:
   caf::error nack(uint64_t tag, caf::timespan delay) override {
     std::lock_guard guard{broker_->state_->mtx};
     auto& g = broker_->state_->group(group_);
-    auto i = g.unacked.find(tag);
-    if (i == g.unacked.end() || i->second.owner != id_)
+    auto* found = g.find_unacked(tag);
+    if (found == nullptr || found->owner != id_)
       return violation(g, "nack", tag);
-    auto e = std::move(i->second);
-    g.unacked.erase(i);
+    auto e = g.take_unacked(tag);
     ++g.stats.nacked;
     if (delay.count() <= 0) {
-      g.ready.emplace(e.seq, std::move(e));
+      auto seq = e.seq;
+      g.returned.emplace(seq, std::move(e));
     } else {
       auto now = g.now ? g.now() : std::chrono::steady_clock::now();
       g.delayed.emplace(now + delay, std::move(e));
@@ -292,8 +406,8 @@ public:
   caf::error dead_letter(uint64_t tag, const dead_letter_record& rec) override {
     std::lock_guard guard{broker_->state_->mtx};
     auto& g = broker_->state_->group(group_);
-    auto i = g.unacked.find(tag);
-    if (i == g.unacked.end() || i->second.owner != id_)
+    auto* e = g.find_unacked(tag);
+    if (e == nullptr || e->owner != id_)
       return violation(g, "dead_letter", tag);
     g.dlq.push_back(to_json(rec));
     ++g.stats.dead_lettered;
@@ -329,14 +443,7 @@ public:
         return {};
       auto& g = i->second;
       g.wakeups.erase(id_);
-      for (auto j = g.unacked.begin(); j != g.unacked.end();) {
-        if (j->second.owner == id_) {
-          g.ready.emplace(j->second.seq, std::move(j->second));
-          j = g.unacked.erase(j);
-        } else {
-          ++j;
-        }
-      }
+      g.return_unacked([this](const entry& e) { return e.owner == id_; });
       g.waiting = false;
       for (auto& [id, fn] : g.wakeups)
         wake.push_back(fn);

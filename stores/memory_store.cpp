@@ -49,36 +49,6 @@ time_point deadline(time_point now, caf::timespan ttl) {
 
 } // namespace
 
-/// Makes the shards' spare tables present on a thread of its own, so that
-/// neither a claim nor a shard's lock waits for first touches of pages
-/// (~6 us a page on the virtual machines measured here). The thread starts
-/// when a shard first has a spare to prepare (tables of 2 048 slots and up),
-/// runs at nice 10, and is stopped by the store's destructor. Where no
-/// thread can be started, the thread that finds work due does it, outside
-/// the shard's lock.
-class memory_idempotency_store::preparer {
-public:
-  preparer() = default;
-
-  ~preparer();
-
-  preparer(const preparer&) = delete;
-  preparer& operator=(const preparer&) = delete;
-
-  /// Queues `s`, whose `prep_queued` the caller has set.
-  void submit(shard& s);
-
-private:
-  void run();
-
-  std::mutex mtx_;
-  std::condition_variable cv_;
-  std::deque<shard*> queue_;
-  std::thread thread_;
-  bool started_ = false;
-  bool stop_ = false;
-};
-
 /// One shard: an open-addressing hash table (linear probing, deletion by
 /// backward shift, so there are no tombstones) whose slots hold the key, its
 /// hash and its entry. Compared with a node-based map this saves the node
@@ -217,7 +187,7 @@ struct memory_idempotency_store::shard {
   /// the move completes.
   static constexpr size_t moves_per_op = 8;
   /// Tables of at least this many slots get their successor prepared.
-  static constexpr size_t spare_from = 2048;
+  static constexpr size_t spare_from = 512;
   static constexpr size_t page_bytes = 4096;
   /// Bytes of a spare made present at a time (see `make_present`).
   static constexpr size_t populate_bytes = 16 * page_bytes;
@@ -354,11 +324,10 @@ struct memory_idempotency_store::shard {
     }
   }
 
-  /// Holds the shard's lock. The table a completed growth left behind is
-  /// freed after the unlock: scanning a megabyte of slots and unmapping it
-  /// took 0.3-0.9 ms here, and every claim of the shard waited for it. A
-  /// spare with pages due to be made present is handed to the store's
-  /// preparer after the unlock.
+  /// Holds the shard's lock. After the unlock, the table a completed
+  /// growth left behind goes to the store's preparer to be freed (scanning
+  /// a megabyte of slots and unmapping it took 0.3-0.9 ms here, under the
+  /// lock once), and so does a spare with pages due to be made present.
   class locked {
   public:
     explicit locked(shard& s) : s_(s), lock_(s.mtx) {
@@ -370,16 +339,7 @@ struct memory_idempotency_store::shard {
       // Nothing else to do.
     }
 
-    // `dead_` is destroyed after this body, so after the unlock.
-    ~locked() {
-      if (!lock_.owns_lock())
-        return;
-      dead_ = std::move(s_.retired);
-      bool submit = s_.wants_preparing();
-      lock_.unlock();
-      if (submit)
-        s_.prep->submit(s_);
-    }
+    ~locked();
 
     locked(const locked&) = delete;
     locked& operator=(const locked&) = delete;
@@ -390,7 +350,6 @@ struct memory_idempotency_store::shard {
 
   private:
     shard& s_;
-    table dead_;
     std::unique_lock<std::mutex> lock_;
   };
 
@@ -731,6 +690,60 @@ struct memory_idempotency_store::shard {
   }
 };
 
+/// Does a store's memory chores on a thread of its own, so that no claim
+/// waits for them: it makes the shards' spare tables present (first touches
+/// of pages cost ~6 us a page on the virtual machines measured here) and
+/// frees the tables growths leave behind (scanning their slots for keys and
+/// unmapping them took 0.1-1.8 ms a table there). The thread starts when a
+/// shard first has such work (the first growth past `incremental_from`
+/// keys, or a spare for a table of `spare_from` slots), runs at nice 10, and is
+/// stopped by the store's destructor, which also frees what is still queued.
+/// Where no thread can be started, the thread that has the work does it, after
+/// releasing the shard's lock.
+class memory_idempotency_store::preparer {
+public:
+  preparer() = default;
+
+  ~preparer();
+
+  preparer(const preparer&) = delete;
+  preparer& operator=(const preparer&) = delete;
+
+  /// Queues `s`, whose `prep_queued` the caller has set.
+  void submit(shard& s);
+
+  /// Frees `t` (a table a growth left behind).
+  void dispose(shard::table&& t);
+
+private:
+  /// Starts the thread on first use; answers whether it runs.
+  bool running();
+
+  void run();
+
+  std::mutex mtx_;
+  std::condition_variable cv_;
+  std::deque<shard*> queue_;
+  std::deque<shard::table> garbage_;
+  std::thread thread_;
+  bool started_ = false;
+  bool stop_ = false;
+};
+
+// After the unlock: a table a completed growth left behind goes to the
+// preparer to be freed, and a spare with pages due is handed to it.
+memory_idempotency_store::shard::locked::~locked() {
+  if (!lock_.owns_lock())
+    return;
+  auto dead = std::move(s_.retired);
+  bool submit = s_.wants_preparing();
+  lock_.unlock();
+  if (!dead.empty())
+    s_.prep->dispose(std::move(dead));
+  if (submit)
+    s_.prep->submit(s_);
+}
+
 memory_idempotency_store::preparer::~preparer() {
   {
     std::lock_guard<std::mutex> guard{mtx_};
@@ -741,19 +754,23 @@ memory_idempotency_store::preparer::~preparer() {
     thread_.join();
 }
 
+bool memory_idempotency_store::preparer::running() {
+  if (!started_) {
+    started_ = true;
+    try {
+      thread_ = std::thread{[this] { run(); }};
+      ::pthread_setname_np(thread_.native_handle(), "evmesh-mstore");
+    } catch (const std::system_error&) {
+      // The callers do the work themselves.
+    }
+  }
+  return thread_.joinable();
+}
+
 void memory_idempotency_store::preparer::submit(shard& s) {
   {
     std::unique_lock<std::mutex> guard{mtx_};
-    if (!started_) {
-      started_ = true;
-      try {
-        thread_ = std::thread{[this] { run(); }};
-        ::pthread_setname_np(thread_.native_handle(), "evmesh-mstore");
-      } catch (const std::system_error&) {
-        // Prepared below, by the caller.
-      }
-    }
-    if (thread_.joinable()) {
+    if (running()) {
       queue_.push_back(&s);
       guard.unlock();
       cv_.notify_one();
@@ -764,14 +781,35 @@ void memory_idempotency_store::preparer::submit(shard& s) {
     continue;
 }
 
+void memory_idempotency_store::preparer::dispose(shard::table&& t) {
+  std::unique_lock<std::mutex> guard{mtx_};
+  if (running()) {
+    garbage_.push_back(std::move(t));
+    guard.unlock();
+    cv_.notify_one();
+    return;
+  }
+  guard.unlock();
+  auto dead = std::move(t);
+}
+
 void memory_idempotency_store::preparer::run() {
   // Behind the workers whose claims it serves, when both want a core.
   ::setpriority(PRIO_PROCESS, static_cast<id_t>(::gettid()), 10);
   std::unique_lock<std::mutex> guard{mtx_};
   for (;;) {
-    cv_.wait(guard, [this] { return stop_ || !queue_.empty(); });
+    cv_.wait(guard,
+             [this] { return stop_ || !queue_.empty() || !garbage_.empty(); });
     if (stop_)
       return;
+    if (!garbage_.empty()) {
+      auto dead = std::move(garbage_.front());
+      garbage_.pop_front();
+      guard.unlock();
+      dead = shard::table{};
+      guard.lock();
+      continue;
+    }
     auto* s = queue_.front();
     queue_.pop_front();
     guard.unlock();

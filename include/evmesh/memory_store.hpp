@@ -30,16 +30,18 @@ namespace evmesh {
 /// than 5/8 of the slots hold live keys and made present (16 pages at a
 /// time: one `madvise` where the kernel has MADV_POPULATE_WRITE, then a read
 /// of each page) while the table fills towards 3/4, so a shard can hold up
-/// to three times its table then. That work runs on a thread of the
-/// store's own (named `evmesh-mstore`, at nice 10), started when a table
-/// first reaches 2 048 slots and stopped by the destructor; claims never
-/// wait for it, and where no thread can be started the caller does it
-/// after releasing the shard's lock. Shards grow at slightly different loads
-/// (eight steps from 3/4 down to 89/128), so that keys spread evenly over the
-/// shards do not make all of them double at once. Tables of 256 KiB and more
-/// are mapped from the kernel and returned to it when freed; the table a growth
-/// leaves behind is freed after the shard's lock is released. A table filled
-/// with expired entries is rebuilt at its size at once.
+/// to three times its table then. Shards grow at slightly different loads
+/// (eight steps from 3/4 down to 89/128), so that keys spread evenly over
+/// the shards do not make all of them double at once. Tables of 256 KiB and
+/// more are mapped from the kernel and returned to it when freed. A table
+/// filled with expired entries is rebuilt at its size at once.
+///
+/// Making successors present and freeing the tables growths leave behind
+/// runs on a thread of the store's own (named `evmesh-mstore`, at nice 10),
+/// started the first time a shard grows past 256 keys and stopped by the
+/// destructor: no claim waits for that work, and no lock is held during
+/// it. Where no thread can be started, the thread that has the work does
+/// it after releasing the shard's lock.
 ///
 /// `try_begin_many` and `finish_many` take a batch shard by shard (one lock
 /// per shard and batch), in the batch's order within each shard; shards

@@ -713,21 +713,22 @@ int preparer_threads() {
 
 } // namespace
 
-TEST(memory_idempotency_store, prepares_spares_on_a_thread_that_ends_with_it) {
-  // Small tables need no spare and start no thread; a table of 2 048 slots
-  // filling past 5/8 gets its successor prepared on the store's own thread,
-  // which the store's destructor stops.
+TEST(memory_idempotency_store, does_its_chores_on_a_thread_that_ends_with_it) {
+  // Small tables are rebuilt at once and start no thread; a shard growing
+  // past 256 keys has its successor prepared and the table it leaves behind
+  // freed on the store's own thread, which the store's destructor stops.
   ASSERT_EQ(preparer_threads(), 0);
   {
     memory_idempotency_store store{1};
-    for (int i = 0; i < 1'000; ++i)
+    for (int i = 0; i < 200; ++i)
       ASSERT_EQ(store.try_begin("k" + std::to_string(i), 1h),
                 claim_result::fresh);
-    EXPECT_EQ(preparer_threads(), 0) << "a 2 048-slot table at under 5/8";
-    for (int i = 1'000; i < 3'000; ++i)
+    EXPECT_EQ(preparer_threads(), 0) << "200 keys in a 512-slot table";
+    for (int i = 200; i < 3'000; ++i)
       ASSERT_EQ(store.try_begin("k" + std::to_string(i), 1h),
                 claim_result::fresh);
     EXPECT_EQ(preparer_threads(), 1);
+    EXPECT_EQ(store.size(), 3'000u);
   }
   EXPECT_EQ(preparer_threads(), 0);
 }

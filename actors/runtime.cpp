@@ -1,5 +1,6 @@
 #include "evmesh/runtime.hpp"
 
+#include <algorithm>
 #include <functional>
 #include <thread>
 
@@ -100,6 +101,13 @@ void consumer_runtime::set_detach_io(bool value) {
 
 namespace {
 
+/// `runtime.scheduler_threads`, with 0 meaning one per core.
+size_t scheduler_threads(const runtime_config& cfg) {
+  if (cfg.scheduler_threads != 0)
+    return cfg.scheduler_threads;
+  return std::max<size_t>(1, std::thread::hardware_concurrency());
+}
+
 std::string host_name() {
   char buf[256] = {0};
   if (gethostname(buf, sizeof(buf) - 1) != 0)
@@ -186,6 +194,7 @@ caf::error consumer_runtime::start() {
   if (d.sys == nullptr) {
     d.own_cfg = std::make_unique<caf::actor_system_config>();
     d.own_cfg->set("logger.verbosity", caf::atom("quiet"));
+    d.own_cfg->set("scheduler.max-threads", scheduler_threads(d.config));
     if (d.config.idle_workers == "sleep") {
       // Out of work, a scheduler thread blocks at once (no 50 us sleep
       // loops) and looks for work to steal every millisecond.

@@ -417,6 +417,16 @@ constexpr key_entry entries[] = {
      return set_choice(c.idle_workers, x, "poll|sleep");
    },
    [](const rc& c) -> value { return c.idle_workers; }},
+  {{"runtime.scheduler_threads", config_type::integer, "0",
+    "CAF scheduler threads of the actor system the runtime creates: 0 for "
+    "one per core (CAF's own default is at least 4). Blocking handlers run "
+    "on threads of their own, so more threads than cores only take turns "
+    "on them (0 to 256).",
+    ""},
+   [](rc& c, const value& x) {
+     return set_int(c.scheduler_threads, x, 0, 256);
+   },
+   [](const rc& c) { return get_size(c.scheduler_threads); }},
   // -- [transport]
   {{"transport.url", config_type::string, "inproc://default",
     "Broker to consume from: an inproc://, nats://, kafka:// or amqp:// "

@@ -37,6 +37,13 @@ struct runtime_config {
   /// (CAF's default: spin, then 50 us sleeps before blocking). Applies to the
   /// actor system the runtime creates itself.
   std::string idle_workers = "sleep";
+  /// `runtime.scheduler_threads`: CAF scheduler threads of the actor system
+  /// the runtime creates itself; 0 means one per core. CAF's own default
+  /// (at least 4) put twice as many threads as cores on a 2-core machine,
+  /// where they took turns and raised the p99 (docs/BENCHMARKS.md, tenth
+  /// session); evmesh never blocks a scheduler thread (blocking handlers
+  /// run detached), so one per core is enough.
+  size_t scheduler_threads = 0;
 
   // -- [transport] ------------------------------------------------------------
 

@@ -1,6 +1,8 @@
 // The runtime on CAF's real, multi-threaded scheduler: concurrency limits and
 // blocking lanes with real time. Every wait has a deadline.
 #include <atomic>
+#include <mutex>
+#include <set>
 #include <thread>
 
 #include <gtest/gtest.h>
@@ -129,4 +131,53 @@ TEST(real_threads, blocking_lane_over_its_timeout_is_abandoned_and_replaced) {
   EXPECT_TRUE(rt.stopped());
   // The abandoned call still returns on its own thread eventually.
   EXPECT_TRUE(wait_for([] { return g.done.load() == 22; }, 5s));
+}
+
+TEST(real_threads,
+     cooperative_handlers_run_on_the_configured_scheduler_threads) {
+  // runtime.scheduler_threads sizes the actor system the runtime creates:
+  // with one scheduler thread, every cooperative handler call of a
+  // subscription with three lanes happens on that one thread; with two,
+  // on at most two.
+  for (size_t threads : {size_t{1}, size_t{2}}) {
+    static std::mutex mtx;
+    static std::set<std::thread::id> seen;
+    static std::atomic<int> done{0};
+    {
+      std::lock_guard guard{mtx};
+      seen.clear();
+    }
+    done = 0;
+    handler_descriptor h;
+    h.consumer = "orders";
+    h.pattern = "order.*";
+    h.fn = [](event_context&) -> outcome {
+      {
+        std::lock_guard guard{mtx};
+        seen.insert(std::this_thread::get_id());
+      }
+      auto until = std::chrono::steady_clock::now() + 100us;
+      while (std::chrono::steady_clock::now() < until) {
+      }
+      ++done;
+      return ok();
+    };
+    h.options.ordering = ordering::none;
+    h.options.concurrency = 3;
+    auto name = test_name() + std::to_string(threads);
+    auto cfg = evmesh::testing::test_config(name);
+    cfg.scheduler_threads = threads;
+    inproc_broker::get(name)->reset();
+    consumer_runtime rt{cfg};
+    rt.set_handlers({&h});
+    ASSERT_FALSE(rt.start());
+    for (int i = 0; i < 600; ++i)
+      ASSERT_FALSE(
+        rt.publish(make_env("order.confirmed", "s-" + std::to_string(i))));
+    ASSERT_TRUE(wait_for([] { return done.load() == 600; }));
+    rt.stop(5s);
+    std::lock_guard guard{mtx};
+    EXPECT_GE(seen.size(), 1u);
+    EXPECT_LE(seen.size(), threads) << "scheduler_threads = " << threads;
+  }
 }

@@ -229,6 +229,7 @@ TEST(config_toml, reads_every_key_of_a_full_file) {
 node_name = "node-7"
 stop_timeout = "20s"
 log_level = "debug"
+scheduler_threads = 3
 
 [transport]
 url = "nats://127.0.0.1:4222?stream=ORDERS&durable=orders-svc"
@@ -283,6 +284,7 @@ seeds = ["10.0.0.2:4500", "[::1]:4501"]
   EXPECT_EQ(cfg->node_name, "node-7");
   EXPECT_EQ(cfg->stop_timeout, 20s);
   EXPECT_EQ(cfg->log_level, "debug");
+  EXPECT_EQ(cfg->scheduler_threads, 3u);
   EXPECT_EQ(cfg->transport_url,
             "nats://127.0.0.1:4222?stream=ORDERS&durable=orders-svc");
   EXPECT_EQ(cfg->max_in_flight, 1000u);
@@ -385,6 +387,8 @@ TEST(config_toml, enforces_every_rule_naming_key_value_and_rule) {
      {"transport.max_in_flight", "between 1 and 16777216"}},
     {"[runtime]\nidle_workers = \"spin\"",
      {"runtime.idle_workers = \"spin\"", "\"poll\" or \"sleep\""}},
+    {"[runtime]\nscheduler_threads = 257",
+     {"runtime.scheduler_threads = 257", "between 0 and 256"}},
     {"[supervision]\nrestart_limit = 0", {"supervision.restart_limit = 0"}},
     {"[supervision]\nrestart_window = \"0s\"", {"supervision.restart_window"}},
     {"[supervision]\npause_for = \"0s\"", {"supervision.pause_for"}},

@@ -127,6 +127,13 @@ inline void perf_control(bool on) {
   }
 }
 
+/// EVMESH_BENCH_SCHEDULER_THREADS=N sets the evmesh rows'
+/// runtime.scheduler_threads (for A/B runs; 0 or unset: one per core).
+inline void scheduler_threads_from_env(runtime_config& cfg) {
+  if (auto* n = std::getenv("EVMESH_BENCH_SCHEDULER_THREADS"))
+    cfg.scheduler_threads = static_cast<size_t>(std::strtoul(n, nullptr, 10));
+}
+
 /// The 1-minute load average (/proc/loadavg).
 inline double load_average() {
   std::ifstream in{"/proc/loadavg"};

@@ -197,10 +197,10 @@ caf::error consumer_runtime::start() {
     d.own_cfg->set("scheduler.max-threads", scheduler_threads(d.config));
     if (d.config.idle_workers == "sleep") {
       // Out of work, a scheduler thread blocks at once (no 50 us sleep
-      // loops) and looks for work to steal every millisecond.
+      // loops) and looks for work to steal every idle_steal_interval.
       d.own_cfg->set("work-stealing.moderate-poll-attempts", size_t{0});
       d.own_cfg->set("work-stealing.relaxed-sleep-duration",
-                     caf::timespan{std::chrono::milliseconds{1}});
+                     d.config.idle_steal_interval);
     }
 #ifdef EVMESH_HAS_CLUSTER
     if (d.config.cluster_enabled())

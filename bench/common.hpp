@@ -127,11 +127,16 @@ inline void perf_control(bool on) {
   }
 }
 
-/// EVMESH_BENCH_SCHEDULER_THREADS=N sets the evmesh rows'
-/// runtime.scheduler_threads (for A/B runs; 0 or unset: one per core).
-inline void scheduler_threads_from_env(runtime_config& cfg) {
+/// Runtime settings for A/B runs of the evmesh rows:
+/// EVMESH_BENCH_SCHEDULER_THREADS=N sets runtime.scheduler_threads (0 or
+/// unset: one per core), EVMESH_BENCH_IDLE_STEAL_US=N sets
+/// runtime.idle_steal_interval to N microseconds.
+inline void runtime_overrides_from_env(runtime_config& cfg) {
   if (auto* n = std::getenv("EVMESH_BENCH_SCHEDULER_THREADS"))
     cfg.scheduler_threads = static_cast<size_t>(std::strtoul(n, nullptr, 10));
+  if (auto* us = std::getenv("EVMESH_BENCH_IDLE_STEAL_US"))
+    cfg.idle_steal_interval
+      = std::chrono::microseconds{std::strtol(us, nullptr, 10)};
 }
 
 /// The 1-minute load average (/proc/loadavg).

@@ -378,7 +378,7 @@ eb::result run_evmesh(const std::string& url, const std::string& q, uint64_t n,
   cfg.defaults.concurrency = 2 * std::thread::hardware_concurrency();
   cfg.max_in_flight = 8192;
   cfg.poll_batch = 512;
-  eb::scheduler_threads_from_env(cfg);
+  eb::runtime_overrides_from_env(cfg);
   if (!idle_workers.empty())
     cfg.idle_workers = idle_workers; // else the runtime's default
   auto sink = std::make_shared<eb::counting_sink>();

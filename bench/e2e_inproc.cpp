@@ -86,7 +86,7 @@ start_mesh(const std::shared_ptr<counting_sink>& sink,
   cfg.defaults.concurrency = concurrency;
   cfg.max_in_flight = max_in_flight;
   cfg.poll_batch = 512;
-  eb::scheduler_threads_from_env(cfg);
+  eb::runtime_overrides_from_env(cfg);
   if (auto* idle = std::getenv("EVMESH_BENCH_IDLE_WORKERS"))
     cfg.idle_workers = idle; // runtime.idle_workers: poll | sleep
   cfg.dedupe_keep = keep;

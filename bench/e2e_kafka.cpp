@@ -338,7 +338,7 @@ evmesh::runtime_config runtime_cfg(const std::string& url) {
   cfg.defaults.concurrency = 2 * std::thread::hardware_concurrency();
   cfg.max_in_flight = 8192;
   cfg.poll_batch = 512;
-  eb::scheduler_threads_from_env(cfg);
+  eb::runtime_overrides_from_env(cfg);
   return cfg;
 }
 

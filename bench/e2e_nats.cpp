@@ -331,7 +331,7 @@ result run_evmesh(const std::string& url, const std::string& stream,
   cfg.defaults.concurrency = 2 * std::thread::hardware_concurrency();
   cfg.max_in_flight = 8192;
   cfg.poll_batch = 512;
-  evmesh::bench::scheduler_threads_from_env(cfg);
+  evmesh::bench::runtime_overrides_from_env(cfg);
   if (auto* idle = std::getenv("EVMESH_BENCH_IDLE_WORKERS"))
     cfg.idle_workers = idle; // runtime.idle_workers: poll | sleep
   auto sink = std::make_shared<counting_sink>();

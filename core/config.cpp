@@ -417,6 +417,19 @@ constexpr key_entry entries[] = {
      return set_choice(c.idle_workers, x, "poll|sleep");
    },
    [](const rc& c) -> value { return c.idle_workers; }},
+  {{"runtime.idle_steal_interval", config_type::duration, "1ms",
+    "With idle_workers = sleep: how often a sleeping scheduler thread looks "
+    "for work another thread queued. Shorter lowers the tail latency of "
+    "bursts and costs idle CPU (10us to 1s).",
+    ""},
+   [](rc& c, const value& x) -> std::string {
+     auto y = std::get<caf::timespan>(x);
+     if (y < std::chrono::microseconds{10} || y > std::chrono::seconds{1})
+       return "must be between 10us and 1s";
+     c.idle_steal_interval = y;
+     return {};
+   },
+   [](const rc& c) -> value { return c.idle_steal_interval; }},
   {{"runtime.scheduler_threads", config_type::integer, "0",
     "CAF scheduler threads of the actor system the runtime creates: 0 for "
     "one per core (CAF's own default is at least 4). Blocking handlers run "

@@ -37,6 +37,14 @@ struct runtime_config {
   /// (CAF's default: spin, then 50 us sleeps before blocking). Applies to the
   /// actor system the runtime creates itself.
   std::string idle_workers = "sleep";
+  /// `runtime.idle_steal_interval`: with `idle_workers = sleep`, how often a
+  /// sleeping scheduler thread wakes to look for work another thread queued
+  /// (work an actor sends to another actor stays on the sender's thread and
+  /// wakes nobody). Shorter lowers the tail latency of bursts one thread
+  /// picked up and costs idle CPU: on the 2-core benchmark machine, p99 at
+  /// 150 k msg/s 2.6 -> 1.7 ms and idle CPU 2 -> 9 % of a core at 200 us
+  /// (docs/BENCHMARKS.md, tenth session). 10 us to 1 s.
+  caf::timespan idle_steal_interval = std::chrono::milliseconds{1};
   /// `runtime.scheduler_threads`: CAF scheduler threads of the actor system
   /// the runtime creates itself; 0 means one per core. CAF's own default
   /// (at least 4) put twice as many threads as cores on a 2-core machine,

@@ -230,6 +230,7 @@ node_name = "node-7"
 stop_timeout = "20s"
 log_level = "debug"
 scheduler_threads = 3
+idle_steal_interval = "200us"
 
 [transport]
 url = "nats://127.0.0.1:4222?stream=ORDERS&durable=orders-svc"
@@ -285,6 +286,7 @@ seeds = ["10.0.0.2:4500", "[::1]:4501"]
   EXPECT_EQ(cfg->stop_timeout, 20s);
   EXPECT_EQ(cfg->log_level, "debug");
   EXPECT_EQ(cfg->scheduler_threads, 3u);
+  EXPECT_EQ(cfg->idle_steal_interval, 200us);
   EXPECT_EQ(cfg->transport_url,
             "nats://127.0.0.1:4222?stream=ORDERS&durable=orders-svc");
   EXPECT_EQ(cfg->max_in_flight, 1000u);
@@ -387,6 +389,8 @@ TEST(config_toml, enforces_every_rule_naming_key_value_and_rule) {
      {"transport.max_in_flight", "between 1 and 16777216"}},
     {"[runtime]\nidle_workers = \"spin\"",
      {"runtime.idle_workers = \"spin\"", "\"poll\" or \"sleep\""}},
+    {"[runtime]\nidle_steal_interval = \"5us\"",
+     {"runtime.idle_steal_interval = \"5us\"", "between 10us and 1s"}},
     {"[runtime]\nscheduler_threads = 257",
      {"runtime.scheduler_threads = 257", "between 0 and 256"}},
     {"[supervision]\nrestart_limit = 0", {"supervision.restart_limit = 0"}},

@@ -433,8 +433,8 @@ constexpr key_entry entries[] = {
   {{"runtime.scheduler_threads", config_type::integer, "0",
     "CAF scheduler threads of the actor system the runtime creates: 0 for "
     "one per core (CAF's own default is at least 4). Blocking handlers run "
-    "on threads of their own, so more threads than cores only take turns "
-    "on them (0 to 256).",
+    "on threads of their own; raise it when SQLite or Redis dedupe calls, "
+    "which block a scheduler thread, are slow (0 to 256).",
     ""},
    [](rc& c, const value& x) {
      return set_int(c.scheduler_threads, x, 0, 256);

@@ -488,25 +488,27 @@ struct memory_idempotency_store::shard {
       spare_due = 0;
     }
     auto bytes = spare.size() * sizeof(slot);
-    // The fraction of the way from 5/8 to the growth point, a step at a
-    // time once a whole step is due; at most four steps per insertion when
-    // the spare came late.
-    // The whole spare is due at 3/4 of the way, so that the preparer is
-    // done with it before the growth comes.
+    // Due: the fraction of the way from 5/8 to the growth point, in whole
+    // steps (one hand-over to the preparer per step). The whole spare is
+    // due at 3/4 of the way, so that the preparer is done with it before
+    // the growth comes.
     auto span = std::max<size_t>(1,
                                  (grow_at * cap / 128 - 5 * cap / 8) * 3 / 4);
     auto due = std::min(bytes, bytes / span * (used - 5 * cap / 8));
-    // Whole steps only (one hand-over to the preparer per step).
     if (due < bytes)
       due -= due % populate_bytes;
     spare_due = std::max(spare_due, due);
   }
 
+  // Requires mtx. Whether the spare is here and has pages due.
+  bool spare_has_due() const noexcept {
+    return !spare.empty() && spare_due > spare_touched;
+  }
+
   // Requires mtx. Whether the spare has pages due that the preparer is not
   // already on; if so, marks the shard as queued for it.
   bool wants_preparing() noexcept {
-    if (prep_queued || spare_lent || spare.empty()
-        || spare_due <= spare_touched)
+    if (prep_queued || !spare_has_due())
       return false;
     prep_queued = true;
     return true;
@@ -515,7 +517,7 @@ struct memory_idempotency_store::shard {
   // Requires mtx. Moves the spare out into `out` when some of it is due to
   // be made present and answers the byte range, at most `max_bytes`.
   std::pair<size_t, size_t> lend_spare(table& out, size_t max_bytes) noexcept {
-    if (spare_lent || spare.empty() || spare_due <= spare_touched)
+    if (!spare_has_due())
       return {0, 0};
     out = std::move(spare);
     spare_lent = true;
@@ -553,7 +555,7 @@ struct memory_idempotency_store::shard {
                  range.second);
     locked guard{*this};
     return_spare(lent, range.second);
-    if (spare.empty() || spare_due <= spare_touched) {
+    if (!spare_has_due()) {
       prep_queued = false;
       return false;
     }
@@ -712,7 +714,8 @@ public:
   /// Queues `s`, whose `prep_queued` the caller has set.
   void submit(shard& s);
 
-  /// Frees `t` (a table a growth left behind).
+  /// Takes `t` (a table a growth left behind) to free it; where no thread
+  /// runs, leaves it to the caller.
   void dispose(shard::table&& t);
 
 private:
@@ -731,7 +734,8 @@ private:
 };
 
 // After the unlock: a table a completed growth left behind goes to the
-// preparer to be freed, and a spare with pages due is handed to it.
+// preparer to be freed (or is freed here when no thread runs), and a spare
+// with pages due is handed to it.
 memory_idempotency_store::shard::locked::~locked() {
   if (!lock_.owns_lock())
     return;
@@ -782,15 +786,13 @@ void memory_idempotency_store::preparer::submit(shard& s) {
 }
 
 void memory_idempotency_store::preparer::dispose(shard::table&& t) {
-  std::unique_lock<std::mutex> guard{mtx_};
-  if (running()) {
+  {
+    std::lock_guard<std::mutex> guard{mtx_};
+    if (!running())
+      return;
     garbage_.push_back(std::move(t));
-    guard.unlock();
-    cv_.notify_one();
-    return;
   }
-  guard.unlock();
-  auto dead = std::move(t);
+  cv_.notify_one();
 }
 
 void memory_idempotency_store::preparer::run() {

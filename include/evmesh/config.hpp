@@ -49,8 +49,9 @@ struct runtime_config {
   /// the runtime creates itself; 0 means one per core. CAF's own default
   /// (at least 4) put twice as many threads as cores on a 2-core machine,
   /// where they took turns and raised the p99 (docs/BENCHMARKS.md, tenth
-  /// session); evmesh never blocks a scheduler thread (blocking handlers
-  /// run detached), so one per core is enough.
+  /// session). Blocking handlers run detached; the SQLite and Redis stores'
+  /// calls from cooperative lanes do block a scheduler thread, so raise this
+  /// where such a store is slow (docs/decisions.md, "Known gaps").
   size_t scheduler_threads = 0;
 
   // -- [transport] ------------------------------------------------------------

@@ -91,9 +91,14 @@ struct group_state {
     ++unacked_live;
   }
 
+  /// Whether `tag` has a slot in the window (settled or not).
+  bool in_window(uint64_t tag) const noexcept {
+    return tag >= unacked_base && tag - unacked_base < unacked.size();
+  }
+
   /// The unsettled delivery `tag`, or nullptr.
   entry* find_unacked(uint64_t tag) {
-    if (tag >= unacked_base && tag - unacked_base < unacked.size()) {
+    if (in_window(tag)) {
       auto& e = unacked[tag - unacked_base];
       return e.msg != nullptr ? &e : nullptr;
     }
@@ -105,7 +110,7 @@ struct group_state {
   /// its entry.
   entry take_unacked(uint64_t tag) {
     entry e;
-    if (tag >= unacked_base && tag - unacked_base < unacked.size()) {
+    if (in_window(tag)) {
       e = std::move(unacked[tag - unacked_base]);
       unacked[tag - unacked_base].msg = nullptr;
       --unacked_live;

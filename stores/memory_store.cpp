@@ -22,6 +22,8 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include "key_arena.hpp"
+
 namespace evmesh {
 
 namespace {
@@ -68,8 +70,7 @@ struct memory_idempotency_store::shard {
   // and its pages are first touched as entries arrive rather than all at
   // once when it grows (first touches are page faults, which cost tens of
   // milliseconds for a large table on some virtual machines). The key's
-  // bytes live in an exact-size block of their own, owned by the table that
-  // holds the slot.
+  // bytes live in the shard's `keys` arena.
   struct slot {
     uint64_t hash; // 0: empty
     time_point expires_at;
@@ -84,8 +85,8 @@ struct memory_idempotency_store::shard {
   };
   static_assert(std::is_trivially_copyable_v<slot>);
 
-  // A zero-initialised array of slots (size 0 or a power of two) that frees
-  // the keys of its slots with itself.
+  // A zero-initialised array of slots (size 0 or a power of two). The keys
+  // its slots point to belong to the shard's arena, not to the table.
   //
   // A large table is mapped from the kernel directly: its pages arrive
   // zeroed and untouched, and go back when it is freed. From calloc, a
@@ -162,8 +163,6 @@ struct memory_idempotency_store::shard {
     }
 
     void release() noexcept {
-      for (size_t i = 0; i < n_; ++i)
-        std::free(p_[i].key);
       if (p_ != nullptr && mapped())
         ::munmap(p_, n_ * sizeof(slot));
       else
@@ -186,18 +185,18 @@ struct memory_idempotency_store::shard {
   /// operations as the new table has slots keeps its load below 3/4 until
   /// the move completes.
   static constexpr size_t moves_per_op = 8;
+  /// Slots inspected per operation while a key chunk is evacuated.
+  static constexpr size_t evacuate_per_op = 4;
   /// Tables of at least this many slots get their successor prepared.
   static constexpr size_t spare_from = 512;
-  static constexpr size_t page_bytes = 4096;
-  /// Bytes of a spare made present at a time (see `make_present`).
-  static constexpr size_t populate_bytes = 16 * page_bytes;
-  /// Set once MADV_POPULATE_WRITE failed (an older kernel): pages are then
-  /// touched one at a time.
-  static inline std::atomic<bool> populate_failed{false};
+  /// Bytes of a spare made present at a time (see `detail::make_present`).
+  static constexpr size_t populate_bytes = 16 * 4096;
   /// Marks a slot of `old` whose entry moved out ahead of the cursor.
   static constexpr uint32_t moved_mark = static_cast<uint32_t>(-1);
 
   mutable std::mutex mtx;
+  /// The bytes of the keys of both tables.
+  detail::key_arena keys;
   /// The load, in 128ths, above which the table grows: 96 (3/4) or a little
   /// less, set per shard by the store (above 5/8 + 1/16, so a growth always
   /// doubles and its moves finish before the next one).
@@ -230,12 +229,28 @@ struct memory_idempotency_store::shard {
   size_t ops = 0;
   /// Next slot the incremental sweep inspects.
   size_t cursor = 0;
+  /// Next slot the evacuation of sparse key chunks inspects.
+  size_t evac_cursor = 0;
   /// No live entry expires before this (a lower bound): while the clock is
   /// below it, a sweep has nothing to find and is skipped.
   time_point earliest = time_point::max();
   /// The smallest deadline seen since the current sweep pass began: what
   /// `earliest` becomes when the pass completes.
   time_point pass_min = time_point::max();
+
+  shard() = default;
+
+  // The arena unmaps its chunks; keys longer than key_arena::max_key have
+  // heap blocks of their own.
+  ~shard() {
+    for (auto* t : {&slots, &old})
+      for (auto& e : *t)
+        if (e.hash != 0 && e.size > detail::key_arena::max_key)
+          std::free(e.key);
+  }
+
+  shard(const shard&) = delete;
+  shard& operator=(const shard&) = delete;
 
   size_t mask() const noexcept {
     return slots.size() - 1;
@@ -299,7 +314,7 @@ struct memory_idempotency_store::shard {
     if (s.expires_at > now) {
       place(s);
     } else {
-      std::free(s.key);
+      keys.drop(s.key, s.size);
       s.hash = 0;
       s.key = nullptr;
     }
@@ -435,6 +450,7 @@ struct memory_idempotency_store::shard {
     auto before = used;
     used = 0;
     cursor = 0;
+    evac_cursor = 0;
     earliest = time_point::max();
     pass_min = time_point::max();
     // Only a growth moves incrementally: a rebuild at the same size or
@@ -449,10 +465,14 @@ struct memory_idempotency_store::shard {
       old_cursor = 0;
       return 0;
     }
-    // Expired entries stay behind; `previous` frees their keys.
-    for (auto& s : previous)
-      if (s.hash != 0 && s.expires_at > now)
+    for (auto& s : previous) {
+      if (s.hash == 0)
+        continue;
+      if (s.expires_at > now)
         place(s);
+      else
+        keys.drop(s.key, s.size);
+    }
     return before - used;
   }
 
@@ -505,10 +525,10 @@ struct memory_idempotency_store::shard {
     return !spare.empty() && spare_due > spare_touched;
   }
 
-  // Requires mtx. Whether the spare has pages due that the preparer is not
-  // already on; if so, marks the shard as queued for it.
+  // Requires mtx. Whether the preparer has chores here (`has_chores`) that
+  // it is not already on; if so, marks the shard as queued for it.
   bool wants_preparing() noexcept {
-    if (prep_queued || !spare_has_due())
+    if (prep_queued || !has_chores())
       return false;
     prep_queued = true;
     return true;
@@ -536,61 +556,55 @@ struct memory_idempotency_store::shard {
     }
   }
 
-  // Makes up to `max_bytes` of the spare's due pages present, with the
-  // spare lent out (so no other thread touches or frees it) and the lock
-  // released meanwhile; a growth that comes while it is out makes a table
-  // of its own. Answers whether more is due; if not, clears `prep_queued`.
+  // Requires mtx. Whether the preparer has something to do here.
+  bool has_chores() const noexcept {
+    return spare_has_due() || keys.wants_spare();
+  }
+
+  // One step of the preparer's work on this shard, with the lock released
+  // meanwhile: maps a spare key chunk and makes it present, or makes up to
+  // `max_bytes` of the spare table's due pages present with the spare lent
+  // out (so no other thread touches or frees it; a growth that comes while
+  // it is out makes a table of its own). Answers whether more is to do; if
+  // not, clears `prep_queued`.
   bool prepare_some(size_t max_bytes) {
     table lent;
     std::pair<size_t, size_t> range;
+    bool chunk = false;
     {
       locked guard{*this};
-      range = lend_spare(lent, max_bytes);
-      if (lent.empty()) {
+      if (keys.wants_spare()) {
+        keys.spare_asked();
+        chunk = true;
+      } else {
+        range = lend_spare(lent, max_bytes);
+        if (lent.empty()) {
+          prep_queued = false;
+          return false;
+        }
+      }
+    }
+    char* made = nullptr;
+    if (chunk)
+      made = detail::key_arena::map_chunk(true);
+    else
+      detail::make_present(reinterpret_cast<char*>(lent.begin()), range.first,
+                           range.second);
+    char* extra = nullptr;
+    bool more = false;
+    {
+      locked guard{*this};
+      if (chunk)
+        extra = keys.adopt_spare(made);
+      else
+        return_spare(lent, range.second);
+      more = has_chores();
+      if (!more)
         prep_queued = false;
-        return false;
-      }
     }
-    make_present(reinterpret_cast<char*>(lent.begin()), range.first,
-                 range.second);
-    locked guard{*this};
-    return_spare(lent, range.second);
-    if (!spare_has_due()) {
-      prep_queued = false;
-      return false;
-    }
-    return true;
-  }
-
-  // Makes bytes [from, to) of `base` present in memory without changing
-  // them: one MADV_POPULATE_WRITE for the pages they span (Linux 5.14+),
-  // then a read of each page from here; without MADV_POPULATE_WRITE, a
-  // write of each page. On the virtual machines measured here a first-touch
-  // fault cost 10-15 us a page. Populating 16 pages at once cost ~1 us a
-  // page, but the first access from user space afterwards still cost ~5 us
-  // a page (the hypervisor maps the page for this process then, unseen by
-  // the guest): without the read, that half of the cost landed on the
-  // first claims after a growth, under the shard's lock. The pages at
-  // either end may hold other bytes too (a table from the heap need not be
-  // page-aligned); populating never changes what a page holds, and the
-  // reads and writes stay within [from, to).
-  static void make_present(char* base, size_t from, size_t to) {
-    if (!populate_failed.load(std::memory_order_relaxed)) {
-      auto first = reinterpret_cast<uintptr_t>(base + from) & ~(page_bytes - 1);
-      auto last = (reinterpret_cast<uintptr_t>(base + to) + page_bytes - 1)
-                  & ~(page_bytes - 1);
-      if (::madvise(reinterpret_cast<void*>(first), last - first,
-                    MADV_POPULATE_WRITE)
-          == 0) {
-        for (auto at = from; at < to; at += page_bytes)
-          static_cast<void>(reinterpret_cast<volatile const char*>(base)[at]);
-        return;
-      }
-      populate_failed.store(true, std::memory_order_relaxed);
-    }
-    for (auto at = from; at < to; at += page_bytes)
-      // Storing a zero keeps the zeroed bytes as they are.
-      reinterpret_cast<volatile char*>(base)[at] = 0;
+    if (extra != nullptr)
+      detail::key_arena::unmap_chunk(extra);
+    return more;
   }
 
   // Inserts a key known to be absent from both tables.
@@ -600,13 +614,10 @@ struct memory_idempotency_store::shard {
     // way).
     if (128 * (used + 1) > grow_at * slots.size())
       rebuild(now, 1, false);
+    auto* bytes = keys.copy(key); // may throw: before the slot is taken
     auto& s = slots[empty_slot_for(h)];
     s.hash = h;
-    s.key = static_cast<char*>(std::malloc(std::max<size_t>(key.size(), 1)));
-    if (s.key == nullptr)
-      throw std::bad_alloc{};
-    if (!key.empty())
-      std::memcpy(s.key, key.data(), key.size());
+    s.key = bytes;
     s.size = static_cast<uint32_t>(key.size());
     s.state = st;
     s.expires_at = t;
@@ -625,7 +636,7 @@ struct memory_idempotency_store::shard {
   // Empties slot `i` and shifts the entries of its probe run back, so lookups
   // never need tombstones. The slot `i` may afterwards hold another entry.
   void erase(size_t i) {
-    std::free(slots[i].key);
+    keys.drop(slots[i].key, slots[i].size);
     auto m = mask();
     auto j = i;
     for (;;) {
@@ -682,11 +693,33 @@ struct memory_idempotency_store::shard {
     return removed;
   }
 
-  // Requires mtx. Counts an operation, moves a few slots of a growing table
-  // and sweeps on every sweep_interval-th.
+  // Requires mtx. Inspects `n` slots, resuming where the previous call
+  // stopped: removes expired entries and copies the keys that sit in a
+  // chunk being evacuated into the chunk being filled.
+  void evacuate(time_point now, size_t n) {
+    for (size_t k = 0; k < n && !slots.empty(); ++k) {
+      if (evac_cursor >= slots.size())
+        evac_cursor = 0;
+      auto& s = slots[evac_cursor];
+      while (s.hash != 0 && s.expires_at <= now)
+        erase(evac_cursor);
+      if (s.hash != 0 && keys.evacuating(s.key, s.size)) {
+        auto* moved = keys.copy({s.key, s.size});
+        keys.drop(s.key, s.size);
+        s.key = moved;
+      }
+      ++evac_cursor;
+    }
+  }
+
+  // Requires mtx. Counts an operation, moves a few slots of a growing table,
+  // evacuates a few while a key chunk is sparse and sweeps on every
+  // sweep_interval-th.
   void tick(time_point now) {
     if (!old.empty())
       move_some(now, moves_per_op);
+    if (keys.has_evacuations())
+      evacuate(now, evacuate_per_op);
     if (++ops % sweep_interval == 0)
       sweep(now, sweep_buckets);
   }
@@ -714,9 +747,10 @@ public:
   /// Queues `s`, whose `prep_queued` the caller has set.
   void submit(shard& s);
 
-  /// Takes `t` (a table a growth left behind) to free it; where no thread
-  /// runs, leaves it to the caller.
-  void dispose(shard::table&& t);
+  /// Frees what a shard no longer needs - `t` (a table a growth left
+  /// behind) and `chunks` (key chunks) - on the thread, or here when no
+  /// thread runs.
+  void dispose(shard::table t, std::vector<char*> chunks);
 
 private:
   /// Starts the thread on first use; answers whether it runs.
@@ -727,23 +761,43 @@ private:
   std::mutex mtx_;
   std::condition_variable cv_;
   std::deque<shard*> queue_;
-  std::deque<shard::table> garbage_;
+  /// Freed with itself.
+  struct garbage {
+    shard::table table;
+    std::vector<char*> chunks;
+
+    garbage(shard::table t, std::vector<char*> cs) noexcept
+      : table(std::move(t)), chunks(std::move(cs)) {
+      // Nothing else to do.
+    }
+
+    garbage(garbage&&) noexcept = default;
+    garbage& operator=(garbage&&) noexcept = default;
+
+    ~garbage() {
+      for (auto* c : chunks)
+        detail::key_arena::unmap_chunk(c);
+    }
+  };
+  std::deque<garbage> garbage_;
   std::thread thread_;
   bool started_ = false;
   bool stop_ = false;
 };
 
-// After the unlock: a table a completed growth left behind goes to the
-// preparer to be freed (or is freed here when no thread runs), and a spare
-// with pages due is handed to it.
+// After the unlock: a table a completed growth left behind and key chunks
+// the arena no longer needs go to the preparer to be freed (or are freed
+// here when no thread runs), and a shard with chores is handed to it.
 memory_idempotency_store::shard::locked::~locked() {
   if (!lock_.owns_lock())
     return;
   auto dead = std::move(s_.retired);
+  std::vector<char*> chunks;
+  chunks.swap(s_.keys.unneeded());
   bool submit = s_.wants_preparing();
   lock_.unlock();
-  if (!dead.empty())
-    s_.prep->dispose(std::move(dead));
+  if (!dead.empty() || !chunks.empty())
+    s_.prep->dispose(std::move(dead), std::move(chunks));
   if (submit)
     s_.prep->submit(s_);
 }
@@ -785,12 +839,14 @@ void memory_idempotency_store::preparer::submit(shard& s) {
     continue;
 }
 
-void memory_idempotency_store::preparer::dispose(shard::table&& t) {
+void memory_idempotency_store::preparer::dispose(shard::table t,
+                                                 std::vector<char*> chunks) {
+  garbage dead{std::move(t), std::move(chunks)};
   {
     std::lock_guard<std::mutex> guard{mtx_};
     if (!running())
-      return;
-    garbage_.push_back(std::move(t));
+      return; // `dead` goes here
+    garbage_.push_back(std::move(dead));
   }
   cv_.notify_one();
 }
@@ -805,10 +861,11 @@ void memory_idempotency_store::preparer::run() {
     if (stop_)
       return;
     if (!garbage_.empty()) {
-      auto dead = std::move(garbage_.front());
-      garbage_.pop_front();
-      guard.unlock();
-      dead = shard::table{};
+      {
+        auto dead = std::move(garbage_.front());
+        garbage_.pop_front();
+        guard.unlock();
+      }
       guard.lock();
       continue;
     }
@@ -1029,6 +1086,15 @@ size_t memory_idempotency_store::size() const {
 
 size_t memory_idempotency_store::shard_count() const noexcept {
   return shard_count_;
+}
+
+size_t memory_idempotency_store::key_chunks() const {
+  size_t result = 0;
+  for (size_t i = 0; i < shard_count_; ++i) {
+    std::lock_guard<std::mutex> guard{shards_[i].mtx};
+    result += shards_[i].keys.chunk_count();
+  }
+  return result;
 }
 
 size_t memory_idempotency_store::evict_expired() {

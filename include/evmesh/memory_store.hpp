@@ -36,12 +36,24 @@ namespace evmesh {
 /// more are mapped from the kernel and returned to it when freed. A table
 /// filled with expired entries is rebuilt at its size at once.
 ///
-/// Making successors present and freeing the tables growths leave behind
-/// runs on a thread of the store's own (named `evmesh-mstore`, at nice 10),
-/// started the first time a shard grows past 256 keys and stopped by the
-/// destructor: no claim waits for that work, and no lock is held during
-/// it. Where no thread can be started, the thread that has the work does
-/// it after releasing the shard's lock.
+/// A shard packs the bytes of its keys into 64 KiB chunks mapped from the
+/// kernel (keys longer than 1 KiB get a heap block each) rather than one
+/// heap block per key: keys kept for hours, allocated between the workers'
+/// short-lived allocations, grew the workers' heap arenas a page at a time
+/// (an mprotect and a fault per page, under the shard's lock). A chunk is
+/// reused once its keys are gone; one whose live keys fill less than 1/8
+/// of it has them copied into the chunk being filled as part of the
+/// shard's regular operations, so a few long-lived keys cannot pin the
+/// memory of many dropped ones (the chunks hold at most about eight times
+/// the live key bytes).
+///
+/// Making successors and the next key chunk present, and freeing the
+/// tables growths leave behind, runs on a thread of the store's own (named
+/// `evmesh-mstore`, at nice 10), started the first time a shard grows past
+/// 256 keys or half fills a key chunk, and stopped by the destructor: no
+/// claim waits for that work, and no lock is held during it. Where no
+/// thread can be started, the thread that has the work does it after
+/// releasing the shard's lock (and a key chunk is mapped when needed).
 ///
 /// `try_begin_many` and `finish_many` take a batch shard by shard (one lock
 /// per shard and batch), in the batch's order within each shard; shards
@@ -107,6 +119,9 @@ public:
 
   /// Number of shards.
   size_t shard_count() const noexcept;
+
+  /// Chunks of 64 KiB mapped for the bytes of the keys (spares included).
+  size_t key_chunks() const;
 
   /// Removes every expired entry now and returns how many were removed.
   size_t evict_expired();

@@ -771,3 +771,64 @@ TEST(memory_idempotency_store, growths_racing_the_preparer_lose_no_key) {
         claim_result::in_flight)
         << t << "/" << i;
 }
+
+TEST(memory_idempotency_store, keys_kept_long_do_not_pin_the_memory_of_others) {
+  // 200 000 claims of 40-byte keys (8 MB, ~120 chunks of key bytes): one
+  // in 500 committed for an hour, the others aborted at once. The chunks of
+  // the aborted keys are evacuated and reused rather than each held by its
+  // few committed keys.
+  virtual_clock clock;
+  memory_idempotency_store store{1, [&] { return clock.now(); }};
+  auto key = [](int i) {
+    auto k = "order-" + std::to_string(i) + ":";
+    k.resize(40, 'x');
+    return k;
+  };
+  size_t most = 0;
+  for (int i = 0; i < 200'000; ++i) {
+    auto k = key(i);
+    ASSERT_EQ(store.try_begin(k, 1min), claim_result::fresh) << i;
+    if (i % 500 == 0)
+      ASSERT_FALSE(store.commit(k, 1h));
+    else
+      ASSERT_FALSE(store.abort(k));
+    most = std::max(most, store.key_chunks());
+  }
+  EXPECT_LE(most, 6u);
+  EXPECT_EQ(store.size(), 400u);
+  for (int i = 0; i < 200'000; i += 500)
+    ASSERT_EQ(store.try_begin(key(i), 1min), claim_result::duplicate) << i;
+  for (int i = 1; i < 200'000; i += 997) {
+    if (i % 500 != 0) {
+      ASSERT_EQ(store.try_begin(key(i), 1min), claim_result::fresh) << i;
+    }
+  }
+}
+
+TEST(memory_idempotency_store, keys_of_every_length_survive_growth_and_expiry) {
+  // Empty keys, keys packed into the arena's chunks and keys too long for
+  // them (heap blocks of their own), through several doublings and an
+  // expiry of half of them.
+  virtual_clock clock;
+  memory_idempotency_store store{2, [&] { return clock.now(); }};
+  auto key = [](int i) {
+    if (i == 0)
+      return std::string{};
+    auto k = std::to_string(i) + ":"; // unique whatever the padding
+    auto len = static_cast<size_t>(i % 7 == 0 ? 1500 + i % 100 : i % 60);
+    if (len > k.size())
+      k.resize(len, '.');
+    return k;
+  };
+  for (int i = 0; i < 20'000; ++i) {
+    auto k = key(i);
+    ASSERT_EQ(store.try_begin(k, 1min), claim_result::fresh) << i;
+    ASSERT_FALSE(store.commit(k, i % 2 == 0 ? 1h : 10min));
+  }
+  clock.advance(30min);
+  EXPECT_EQ(store.evict_expired(), 10'000u);
+  for (int i = 0; i < 20'000; ++i)
+    ASSERT_EQ(store.try_begin(key(i), 1min),
+              i % 2 == 0 ? claim_result::duplicate : claim_result::fresh)
+      << i;
+}

@@ -290,7 +290,7 @@ public:
       }
       resolved = std::move(res.tenant);
     }
-    auto msg = std::make_shared<incoming_message>(std::move(e));
+    auto msg = incoming_message::make(std::move(e), raw.bytes, raw.position);
     auto& me = msg->env;
     msg->delivery_id = id;
     msg->prior_attempts = std::max(
@@ -313,7 +313,6 @@ public:
                                 : std::string_view{me.tenant});
     msg->set_dedupe_key();
     msg->tag = raw.tag;
-    msg->set_origin(raw.bytes, raw.position);
     d.remaining = static_cast<uint32_t>(st_->matches.size());
     d.owing.assign(st_->matches);
     incoming_ptr shared = std::move(msg);

@@ -58,8 +58,7 @@ caf::expected<attempt_msg> from_wire(const wire_attempt& w) {
   auto env = decode_envelope(w.envelope);
   if (!env)
     return env.error();
-  auto msg = std::make_shared<incoming_message>(std::move(*env));
-  msg->set_origin(w.envelope, {});
+  auto msg = incoming_message::make(std::move(*env), w.envelope, {});
   msg->prior_attempts = w.prior_attempts;
   msg->set_tenant(w.tenant);
   msg->set_dedupe_key(w.dedupe_key);

@@ -772,7 +772,8 @@ private:
     }
 
     garbage(garbage&&) noexcept = default;
-    garbage& operator=(garbage&&) noexcept = default;
+    // Assigning would drop the target's chunks without unmapping them.
+    garbage& operator=(garbage&&) = delete;
 
     ~garbage() {
       for (auto* c : chunks)

@@ -139,14 +139,10 @@ public:
   incoming_message(const incoming_message&) = delete;
   incoming_message& operator=(const incoming_message&) = delete;
 
-  ~incoming_message() {
-    if (origin_owned_)
-      delete[] origin_;
-  }
-
   /// A message made from `e` whose copies of `bytes` and `position` sit in
   /// the same heap block as the message and its reference count (each at
-  /// most 4 GiB - 1): one allocation per delivery instead of two.
+  /// most 4 GiB - 1: the source dead-letters larger messages before
+  /// decoding): one allocation per delivery instead of two.
   static std::shared_ptr<incoming_message>
   make(envelope&& e, std::string_view bytes, std::string_view position);
 
@@ -158,19 +154,6 @@ public:
   /// The native position, for dead-letter records.
   std::string_view position() const noexcept {
     return {origin_ + bytes_size_, position_size_};
-  }
-
-  /// Keeps copies of `bytes` and `position`, in one exactly sized block
-  /// (each at most 4 GiB - 1: the source dead-letters larger messages
-  /// before decoding).
-  void set_origin(std::string_view bytes, std::string_view position) {
-    auto total = bytes.size() + position.size();
-    auto* copy = total == 0 ? nullptr : new char[total];
-    if (origin_owned_)
-      delete[] origin_;
-    origin_ = copy;
-    origin_owned_ = copy != nullptr;
-    copy_origin(bytes, position);
   }
 
   /// `dedupe_key(env)`: `env.idempotency_key` or `env.id`, or a key of its
@@ -237,22 +220,10 @@ private:
     return *owned_;
   }
 
-  /// Copies `bytes` and `position` to `origin_`, which has room for both.
-  void copy_origin(std::string_view bytes, std::string_view position) {
-    if (!bytes.empty())
-      std::memcpy(origin_, bytes.data(), bytes.size());
-    if (!position.empty())
-      std::memcpy(origin_ + bytes.size(), position.data(), position.size());
-    bytes_size_ = static_cast<uint32_t>(bytes.size());
-    position_size_ = static_cast<uint32_t>(position.size());
-  }
-
   from key_from_ = from::own;
   from tenant_from_ = from::tenant;
-  /// Whether `origin_` is a block of its own (`set_origin`) rather than
-  /// part of the message's (`make`).
-  bool origin_owned_ = false;
-  /// The bytes as received followed by the native position.
+  /// The bytes as received followed by the native position, in the
+  /// message's own heap block (`make`); null when made otherwise.
   char* origin_ = nullptr;
   std::unique_ptr<owned_strings> owned_;
 };
@@ -310,8 +281,14 @@ incoming_message::make(envelope&& e, std::string_view bytes,
   detail::tail_req.extra = bytes.size() + position.size();
   auto msg = std::allocate_shared<incoming_message>(
     detail::tail_allocator<incoming_message>{}, std::move(e));
-  msg->origin_ = detail::tail_req.tail;
-  msg->copy_origin(bytes, position);
+  auto* origin = detail::tail_req.tail;
+  if (!bytes.empty())
+    std::memcpy(origin, bytes.data(), bytes.size());
+  if (!position.empty())
+    std::memcpy(origin + bytes.size(), position.data(), position.size());
+  msg->origin_ = origin;
+  msg->bytes_size_ = static_cast<uint32_t>(bytes.size());
+  msg->position_size_ = static_cast<uint32_t>(position.size());
   return msg;
 }
 

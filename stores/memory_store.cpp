@@ -240,13 +240,13 @@ struct memory_idempotency_store::shard {
 
   shard() = default;
 
-  // The arena unmaps its chunks; keys longer than key_arena::max_key have
-  // heap blocks of their own.
+  // Gives every key back to the arena, which frees the ones with heap
+  // blocks of their own; it unmaps its chunks when it goes.
   ~shard() {
     for (auto* t : {&slots, &old})
       for (auto& e : *t)
-        if (e.hash != 0 && e.size > detail::key_arena::max_key)
-          std::free(e.key);
+        if (e.hash != 0)
+          keys.drop(e.key, e.size);
   }
 
   shard(const shard&) = delete;

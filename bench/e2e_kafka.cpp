@@ -4,7 +4,7 @@
 //   e2e_kafka [messages] [keys] [runs] [--partitions P] [--json FILE]
 //             [--evmesh-query K=V&...]   (appended to the evmesh URLs)
 //             [--latency 0]              (throughput rows only)
-//             [--rows bare,evmesh,alone] (which throughput rows to run)
+//             [--rows bare,evmesh,alone,naive] (which throughput rows to run)
 //
 // EVMESH_BENCH_PERF_CTL=ctl perf record -D -1 --control fifo:ctl -- e2e_kafka
 // samples only the evmesh runs (group join included: the process is idle).
@@ -28,6 +28,12 @@
 //   transport's defaults (max_buffered 8192, retry topics on).
 // - transport alone: the kafka:// transport polled (512 at a time) and acked
 //   by one thread, no runtime: the transport's own cost.
+// - naive CAF pipeline over librdkafka: the bare consumer's loop feeding the
+//   in-process baseline's actor shape (supervisor -> worker -> supervisor ->
+//   sink, one message per record carrying its bytes, no framework work, no
+//   batching, no flow control); the sink publishes each partition's next
+//   offset and the polling thread commits those as the bare row does. The
+//   limit of the actor design on Kafka, measured in the same run.
 //
 // Then the evmesh latency at about half its measured rate: a second topic,
 // a producer paced in 1 ms ticks (linger.ms=0) while the runtime consumes;
@@ -41,6 +47,7 @@
 #include <thread>
 #include <vector>
 
+#include <caf/all.hpp>
 #include <librdkafka/rdkafka.h>
 #include <spdlog/spdlog.h>
 
@@ -137,8 +144,14 @@ std::string key_of(uint64_t i, uint64_t keys) {
 const std::pair<std::string, std::string> bare_prefetch{"queued.min.messages",
                                                         "1000000"};
 
-eb::result run_bare(const std::string& bootstraps, const std::string& topic,
-                    const std::string& group, uint64_t n) {
+// Partitions the bare consumers track offsets for (the topic has 16 by
+// default; --partitions is checked against this).
+constexpr size_t max_partitions = 1024;
+
+/// A consumer in `group` subscribed to `topic` from its earliest offset,
+/// with manual commits and the transport's prefetch.
+rd_kafka_t* bare_consumer(const std::string& bootstraps,
+                          const std::string& topic, const std::string& group) {
   char errstr[512];
   auto* conf = make_conf(bootstraps, {{"group.id", group},
                                       {"enable.auto.commit", "false"},
@@ -156,17 +169,38 @@ eb::result run_bare(const std::string& bootstraps, const std::string& topic,
   if (auto err = rd_kafka_subscribe(rk, subs))
     die(std::string{"subscribe: "} + rd_kafka_err2str(err));
   rd_kafka_topic_partition_list_destroy(subs);
-  std::vector<int64_t> next(1024, -1); // next offset to commit per partition
+  return rk;
+}
+
+/// Commits, synchronously, `next(p)` for each of the first `parts` partitions
+/// of `topic` where it is not negative (the next offset to read).
+template <class Next>
+rd_kafka_resp_err_t
+commit_next(rd_kafka_t* rk, const std::string& topic, size_t parts, Next next) {
+  auto* list = rd_kafka_topic_partition_list_new(16);
+  for (size_t p = 0; p < parts; ++p)
+    if (int64_t off = next(p); off >= 0)
+      rd_kafka_topic_partition_list_add(list, topic.c_str(),
+                                        static_cast<int32_t>(p))
+        ->offset
+        = off;
+  auto err = rd_kafka_commit(rk, list, 0);
+  rd_kafka_topic_partition_list_destroy(list);
+  return err;
+}
+
+/// Drains `n` records of `topic` in consumer group `group` on this thread:
+/// `take(m)` for each record, a synchronous commit of `next(p)` every 1 000
+/// records, then `finish(deadline)` (waits until the records taken are done
+/// with) and a last commit. The clock and the CPU account start at the first
+/// record.
+template <class Take, class Next, class Finish>
+eb::result drain(const std::string& bootstraps, const std::string& topic,
+                 const std::string& group, uint64_t n, const std::string& what,
+                 Take take, Next next, Finish finish) {
+  auto* rk = bare_consumer(bootstraps, topic, group);
   auto commit = [&] {
-    auto* list = rd_kafka_topic_partition_list_new(16);
-    for (size_t p = 0; p < next.size(); ++p)
-      if (next[p] >= 0)
-        rd_kafka_topic_partition_list_add(list, topic.c_str(),
-                                          static_cast<int32_t>(p))
-          ->offset
-          = next[p];
-    auto err = rd_kafka_commit(rk, list, 0);
-    rd_kafka_topic_partition_list_destroy(list);
+    auto err = commit_next(rk, topic, max_partitions, next);
     if (err && err != RD_KAFKA_RESP_ERR__NO_OFFSET)
       die(std::string{"commit: "} + rd_kafka_err2str(err));
   };
@@ -176,7 +210,7 @@ eb::result run_bare(const std::string& bootstraps, const std::string& topic,
   auto deadline = steady_clock::now() + minutes{3};
   while (got < n) {
     if (steady_clock::now() > deadline)
-      die("bare consumer did not finish within 3 minutes");
+      die(what + " did not finish within 3 minutes");
     auto* m = rd_kafka_consumer_poll(rk, 100);
     if (m == nullptr)
       continue;
@@ -186,20 +220,92 @@ eb::result run_bare(const std::string& bootstraps, const std::string& topic,
         start = steady_clock::now();
       }
       ++got;
-      next[static_cast<size_t>(m->partition)] = m->offset + 1;
+      take(m);
       if (got % 1000 == 0)
         commit();
     } else if (m->err != RD_KAFKA_RESP_ERR__PARTITION_EOF) {
-      std::fprintf(stderr, "bare consumer: %s\n", rd_kafka_message_errstr(m));
+      std::fprintf(stderr, "%s: %s\n", what.c_str(),
+                   rd_kafka_message_errstr(m));
     }
     rd_kafka_message_destroy(m);
   }
+  finish(deadline);
   commit();
   auto secs = duration<double>(steady_clock::now() - start).count();
   auto cpu = eb::cpu_seconds() - cpu0;
   rd_kafka_consumer_close(rk);
   rd_kafka_destroy(rk);
   return {static_cast<double>(n) / secs, 1e6 * cpu / static_cast<double>(n)};
+}
+
+/// The bare consumer: nothing decoded, each record's offset marked for the
+/// next commit as soon as it is polled.
+eb::result run_bare(const std::string& bootstraps, const std::string& topic,
+                    const std::string& group, uint64_t n) {
+  std::vector<int64_t> next(max_partitions, -1);
+  return drain(
+    bootstraps, topic, group, n, "bare consumer",
+    [&](const rd_kafka_message_t* m) {
+      next[static_cast<size_t>(m->partition)] = m->offset + 1;
+    },
+    [&](size_t p) { return next[p]; }, [](steady_clock::time_point) {});
+}
+
+using work_atom = caf::atom_constant<caf::atom("work")>;
+using done_atom = caf::atom_constant<caf::atom("done")>;
+
+/// The bare consumer's loop feeding a naive CAF pipeline of the card's shape
+/// (see the file comment): each record's bytes go, in one message, from the
+/// polling thread to a supervisor, to a worker and back, and on to a sink that
+/// counts it and publishes its partition's next offset; the polling thread
+/// commits the published offsets every 1 000 records and, once the sink has
+/// seen all `n`, at the end.
+eb::result run_naive(const std::string& bootstraps, const std::string& topic,
+                     const std::string& group, uint64_t n) {
+  // Next offset to commit per partition, written by the sink only.
+  std::vector<std::atomic<int64_t>> done(max_partitions);
+  for (auto& x : done)
+    x = -1;
+  std::atomic<uint64_t> received{0};
+  caf::actor_system_config cfg;
+  cfg.set("logger.verbosity", caf::atom("quiet"));
+  caf::actor_system sys{cfg};
+  auto sink = sys.spawn([&](caf::event_based_actor*) -> caf::behavior {
+    return {[&](done_atom, int32_t p, int64_t off) {
+      done[static_cast<size_t>(p)].store(off + 1, std::memory_order_relaxed);
+      received.fetch_add(1, std::memory_order_release);
+    }};
+  });
+  auto worker = sys.spawn([](caf::event_based_actor*) -> caf::behavior {
+    return {[](work_atom, int32_t p, int64_t off, const std::string&) {
+      return caf::make_message(done_atom::value, p, off);
+    }};
+  });
+  auto supervisor
+    = sys.spawn([=](caf::event_based_actor* self) -> caf::behavior {
+        return {
+          [=](work_atom, int32_t p, int64_t off, std::string& bytes) {
+            self->send(worker, work_atom::value, p, off, std::move(bytes));
+          },
+          [=](done_atom, int32_t p, int64_t off) {
+            self->send(sink, done_atom::value, p, off);
+          },
+        };
+      });
+  return drain(
+    bootstraps, topic, group, n, "naive pipeline",
+    [&](const rd_kafka_message_t* m) {
+      caf::anon_send(supervisor, work_atom::value, m->partition, m->offset,
+                     std::string{static_cast<const char*>(m->payload), m->len});
+    },
+    [&](size_t p) { return done[p].load(std::memory_order_relaxed); },
+    [&](steady_clock::time_point deadline) {
+      while (received.load(std::memory_order_acquire) < n) {
+        if (steady_clock::now() > deadline)
+          die("naive pipeline did not finish within 3 minutes");
+        std::this_thread::sleep_for(microseconds{200});
+      }
+    });
 }
 
 /// The bare consumer's latency: `n` messages produced at `rate` on `topic`
@@ -209,23 +315,7 @@ eb::result run_bare(const std::string& bootstraps, const std::string& topic,
 void run_bare_latency(const std::string& bootstraps, const std::string& topic,
                       const std::vector<std::string>& payloads, uint64_t keys,
                       double rate, eb::latency_recorder& lat) {
-  char errstr[512];
-  auto* conf = make_conf(bootstraps, {{"group.id", "bare-latency"},
-                                      {"enable.auto.commit", "false"},
-                                      {"enable.auto.offset.store", "false"},
-                                      {"auto.offset.reset", "earliest"},
-                                      {"session.timeout.ms", "4000"},
-                                      {"heartbeat.interval.ms", "500"},
-                                      bare_prefetch});
-  auto* rk = rd_kafka_new(RD_KAFKA_CONSUMER, conf, errstr, sizeof errstr);
-  if (rk == nullptr)
-    die(std::string{"consumer: "} + errstr);
-  rd_kafka_poll_set_consumer(rk);
-  auto* subs = rd_kafka_topic_partition_list_new(1);
-  rd_kafka_topic_partition_list_add(subs, topic.c_str(), RD_KAFKA_PARTITION_UA);
-  if (auto err = rd_kafka_subscribe(rk, subs))
-    die(std::string{"subscribe: "} + rd_kafka_err2str(err));
-  rd_kafka_topic_partition_list_destroy(subs);
+  auto* rk = bare_consumer(bootstraps, topic, "bare-latency");
   std::atomic<bool> warm{false};
   std::thread pacer{[&] {
     producer prod{bootstraps, "0"};
@@ -242,17 +332,9 @@ void run_bare_latency(const std::string& bootstraps, const std::string& topic,
     });
     prod.flush();
   }};
-  std::vector<int64_t> next(1024, -1);
+  std::vector<int64_t> next(max_partitions, -1);
   auto commit = [&] {
-    auto* list = rd_kafka_topic_partition_list_new(16);
-    for (size_t p = 0; p < next.size(); ++p)
-      if (next[p] >= 0)
-        rd_kafka_topic_partition_list_add(list, topic.c_str(),
-                                          static_cast<int32_t>(p))
-          ->offset
-          = next[p];
-    rd_kafka_commit(rk, list, 0);
-    rd_kafka_topic_partition_list_destroy(list);
+    commit_next(rk, topic, next.size(), [&](size_t p) { return next[p]; });
   };
   uint64_t got = 0;
   auto deadline = steady_clock::now() + minutes{3};
@@ -397,9 +479,10 @@ eb::result run_evmesh(const evmesh::testing::kafka_mock_cluster& cluster,
 const char* const usage
   = "usage: e2e_kafka [messages=200000] [keys=1000] [runs=3] [--json FILE]\n"
     "       [--partitions P] [--evmesh-query K=V&...] [--latency 0]\n"
-    "       [--rows bare,evmesh,alone]\n"
+    "       [--rows bare,evmesh,alone,naive]\n"
     "A 3-broker librdkafka mock cluster in this process; bare librdkafka vs\n"
-    "evmesh vs the transport alone, medians of `runs`, then latency.\n";
+    "evmesh vs the transport alone vs a naive CAF pipeline fed by\n"
+    "librdkafka, medians of `runs`, then latency.\n";
 
 int main(int argc, char** argv) {
   if (eb::wants_help(argc, argv)) {
@@ -408,10 +491,12 @@ int main(int argc, char** argv) {
   }
   auto json_path = eb::take_option(argc, argv, "json");
   int partitions = std::stoi(eb::take_option(argc, argv, "partitions", "16"));
+  if (partitions < 1 || static_cast<size_t>(partitions) > max_partitions)
+    die("--partitions must be 1.." + std::to_string(max_partitions));
   auto extra = eb::take_option(argc, argv, "evmesh-query");
   bool latency = eb::take_option(argc, argv, "latency", "1") != "0";
   // Which throughput rows to run (for profiling one of them).
-  auto rows = eb::take_option(argc, argv, "rows", "bare,evmesh,alone");
+  auto rows = eb::take_option(argc, argv, "rows", "bare,evmesh,alone,naive");
   eb::reject_unknown_options(argc, argv, usage);
   auto want = [&](const char* row) {
     return rows.find(row) != std::string::npos;
@@ -435,7 +520,7 @@ int main(int argc, char** argv) {
       p.send(topic, key_of(i, keys), payloads[i]);
     p.flush();
   }
-  std::vector<eb::result> bare, mesh, alone;
+  std::vector<eb::result> bare, mesh, alone, naive;
   auto all = [&](auto&, auto&&) { return n; };
   for (int r = 0; r < runs; ++r) {
     auto no = std::to_string(r);
@@ -448,15 +533,21 @@ int main(int argc, char** argv) {
     alone.push_back(want("alone")
                       ? run_transport(cluster, topic, "alone" + no, extra, n)
                       : eb::result{});
+    naive.push_back(want("naive")
+                      ? run_naive(cluster.bootstraps(), topic, "naive" + no, n)
+                      : eb::result{});
     std::printf("run %d: bare %.0f msg/s %.2f us/msg, evmesh %.0f msg/s %.2f "
-                "us/msg, transport alone %.0f msg/s %.2f us/msg\n",
+                "us/msg, transport alone %.0f msg/s %.2f us/msg, naive CAF "
+                "pipeline %.0f msg/s %.2f us/msg\n",
                 r, bare.back().rate, bare.back().cpu_us, mesh.back().rate,
-                mesh.back().cpu_us, alone.back().rate, alone.back().cpu_us);
+                mesh.back().cpu_us, alone.back().rate, alone.back().cpu_us,
+                naive.back().rate, naive.back().cpu_us);
     std::fflush(stdout);
   }
   auto b = eb::median_of(bare);
   auto m = eb::median_of(mesh);
   auto a = eb::median_of(alone);
+  auto nv = eb::median_of(naive);
   auto conc = 2 * std::thread::hardware_concurrency();
   std::printf("messages %llu, keys %llu, partitions %d, runs %d (medians), "
               "cores %u, load average %.2f\n",
@@ -466,11 +557,18 @@ int main(int argc, char** argv) {
   eb::print_row("bare librdkafka consumer, manual commits", b, b.rate);
   eb::print_row("evmesh kafka, memory dedupe", m, b.rate);
   eb::print_row("kafka transport alone (poll + ack)", a, b.rate);
+  eb::print_row("naive CAF pipeline over librdkafka", nv, b.rate);
+  if (nv.rate > 0)
+    std::printf("evmesh kafka / naive CAF pipeline over librdkafka: %.0f%%\n",
+                100 * m.rate / nv.rate);
   json.throughput("bare librdkafka", n, keys, 1, b, 0, runs);
   json.throughput("evmesh kafka, memory dedupe", n, keys, conc, m, b.rate,
                   runs);
   json.throughput("kafka transport alone (poll 512 + ack, no runtime)", n, keys,
                   1, a, b.rate, runs);
+  json.throughput("naive CAF pipeline over librdkafka (4 hops, no framework "
+                  "work)",
+                  n, keys, 1, nv, b.rate, runs);
   if (!latency)
     return 0;
   // Latency at about half the evmesh rate, ~3 s of load, on a fresh topic.

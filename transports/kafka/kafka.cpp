@@ -9,6 +9,7 @@
 #include <limits>
 #include <map>
 #include <memory>
+#include <memory_resource>
 #include <mutex>
 #include <optional>
 #include <set>
@@ -2579,13 +2580,18 @@ private:
   std::mutex mtx_; // guards everything below
   std::condition_variable settled_;
   std::map<tp_key, partition_state> parts_;
-  std::map<uint64_t, entry_ptr> ready_; // by fetch order
+  // Nodes of ready_ and unacked_ (one each per record handed out): a pool
+  // under mtx_, so the consumer thread and the source's worker threads stop
+  // passing a malloc'd node each per record between them. Chunks of at most
+  // 256 nodes. Declared before both maps: it outlives them.
+  std::pmr::unsynchronized_pool_resource nodes_{std::pmr::pool_options{256, 0}};
+  std::pmr::map<uint64_t, entry_ptr> ready_{&nodes_}; // by fetch order
   std::multimap<clock_type::time_point, entry_ptr> delayed_;
   // Retry records waiting until due, and the keys they park.
   std::multimap<clock_type::time_point, entry_ptr> retry_wait_;
   std::map<key_id, key_park> parks_;
   std::set<tp_key> reader_add_; // retry partitions to start reading
-  std::unordered_map<uint64_t, entry_ptr> unacked_;
+  std::pmr::unordered_map<uint64_t, entry_ptr> unacked_{&nodes_};
   // Settled entries for make_entry to reuse.
   std::vector<entry_ptr> spare_;
   // With a ledger: settled offsets not yet recorded in it.

@@ -159,7 +159,7 @@ struct source_state {
   bool closed = false;
   size_t drained = 0;
   uint32_t poll_failures = 0;
-  std::vector<raw_message> buf;
+  raw_batch buf; // reused: its messages keep their buffers between polls
   std::vector<uint32_t> matches;
   std::vector<dispatch_batch> batches;
   std::mt19937_64 rng{std::random_device{}()};
@@ -221,7 +221,7 @@ public:
       return; // settlements re-trigger polling (backpressure)
     auto want = std::min(cfg.poll_batch, bound - used);
     st_->buf.clear();
-    if (auto err = st_->env->transport->poll(want, st_->buf)) {
+    if (auto err = st_->env->transport->poll_into(want, st_->buf)) {
       ++st_->poll_failures;
       auto delay = next_backoff(
         st_->poll_failures,
@@ -236,7 +236,7 @@ public:
     for (auto& b : st_->batches)
       b.items.clear();
     for (auto& raw : st_->buf)
-      intake(std::move(raw));
+      intake(raw);
     for (size_t i = 0; i < st_->batches.size(); ++i)
       if (!st_->batches[i].items.empty())
         self_->send(st_->supervisors[i], std::move(st_->batches[i]));
@@ -248,7 +248,8 @@ public:
       poll_later(idle_delay());
   }
 
-  void intake(raw_message raw) {
+  // Keeps nothing of `raw` (a slot of the reused poll batch).
+  void intake(raw_message& raw) {
     auto& env = *st_->env;
     stats_block::inc(stats().received);
     auto& d = st_->deliveries.add();

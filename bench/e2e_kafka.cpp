@@ -380,7 +380,7 @@ eb::result run_transport(const evmesh::testing::kafka_mock_cluster& cluster,
     die("transport: " + evmesh::render(t.error()));
   if (auto err = (*t)->subscribe({}))
     die("subscribe: " + evmesh::render(err));
-  std::vector<evmesh::raw_message> out;
+  evmesh::raw_batch out; // reused, as the runtime's source does
   uint64_t got = 0;
   double cpu0 = 0;
   steady_clock::time_point start;
@@ -389,7 +389,7 @@ eb::result run_transport(const evmesh::testing::kafka_mock_cluster& cluster,
     if (steady_clock::now() > deadline)
       die("transport-only consumer did not finish within 3 minutes");
     out.clear();
-    if (auto err = (*t)->poll(512, out))
+    if (auto err = (*t)->poll_into(512, out))
       die("poll: " + evmesh::render(err));
     if (out.empty()) {
       std::this_thread::sleep_for(microseconds{200});

@@ -9,7 +9,56 @@
 
 namespace evmesh {
 
+namespace {
+
+// Empties `s`, keeping its buffer unless it is over `max` bytes.
+void reset_string(std::string& s, size_t max) noexcept {
+  if (s.capacity() > max)
+    std::string{}.swap(s);
+  else
+    s.clear();
+}
+
+} // namespace
+
+raw_message& raw_batch::add() {
+  static const raw_message fresh{};
+  if (size_ == slots_.size()) {
+    slots_.emplace_back();
+    return slots_[size_++];
+  }
+  auto& m = slots_[size_++];
+  m.tag = fresh.tag;
+  reset_string(m.bytes, max_kept_bytes);
+  reset_string(m.subject, max_kept_bytes);
+  reset_string(m.traceparent, max_kept_bytes);
+  reset_string(m.tracestate, max_kept_bytes);
+  reset_string(m.key, max_kept_bytes);
+  m.delivery_count = fresh.delivery_count;
+  reset_string(m.position, max_kept_bytes);
+  return m;
+}
+
 transport::~transport() = default;
+
+caf::error transport::poll_into(size_t max, raw_batch& out) {
+  // Whatever `poll` appended is handed on, also with an error.
+  std::vector<raw_message> got;
+  auto err = poll(max, got);
+  for (auto& m : got)
+    out.add() = std::move(m);
+  return err;
+}
+
+caf::error transport::poll_through_batch(size_t max,
+                                         std::vector<raw_message>& out) {
+  raw_batch batch;
+  auto err = poll_into(max, batch);
+  out.reserve(out.size() + batch.size());
+  for (auto& m : batch)
+    out.push_back(std::move(m));
+  return err;
+}
 
 bool transport::connected() const noexcept {
   return true;

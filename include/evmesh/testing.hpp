@@ -14,6 +14,7 @@
 #include "evmesh/inproc.hpp"
 #include "evmesh/registry.hpp"
 #include "evmesh/runtime.hpp"
+#include "evmesh/transport.hpp"
 
 namespace evmesh::testing {
 
@@ -109,5 +110,50 @@ bool inject_supervisor_crash(consumer_runtime& rt, std::string_view name);
 
 /// Parses the broker's DLQ (JSON records) of the group "default".
 std::vector<dead_letter_record> dead_letters(const inproc_broker& broker);
+
+/// A transport that consumes nothing and publishes through `fn`: a test double
+/// for code that only publishes (an outbox relay, a dead-letter replay), and a
+/// base for doubles that override a few calls. Every other call succeeds and
+/// does nothing.
+class publish_transport : public transport {
+public:
+  /// What `publish` calls (none: publishing succeeds); a test may swap it.
+  std::function<caf::error(const envelope&)> fn;
+
+  explicit publish_transport(std::function<caf::error(const envelope&)> f
+                             = nullptr)
+    : fn(std::move(f)) {
+  }
+  std::string_view scheme() const noexcept override {
+    return "test";
+  }
+  transport_capabilities capabilities() const noexcept override {
+    return {};
+  }
+  caf::error subscribe(const std::vector<std::string>&) override {
+    return {};
+  }
+  caf::error poll(size_t, std::vector<raw_message>&) override {
+    return {};
+  }
+  caf::error ack(uint64_t) override {
+    return {};
+  }
+  caf::error nack(uint64_t, caf::timespan) override {
+    return {};
+  }
+  caf::error dead_letter(uint64_t, const dead_letter_record&) override {
+    return {};
+  }
+  caf::error extend(uint64_t) override {
+    return {};
+  }
+  caf::error publish(const envelope& env) override {
+    return fn ? fn(env) : caf::error{};
+  }
+  caf::error close() override {
+    return {};
+  }
+};
 
 } // namespace evmesh::testing

@@ -36,6 +36,68 @@ struct raw_message {
   std::string position;
 };
 
+/// Messages `transport::poll_into` appends to. Unlike a vector it keeps the
+/// messages `clear` drops and hands them out again from `add`, so a steady
+/// stream of polls reuses their strings' buffers instead of allocating new
+/// ones for every message (buffers over `max_kept_bytes` are released).
+class raw_batch {
+public:
+  /// A string buffer larger than this is released when its slot is reused,
+  /// so one huge message does not stay resident in the batch.
+  static constexpr size_t max_kept_bytes = 64 * 1024;
+
+  /// A message at the end: every field reset to a default `raw_message`'s
+  /// (strings empty, keeping buffers up to `max_kept_bytes`). It stays valid
+  /// until the next `add` or `clear`.
+  raw_message& add();
+
+  /// Empties the batch; the slots stay for `add` to reuse.
+  void clear() noexcept {
+    size_ = 0;
+  }
+
+  /// Removes the last message (its slot stays for reuse).
+  void pop_back() noexcept {
+    --size_;
+  }
+
+  size_t size() const noexcept {
+    return size_;
+  }
+
+  bool empty() const noexcept {
+    return size_ == 0;
+  }
+
+  raw_message& operator[](size_t i) noexcept {
+    return slots_[i];
+  }
+
+  const raw_message& operator[](size_t i) const noexcept {
+    return slots_[i];
+  }
+
+  raw_message* begin() noexcept {
+    return slots_.data();
+  }
+
+  raw_message* end() noexcept {
+    return slots_.data() + size_;
+  }
+
+  const raw_message* begin() const noexcept {
+    return slots_.data();
+  }
+
+  const raw_message* end() const noexcept {
+    return slots_.data() + size_;
+  }
+
+private:
+  std::vector<raw_message> slots_;
+  size_t size_ = 0;
+};
+
 /// What a transport can do natively.
 struct transport_capabilities {
   /// The broker counts deliveries (attempts survive restarts).
@@ -73,6 +135,12 @@ public:
 
   /// Appends up to `max` available messages to `out` without blocking.
   virtual caf::error poll(size_t max, std::vector<raw_message>& out) = 0;
+
+  /// The same into a `raw_batch`, which is how the runtime's source polls.
+  /// The default calls `poll` and moves the messages over; a transport
+  /// overrides it to fill the batch's reused messages in place (and then
+  /// implements `poll` with `poll_through_batch`).
+  virtual caf::error poll_into(size_t max, raw_batch& out);
 
   /// Handled (or dead-lettered): never deliver this message again.
   virtual caf::error ack(uint64_t tag) = 0;
@@ -123,6 +191,11 @@ public:
 
   /// Stops consuming; unacked messages become deliverable again.
   virtual caf::error close() = 0;
+
+protected:
+  /// `poll` for a transport that overrides `poll_into`: polls into a batch
+  /// and appends its messages to `out`.
+  caf::error poll_through_batch(size_t max, std::vector<raw_message>& out);
 };
 
 using transport_ptr = std::shared_ptr<transport>;

@@ -78,43 +78,14 @@ std::shared_ptr<sqlite_dead_letter_store> make_dlq(const std::string& url,
   return *st;
 }
 
-class broker_out : public transport {
-public:
-  evmesh::testing::test_mesh* mesh;
-  explicit broker_out(evmesh::testing::test_mesh* m) : mesh(m) {
-  }
-  std::string_view scheme() const noexcept override {
-    return "test";
-  }
-  transport_capabilities capabilities() const noexcept override {
-    return {};
-  }
-  caf::error subscribe(const std::vector<std::string>&) override {
-    return {};
-  }
-  caf::error poll(size_t, std::vector<raw_message>&) override {
-    return {};
-  }
-  caf::error ack(uint64_t) override {
-    return {};
-  }
-  caf::error nack(uint64_t, caf::timespan) override {
-    return {};
-  }
-  caf::error dead_letter(uint64_t, const dead_letter_record&) override {
-    return {};
-  }
-  caf::error extend(uint64_t) override {
-    return {};
-  }
-  caf::error publish(const envelope& env) override {
-    mesh->publish(env);
-    return {};
-  }
-  caf::error close() override {
-    return {};
-  }
-};
+/// Publishes into the mesh's broker.
+transport_ptr broker_out(evmesh::testing::test_mesh* mesh) {
+  return std::make_shared<evmesh::testing::publish_transport>(
+    [mesh](const envelope& env) {
+      mesh->publish(env);
+      return caf::error{};
+    });
+}
 
 } // namespace
 
@@ -184,8 +155,8 @@ TEST(dlq_replay,
   auto stats = std::make_shared<outbox::relay_stats>();
   outbox::relay_options ropts;
   ropts.detached = false;
-  auto relay = outbox::spawn_relay(
-    mesh.system(), *st, std::make_shared<broker_out>(&mesh), ropts, stats);
+  auto relay = outbox::spawn_relay(mesh.system(), *st, broker_out(&mesh), ropts,
+                                   stats);
   ASSERT_TRUE(mesh.run_until([&] { return stats->published == 1001; }));
   ASSERT_TRUE(mesh.run_until_settled());
   EXPECT_EQ(p->total(), 1000u);

@@ -968,6 +968,10 @@ public:
   }
 
   caf::error poll(size_t max, std::vector<raw_message>& out) override {
+    return poll_through_batch(max, out);
+  }
+
+  caf::error poll_into(size_t max, raw_batch& out) override {
     if (!subscribed_)
       return make_error(errc::invalid_state,
                         "amqp transport: poll before subscribe");
@@ -981,7 +985,7 @@ public:
       auto& r = ready_[ready_head_++];
       r.raw.tag = next_tag++;
       held_.push(r.raw.tag, held_message{r.gen, r.dtag});
-      out.push_back(std::move(r.raw));
+      out.add() = std::move(r.raw);
       ++n;
     }
     if (ready_head_ == ready_.size()) {

@@ -334,6 +334,10 @@ public:
   }
 
   caf::error poll(size_t max, std::vector<raw_message>& out) override {
+    return poll_through_batch(max, out);
+  }
+
+  caf::error poll_into(size_t max, raw_batch& out) override {
     if (!subscribed_)
       return make_error(errc::invalid_state,
                         "inproc transport: poll before subscribe");
@@ -350,7 +354,7 @@ public:
       auto tag = g.next_tag++;
       ++e.deliveries;
       e.owner = id_;
-      raw_message msg;
+      auto& msg = out.add();
       msg.tag = tag;
       msg.bytes = e.msg->bytes;
       msg.subject = e.msg->subject;
@@ -369,7 +373,6 @@ public:
       if (e.deliveries > 1)
         ++g.stats.redelivered;
       g.add_unacked(tag, std::move(e));
-      out.push_back(std::move(msg));
       ++n;
     }
     // Short of `max`: the next publish wakes the source (it re-polls only

@@ -415,16 +415,23 @@ fetch_metadata(rd_kafka_t* rk, const kafka_settings& s, caf::timespan timeout) {
   return metadata_ptr{md};
 }
 
-std::string position_of(const std::string& topic, int32_t partition,
-                        int64_t offset) {
-  // Once per delivery: one allocation, no temporaries.
+// Assigns "kafka:<topic>/<partition>@<offset>" to `out` (once per delivery:
+// no temporaries; `out`'s buffer is reused).
+void position_into(std::string& out, const std::string& topic,
+                   int32_t partition, int64_t offset) {
   char num[48];
   auto end = std::to_chars(num, num + 20, partition).ptr;
   *end++ = '@';
   end = std::to_chars(end, num + sizeof num, offset).ptr;
+  out.clear();
+  out.reserve(7 + topic.size() + static_cast<size_t>(end - num));
+  out.append("kafka:").append(topic).append(1, '/').append(num, end);
+}
+
+std::string position_of(const std::string& topic, int32_t partition,
+                        int64_t offset) {
   std::string result;
-  result.reserve(7 + topic.size() + static_cast<size_t>(end - num));
-  result.append("kafka:").append(topic).append(1, '/').append(num, end);
+  position_into(result, topic, partition, offset);
   return result;
 }
 
@@ -1226,6 +1233,10 @@ public:
   }
 
   caf::error poll(size_t max, std::vector<raw_message>& out) override {
+    return poll_through_batch(max, out);
+  }
+
+  caf::error poll_into(size_t max, raw_batch& out) override {
     if (!subscribed_)
       return make_error(errc::invalid_state,
                         "kafka transport: poll before subscribe");
@@ -1240,7 +1251,6 @@ public:
       if (!fatal_.empty())
         return make_error(errc::unavailable, fatal_);
       promote_due(now_());
-      out.reserve(first + std::min(max, ready_.size()));
       while (out.size() - first < max && !ready_.empty()) {
         auto e = std::move(ready_.begin()->second);
         ready_.erase(ready_.begin());
@@ -1252,7 +1262,7 @@ public:
           park_behind(std::move(e));
           continue;
         }
-        auto& raw = out.emplace_back();
+        auto& raw = out.add();
         raw.tag = next_tag.fetch_add(1, std::memory_order_relaxed);
         raw.bytes = e->bytes;
         raw.subject = e->subject;
@@ -1262,8 +1272,8 @@ public:
         // Attempts before a deferral, runs a crash cut short (ledger), and
         // this process's deliveries.
         raw.delivery_count = e->attempts + e->counted + ++e->deliveries;
-        raw.position = position_of(e->subject, e->orig_partition,
-                                   e->orig_offset);
+        position_into(raw.position, e->subject, e->orig_partition,
+                      e->orig_offset);
         p.offsets[e->offset] = offset_info{offset_state::out, raw.tag};
         unacked_.emplace(raw.tag, std::move(e));
       }

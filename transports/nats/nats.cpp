@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <charconv>
 #include <chrono>
 #include <condition_variable>
 #include <cstring>
@@ -562,6 +563,10 @@ public:
   }
 
   caf::error poll(size_t max, std::vector<raw_message>& out) override {
+    return poll_through_batch(max, out);
+  }
+
+  caf::error poll_into(size_t max, raw_batch& out) override {
     if (!subscribed_)
       return make_error(errc::invalid_state,
                         "nats transport: poll before subscribe");
@@ -575,22 +580,23 @@ public:
     size_t n = 0;
     while (n < max && !queue_.empty()) {
       auto& [msg, meta] = queue_.front();
-      raw_message raw;
+      auto& raw = out.add();
       raw.tag = next_tag++;
       auto* m = msg.get();
       raw.subject = natsMsg_GetSubject(m);
       if (auto len = natsMsg_GetDataLength(m); len > 0)
         raw.bytes.assign(natsMsg_GetData(m), static_cast<size_t>(len));
-      raw.traceparent = header(m, "traceparent");
-      raw.tracestate = header(m, "tracestate");
-      raw.key = header(m, "Evmesh-Key");
+      header_into(m, "traceparent", raw.traceparent);
+      header_into(m, "tracestate", raw.tracestate);
+      header_into(m, "Evmesh-Key", raw.key);
       raw.delivery_count = static_cast<uint32_t>(meta.first);
-      raw.position = "nats:" + settings_.stream + "#"
-                     + std::to_string(meta.second);
+      char seq[20];
+      auto seq_end = std::to_chars(seq, seq + sizeof seq, meta.second).ptr;
+      raw.position.append("nats:").append(settings_.stream).append(1, '#');
+      raw.position.append(seq, seq_end);
       unacked_.emplace(raw.tag,
                        held_message{std::move(msg), clock_type::now(), false});
       queue_.pop_front();
-      out.push_back(std::move(raw));
       ++n;
     }
     // Keep up to one poll's worth fetched ahead (demand-driven: a member
@@ -778,11 +784,13 @@ private:
   // A fetched message and its (delivery count, stream sequence).
   using fetched = std::pair<nats_ptr<natsMsg>, std::pair<uint64_t, uint64_t>>;
 
-  static std::string header(natsMsg* m, const char* key) {
+  // Assigns header `key` to `out` (empty when absent), reusing its buffer.
+  static void header_into(natsMsg* m, const char* key, std::string& out) {
     const char* v = nullptr;
     if (natsMsgHeader_Get(m, key, &v) == NATS_OK && v != nullptr)
-      return v;
-    return {};
+      out.assign(v);
+    else
+      out.clear();
   }
 
   caf::error not_ours(const char* what, uint64_t tag) const {

@@ -43,44 +43,7 @@ struct temp_dir {
 };
 
 /// A transport that only publishes, through `fn`.
-class test_publisher : public transport {
-public:
-  std::function<caf::error(const envelope&)> fn;
-
-  explicit test_publisher(std::function<caf::error(const envelope&)> f)
-    : fn(std::move(f)) {
-  }
-  std::string_view scheme() const noexcept override {
-    return "test";
-  }
-  transport_capabilities capabilities() const noexcept override {
-    return {};
-  }
-  caf::error subscribe(const std::vector<std::string>&) override {
-    return {};
-  }
-  caf::error poll(size_t, std::vector<raw_message>&) override {
-    return {};
-  }
-  caf::error ack(uint64_t) override {
-    return {};
-  }
-  caf::error nack(uint64_t, caf::timespan) override {
-    return {};
-  }
-  caf::error dead_letter(uint64_t, const dead_letter_record&) override {
-    return {};
-  }
-  caf::error extend(uint64_t) override {
-    return {};
-  }
-  caf::error publish(const envelope& env) override {
-    return fn(env);
-  }
-  caf::error close() override {
-    return {};
-  }
-};
+using test_publisher = evmesh::testing::publish_transport;
 
 /// Publishes into the mesh's broker.
 transport_ptr broker_publisher(evmesh::testing::test_mesh& mesh) {

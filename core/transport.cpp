@@ -29,13 +29,10 @@ raw_message& raw_batch::add() {
   }
   auto& m = slots_[size_++];
   m.tag = fresh.tag;
-  reset_string(m.bytes, max_kept_bytes);
-  reset_string(m.subject, max_kept_bytes);
-  reset_string(m.traceparent, max_kept_bytes);
-  reset_string(m.tracestate, max_kept_bytes);
-  reset_string(m.key, max_kept_bytes);
   m.delivery_count = fresh.delivery_count;
-  reset_string(m.position, max_kept_bytes);
+  for (auto* s : {&m.bytes, &m.subject, &m.traceparent, &m.tracestate, &m.key,
+                  &m.position})
+    reset_string(*s, max_kept_bytes);
   return m;
 }
 

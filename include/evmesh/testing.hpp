@@ -156,4 +156,14 @@ public:
   }
 };
 
+/// A `publish_transport` that publishes into `mesh`'s broker (`mesh` must
+/// outlive it): what an outbox relay or a dead-letter replay under test
+/// sends to.
+inline transport_ptr mesh_publisher(test_mesh& mesh) {
+  return std::make_shared<publish_transport>([&mesh](const envelope& env) {
+    mesh.publish(env);
+    return caf::error{};
+  });
+}
+
 } // namespace evmesh::testing

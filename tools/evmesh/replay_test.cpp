@@ -78,15 +78,6 @@ std::shared_ptr<sqlite_dead_letter_store> make_dlq(const std::string& url,
   return *st;
 }
 
-/// Publishes into the mesh's broker.
-transport_ptr broker_out(evmesh::testing::test_mesh* mesh) {
-  return std::make_shared<evmesh::testing::publish_transport>(
-    [mesh](const envelope& env) {
-      mesh->publish(env);
-      return caf::error{};
-    });
-}
-
 } // namespace
 
 TEST(dlq_replay, envelope_resets_attempt_and_continues_the_dead_letter_trace) {
@@ -155,8 +146,8 @@ TEST(dlq_replay,
   auto stats = std::make_shared<outbox::relay_stats>();
   outbox::relay_options ropts;
   ropts.detached = false;
-  auto relay = outbox::spawn_relay(mesh.system(), *st, broker_out(&mesh), ropts,
-                                   stats);
+  auto relay = outbox::spawn_relay(
+    mesh.system(), *st, evmesh::testing::mesh_publisher(mesh), ropts, stats);
   ASSERT_TRUE(mesh.run_until([&] { return stats->published == 1001; }));
   ASSERT_TRUE(mesh.run_until_settled());
   EXPECT_EQ(p->total(), 1000u);

@@ -45,14 +45,6 @@ struct temp_dir {
 /// A transport that only publishes, through `fn`.
 using test_publisher = evmesh::testing::publish_transport;
 
-/// Publishes into the mesh's broker.
-transport_ptr broker_publisher(evmesh::testing::test_mesh& mesh) {
-  return std::make_shared<test_publisher>([&mesh](const envelope& env) {
-    mesh.publish(env);
-    return caf::error{};
-  });
-}
-
 outbox::relay_options test_relay_options() {
   outbox::relay_options opts;
   opts.detached = false;
@@ -196,7 +188,7 @@ TEST(outbox_relay,
   mesh.publish(*decode_envelope((*first)[0].envelope_json));
   // And a lost confirmation: the broker got row 2, the relay saw an error.
   int calls_for_row2 = 0;
-  auto inner = broker_publisher(mesh);
+  auto inner = evmesh::testing::mesh_publisher(mesh);
   auto out = std::make_shared<test_publisher>([&](const envelope& env) {
     auto err = inner->publish(env);
     if (env.id == ids[1] && calls_for_row2++ == 0)
@@ -237,7 +229,8 @@ TEST(outbox_relay, ten_thousand_rows_arrive_in_order_per_key) {
   auto h = make_handler("orders", "order.*");
   ASSERT_FALSE(mesh.start({&h}, with_probe(p)));
   auto stats = std::make_shared<outbox::relay_stats>();
-  auto relay = outbox::spawn_relay(mesh.system(), *st, broker_publisher(mesh),
+  auto relay = outbox::spawn_relay(mesh.system(), *st,
+                                   evmesh::testing::mesh_publisher(mesh),
                                    test_relay_options(), stats);
   ASSERT_TRUE(mesh.run_until([&] { return stats->published == n; }));
   ASSERT_TRUE(mesh.run_until_settled());
